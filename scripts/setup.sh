@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# Restores packages, makes TorchSharp's native library loadable on this machine, and builds.
+# Idempotent: a second run only re-checks. Prints each step on stderr.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+say() { echo "[setup] $*" >&2; }
+
+command -v dotnet >/dev/null || { say "error: the .NET SDK (dotnet) is not on PATH; install .NET 10 first"; exit 1; }
+command -v python3 >/dev/null || { say "error: python3 is needed to check TorchSharp's native library"; exit 1; }
+
+say "dotnet restore (NuGet packages: TorchSharp-cpu, Microsoft.ML.Tokenizers, System.CommandLine, SkiaSharp, ScottPlot, xunit)"
+dotnet restore LlmSnp.sln --verbosity quiet >&2
+
+# TorchSharp-cpu 0.107.0's libLibTorchSharp.so asks for GLIBCXX_3.4.32 for one unused marker symbol;
+# Debian 12's libstdc++ stops at 3.4.30. Where the system library is older, mark that requirement
+# weak (one byte, verified unused by any relocation); where it is new enough, leave the file alone.
+pkgs="${NUGET_PACKAGES:-$HOME/.nuget/packages}"
+native="$pkgs/torchsharp/0.107.0/runtimes/linux-x64/native/libLibTorchSharp.so"
+libstdcxx="$(ldconfig -p 2>/dev/null | awk '/libstdc\+\+\.so\.6 .*x86-64/ {print $NF; exit}')"
+if [ -n "$libstdcxx" ] && grep -q "GLIBCXX_3\.4\.32" "$libstdcxx"; then
+  say "libstdc++ ($libstdcxx) provides GLIBCXX_3.4.32: TorchSharp loads as shipped"
+elif [ -f "$native" ]; then
+  say "libstdc++ lacks GLIBCXX_3.4.32: marking that requirement weak in $native"
+  python3 tools/elf_weak_version.py "$native" >&2
+else
+  say "warning: $native not found after restore"
+fi
+
+say "dotnet build -c Release"
+dotnet build LlmSnp.sln -c Release --no-restore --verbosity quiet -nologo >&2
+# The build copies the native library next to the binaries; make sure those copies are patched too.
+for f in src/*/bin/Release/net10.0/linux-x64/libLibTorchSharp.so tests/*/bin/Release/net10.0/linux-x64/libLibTorchSharp.so; do
+  [ -f "$f" ] || continue
+  if [ -n "$libstdcxx" ] && ! grep -q "GLIBCXX_3\.4\.32" "$libstdcxx"; then python3 tools/elf_weak_version.py "$f" >/dev/null; fi
+done
+say "build ready: ./llmsnp --help"

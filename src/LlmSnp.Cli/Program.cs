@@ -1,0 +1,186 @@
+using System.CommandLine;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using LlmSnp;
+using LlmSnp.Checkpoint;
+using LlmSnp.Data;
+using LlmSnp.Evaluation;
+using LlmSnp.Models;
+using LlmSnp.Pruning;
+
+// The CLI only parses options, calls the library and prints: JSON results on stdout (and --json FILE),
+// progress and errors on stderr, one line per error, never a stack trace.
+Runtime.ConfigureThreads();
+return Cli.Build().Parse(args).Invoke();
+
+static class Cli
+{
+    static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
+
+    static Option<string> ModelOption() => new("--model") { Description = "checkpoint directory in HF layout", Required = true };
+    static readonly Option<string> Device = new("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
+    static readonly Option<string?> DType = new("--dtype") { Description = "compute dtype: float32 (default), bfloat16, float64" };
+    static readonly Option<string?> Json = new("--json") { Description = "also write the JSON result to this file" };
+
+    public static RootCommand Build()
+    {
+        var root = new RootCommand("llmsnp: one-shot structured pruning of transformer checkpoints with Subspace Node Pruning");
+        root.Subcommands.Add(EvalCommand());
+        root.Subcommands.Add(TokenizeCommand());
+        root.Subcommands.Add(InspectCommand());
+        root.Subcommands.Add(PruneCommand());
+        root.Subcommands.Add(DemoCommand.Build(Run));
+        root.Subcommands.Add(ConvertCommand());
+        return root;
+    }
+
+    static Command EvalCommand()
+    {
+        var model = ModelOption();
+        var dataset = new Option<string>("--dataset") { Description = "wikitext2, c4 (bundled sample) or a file (.json rows, .jsonl docs, text)", DefaultValueFactory = _ => "wikitext2" };
+        var seqlen = new Option<int?>("--seqlen") { Description = "window length (default: 2048 or the model's max positions)" };
+        var maxWindows = new Option<int?>("--max-windows") { Description = "evaluate only the first N windows" };
+        var ppl = new Command("ppl", "perplexity with the published protocol (non-overlapping windows, tail dropped)") { model, dataset, seqlen, maxWindows, Device, DType, Json };
+        ppl.SetAction(p => Run(p, () => PerplexityJob.Run(p.GetValue(model)!, p.GetValue(dataset)!, p.GetValue(seqlen), p.GetValue(maxWindows),
+            Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p), Log)));
+        return new Command("eval", "evaluate a checkpoint") { ppl };
+    }
+
+    static Command TokenizeCommand()
+    {
+        var model = new Option<string?>("--model") { Description = "model directory whose tokenizer to use (default: the bundled OPT tokenizer)" };
+        var text = new Option<string?>("--text") { Description = "text to encode" };
+        var file = new Option<string?>("--file") { Description = "file to encode" };
+        var rows = new Option<bool>("--rows-json") { Description = "the file is a JSON array of rows, joined with \"\\n\\n\"" };
+        var cmd = new Command("tokenize", "encode text with the OPT tokenizer (bos prepended)") { model, text, file, rows, Json };
+        cmd.SetAction(p => Run(p, () =>
+        {
+            string? t = p.GetValue(text), f = p.GetValue(file);
+            if ((t == null) == (f == null)) throw new LlmSnpException("tokenize: give exactly one of --text or --file");
+            string input = t ?? (p.GetValue(rows) ? string.Join("\n\n", TextSources.ReadRows(f!))
+                : File.Exists(f) ? File.ReadAllText(f!) : throw new LlmSnpException($"{f}: file not found"));
+            var ids = OptTokenizer.ForModel(p.GetValue(model)).Encode(input);
+            return new JsonObject { ["count"] = ids.Length, ["ids"] = new JsonArray(ids.Select(i => (JsonNode)i).ToArray()) };
+        }));
+        return cmd;
+    }
+
+    static Command InspectCommand()
+    {
+        var model = ModelOption();
+        var cmd = new Command("inspect", "family, dtype, parameter count and per-layer dims of a checkpoint") { model, Json };
+        cmd.SetAction(p => Run(p, () => ModelInfo.Inspect(p.GetValue(model)!)));
+        return cmd;
+    }
+
+    static Command ConvertCommand()
+    {
+        var model = ModelOption();
+        var outDir = new Option<string>("--out") { Description = "output directory", Required = true };
+        var to = new Option<string>("--to") { Description = "float32, float16 or bfloat16", Required = true };
+        var cmd = new Command("convert", "rewrite a checkpoint's weights in another dtype") { model, outDir, to, Json };
+        cmd.SetAction(p => Run(p, () => CheckpointConvert.Run(p.GetValue(model)!, p.GetValue(outDir)!, SafeDTypes.ParseOption(p.GetValue(to)!))));
+        return cmd;
+    }
+
+    static Command PruneCommand()
+    {
+        var model = ModelOption();
+        var o = new PruneCliOptions();
+        var cmd = new Command("prune", "prune a checkpoint with SNP (or a baseline ordering) and write it") { model };
+        o.AddTo(cmd);
+        cmd.Options.Add(Device); cmd.Options.Add(DType); cmd.Options.Add(Json);
+        cmd.SetAction(p => Run(p, () => PruneJob.Run(o.ToJobOptions(p, p.GetValue(model)!, Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p)), Log)));
+        return cmd;
+    }
+
+    public static TorchSharp.torch.ScalarType ComputeDType(ParseResult p) =>
+        p.GetValue(DType) is string s ? SafeDTypes.ParseOption(s) : TorchSharp.torch.ScalarType.Float32;
+
+    public static void Log(string line) => Console.Error.WriteLine(line);
+
+    /// <summary>Runs a command body: JSON to stdout (and --json FILE), one-line errors, exit codes.</summary>
+    public static int Run(ParseResult p, Func<JsonObject> body)
+    {
+        try
+        {
+            var result = body();
+            string text = result.ToJsonString(Indented);
+            if (p.GetValue(Json) is string path) AtomicFile.WriteAllText(path, text + "\n");
+            Console.Out.WriteLine(text);
+            return 0;
+        }
+        catch (LlmSnpException e)
+        {
+            Console.Error.WriteLine($"error: {e.Message}");
+            return 1;
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            Console.Error.WriteLine($"error: {e.Message}");
+            return 1;
+        }
+        catch (Exception e)
+        {
+            Console.Error.WriteLine($"error: internal failure: {e.GetType().Name}: {e.Message.Split('\n')[0]}");
+            if (Environment.GetEnvironmentVariable("LLMSNP_DEBUG") == "1") Console.Error.WriteLine(e);
+            return 70;
+        }
+    }
+}
+
+/// <summary>The options `prune` (and `demo`) share.</summary>
+sealed class PruneCliOptions
+{
+    readonly Option<string> _out = new("--out") { Description = "output directory (written atomically)", Required = true };
+    readonly Option<string> _ordering = new("--ordering") { Description = "zca, zca-precision, id, obs, variance, weight-norm, fluctuation, wanda-sp, magnitude, random", DefaultValueFactory = _ => "zca" };
+    readonly Option<string> _reconstruct = new("--reconstruct") { Description = "lstsq, bias or none", DefaultValueFactory = _ => "lstsq" };
+    readonly Option<double?> _ratio = new("--ratio") { Description = "uniform fraction of units removed per layer" };
+    readonly Option<double?> _variance = new("--variance") { Description = "τ: keep the smallest prefix holding this fraction of residual variance (automatic per-layer ratios)" };
+    readonly Option<double?> _budget = new("--budget") { Description = "fraction of prunable parameters to remove (τ found by bisection)" };
+    readonly Option<string> _targets = new("--targets") { Description = "mlp, heads or mlp,heads", DefaultValueFactory = _ => "mlp,heads" };
+    readonly Option<string> _calib = new("--calib") { Description = "calibration text: c4 (bundled sample), wikitext2 or a file", DefaultValueFactory = _ => "c4" };
+    readonly Option<int> _samples = new("--calib-samples") { Description = "calibration windows", DefaultValueFactory = _ => 128 };
+    readonly Option<int?> _calibLen = new("--calib-seqlen") { Description = "calibration window length (default: 2048 or max positions)" };
+    readonly Option<int> _seed = new("--seed") { Description = "seed for calibration sampling and the random ordering", DefaultValueFactory = _ => 0 };
+    readonly Option<double> _damp = new("--damp") { Description = "damping, relative to the mean unit diagonal of G", DefaultValueFactory = _ => 0.01 };
+    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned perplexity on this dataset (wikitext2, c4, file)" };
+    readonly Option<int?> _evalLen = new("--eval-seqlen") { Description = "evaluation window length" };
+    readonly Option<int?> _evalWindows = new("--eval-max-windows") { Description = "evaluate only the first N windows" };
+    readonly Option<bool> _padded = new("--export-padded") { Description = "also write a zero-padded copy with the original shapes (OUT/padded) that stock tools load" };
+    readonly Option<bool> _force = new("--force") { Description = "replace an existing output directory" };
+
+    public void AddTo(Command c)
+    {
+        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _padded, _force })
+            c.Options.Add(o);
+    }
+
+    public PruneJobOptions ToJobOptions(ParseResult p, string modelDir, TorchSharp.torch.Device device, TorchSharp.torch.ScalarType dtype)
+    {
+        var policies = new (double? Value, RatioPolicyKind Kind)[] { (p.GetValue(_ratio), RatioPolicyKind.Ratio), (p.GetValue(_variance), RatioPolicyKind.Variance), (p.GetValue(_budget), RatioPolicyKind.Budget) }
+            .Where(x => x.Value != null).ToList();
+        if (policies.Count > 1) throw new LlmSnpException("give only one of --ratio, --variance, --budget");
+        var (amount, kind) = policies.Count == 1 ? (policies[0].Value!.Value, policies[0].Kind) : (0.99, RatioPolicyKind.Variance);
+        var targets = p.GetValue(_targets)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        foreach (var t in targets)
+            if (t is not ("mlp" or "heads")) throw new LlmSnpException($"--targets: unknown target '{t}' (mlp, heads)");
+        var reconstruct = p.GetValue(_reconstruct) switch
+        {
+            "lstsq" => ReconstructMode.Lstsq, "bias" => ReconstructMode.Bias, "none" => ReconstructMode.None,
+            var s => throw new LlmSnpException($"--reconstruct: unknown mode '{s}' (lstsq, bias, none)"),
+        };
+        return new PruneJobOptions
+        {
+            ModelDir = modelDir, OutDir = p.GetValue(_out)!,
+            Prune = new PruneOptions
+            {
+                Ordering = Orderings.Parse(p.GetValue(_ordering)!), Reconstruct = reconstruct, Policy = kind, Amount = amount,
+                PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
+            },
+            CalibSource = p.GetValue(_calib)!, CalibSamples = p.GetValue(_samples), CalibSeqLen = p.GetValue(_calibLen),
+            EvalDataset = p.GetValue(_eval), EvalSeqLen = p.GetValue(_evalLen), EvalMaxWindows = p.GetValue(_evalWindows),
+            Force = p.GetValue(_force), ExportPadded = p.GetValue(_padded), Device = device, DType = dtype,
+        };
+    }
+}

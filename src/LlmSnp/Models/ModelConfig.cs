@@ -1,0 +1,94 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+
+namespace LlmSnp.Models;
+
+/// <summary>Reads config.json strictly: every error names the file and the field.</summary>
+public sealed class ConfigFile
+{
+    public string Path { get; }
+    public JsonObject Json { get; }
+
+    ConfigFile(string path, JsonObject json) { Path = path; Json = json; }
+
+    public static ConfigFile Load(string modelDir)
+    {
+        if (!Directory.Exists(modelDir)) throw new LlmSnpException($"{modelDir}: model directory not found");
+        string path = System.IO.Path.Combine(modelDir, "config.json");
+        if (!File.Exists(path)) throw new LlmSnpException($"{path}: file not found");
+        JsonNode? node;
+        try
+        {
+            node = JsonNode.Parse(File.ReadAllBytes(path), documentOptions: new JsonDocumentOptions { MaxDepth = 32 });
+        }
+        catch (JsonException e)
+        {
+            throw new LlmSnpException($"{path}: not valid JSON ({e.Message.Split('\n')[0]})");
+        }
+        if (node is not JsonObject obj) throw new LlmSnpException($"{path}: not a JSON object");
+        return new ConfigFile(path, obj);
+    }
+
+    public string ModelType => String("model_type");
+
+    public bool Has(string field) => Json.ContainsKey(field) && Json[field] != null;
+
+    public string String(string field)
+    {
+        if (Json[field] is JsonValue v && v.TryGetValue<string>(out var s)) return s;
+        throw Missing(field, "a string");
+    }
+
+    public int Int(string field, int? fallback = null, int min = 1)
+    {
+        var n = Json[field];
+        if (n == null)
+        {
+            if (fallback is int f) return f;
+            throw Missing(field, "an integer");
+        }
+        if (n is JsonValue v && v.TryGetValue<JsonElement>(out var e) && e.ValueKind == JsonValueKind.Number && e.TryGetInt32(out int i))
+        {
+            if (i < min) throw new LlmSnpException($"{Path}: field '{field}' is {i}, below {min}");
+            return i;
+        }
+        throw Missing(field, "an integer");
+    }
+
+    public double Double(string field, double fallback)
+    {
+        var n = Json[field];
+        if (n == null) return fallback;
+        if (n is JsonValue v && v.TryGetValue<JsonElement>(out var e) && e.ValueKind == JsonValueKind.Number) return e.GetDouble();
+        throw Missing(field, "a number");
+    }
+
+    public bool Bool(string field, bool fallback)
+    {
+        var n = Json[field];
+        if (n == null) return fallback;
+        if (n is JsonValue v && v.TryGetValue<JsonElement>(out var e) && (e.ValueKind is JsonValueKind.True or JsonValueKind.False)) return e.GetBoolean();
+        throw Missing(field, "true or false");
+    }
+
+    /// <summary>An optional per-layer list of positive integers (a pruned checkpoint's widths).</summary>
+    public int[]? IntList(string field, int layers)
+    {
+        var n = Json[field];
+        if (n == null) return null;
+        if (n is not JsonArray a || a.Count != layers) throw new LlmSnpException($"{Path}: field '{field}' must be a list of {layers} integers");
+        var r = new int[layers];
+        for (int i = 0; i < layers; i++)
+        {
+            if (a[i] is JsonValue v && v.TryGetValue<JsonElement>(out var e) && e.ValueKind == JsonValueKind.Number && e.TryGetInt32(out int x) && x >= 1) r[i] = x;
+            else throw new LlmSnpException($"{Path}: field '{field}'[{i}] is not a positive integer");
+        }
+        return r;
+    }
+
+    public LlmSnpException Missing(string field, string what) =>
+        new($"{Path}: field '{field}' is missing or not {what}");
+
+    public LlmSnpException Unsupported(string field, string why) =>
+        new($"{Path}: field '{field}' {why}");
+}

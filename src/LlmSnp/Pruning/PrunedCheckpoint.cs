@@ -1,0 +1,198 @@
+using System.Diagnostics;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using LlmSnp.Checkpoint;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Pruning;
+
+/// <summary>
+/// Runs the engine and writes the pruned checkpoint (models.md §4) atomically: everything goes to
+/// a temporary sibling directory that is renamed to the output only once weights, config, report
+/// and companion files are all written and flushed.
+/// </summary>
+public static class PrunedCheckpoint
+{
+    public const string ReportFile = "pruning_config.json";
+    public const string PaddedDir = "padded";
+    static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
+
+    public sealed record Request
+    {
+        public required IPrunableModel Model { get; init; }
+        public required PruneOptions Options { get; init; }
+        public required IReadOnlyList<Tensor> Calibration { get; init; }
+        /// <summary>Calibration provenance for the report (source, windows or images).</summary>
+        public required JsonObject CalibrationInfo { get; init; }
+        public required string OutDir { get; init; }
+        public required string SourceDir { get; init; }
+        public required long ParamsBefore { get; init; }
+        public bool Force { get; init; }
+        public bool ExportPadded { get; init; }
+        public long ShardBytes { get; init; } = 2L << 30;
+        /// <summary>Writes the padded form's config (the family knows its stock layout).</summary>
+        public Func<ScalarType, JsonObject>? PaddedConfig { get; init; }
+        public Func<IReadOnlyDictionary<string, string>>? SourceHashes { get; init; }
+    }
+
+    /// <summary>Prunes and writes; returns the report that was written as pruning_config.json.</summary>
+    public static JsonObject Write(Request req, Action<string>? log = null)
+    {
+        string outDir = Path.GetFullPath(req.OutDir);
+        string src = Path.GetFullPath(req.SourceDir);
+        if (outDir == src || outDir.StartsWith(src + Path.DirectorySeparatorChar) || src.StartsWith(outDir + Path.DirectorySeparatorChar))
+            throw new LlmSnpException($"{req.OutDir}: output directory must not be the model directory or inside it");
+        if ((Directory.Exists(outDir) || File.Exists(outDir)) && !req.Force)
+            throw new LlmSnpException($"{req.OutDir}: already exists; pass --force to replace it");
+        string parent = Path.GetDirectoryName(outDir)!;
+        try { Directory.CreateDirectory(parent); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new LlmSnpException($"{parent}: cannot create the output's parent directory ({e.Message})");
+        }
+        string tmp = Path.Combine(parent, $".{Path.GetFileName(outDir)}.tmp-{Guid.NewGuid():N}");
+        try
+        {
+            try { Directory.CreateDirectory(tmp); }
+            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+            {
+                throw new LlmSnpException($"{parent}: cannot write the output here ({e.Message})");
+            }
+            var report = WriteInto(req, tmp, log);
+            Publish(tmp, outDir);
+            return report;
+        }
+        catch (IOException e)
+        {
+            TryDelete(tmp);
+            throw new LlmSnpException($"{req.OutDir}: writing the pruned checkpoint failed ({e.Message}); nothing was written");
+        }
+        catch
+        {
+            TryDelete(tmp);
+            throw;
+        }
+    }
+
+    static JsonObject WriteInto(Request req, string dir, Action<string>? log)
+    {
+        var sw = Stopwatch.StartNew();
+        var model = req.Model;
+        var dtype = model.StoredDType;
+        var hashes = req.SourceHashes?.Invoke();
+        long paramsAfter = 0;
+        JsonObject report;
+        using (var writer = new SafeTensorsWriter(dir, req.ShardBytes))
+        using (var padded = req.ExportPadded ? new SafeTensorsWriter(Path.Combine(dir, PaddedDir), req.ShardBytes) : null)
+        {
+            void Add(SafeTensorsWriter w, IEnumerable<(string Name, Tensor Tensor)> ts, bool count)
+            {
+                foreach (var (n, t) in ts)
+                    using (t)
+                    {
+                        if (!torch.isfinite(t).all().item<bool>()) throw new LlmSnpException($"{n}: non-finite values; refusing to write them");
+                        if (count) paramsAfter += t.numel();
+                        w.Add(n, t);
+                    }
+            }
+            var engine = new SnpEngine(model, req.Options, log);
+            var result = engine.Run(req.Calibration, (block, _) =>
+            {
+                Add(writer, block.Tensors(dtype), true);
+                if (padded != null) Add(padded, block.PaddedTensors(dtype), false);
+            });
+            Add(writer, model.OuterTensors(dtype), true);
+            if (padded != null) Add(padded, model.OuterTensors(dtype), false);
+            var files = writer.Finish();
+            padded?.Finish();
+            double writeSeconds = sw.Elapsed.TotalSeconds - result.StatisticsSeconds - result.DecompositionSeconds - result.PlanSeconds;
+            AtomicFile.WriteAllText(Path.Combine(dir, "config.json"), model.PrunedConfig(result.UnitsKept, result.HeadsKept, dtype).ToJsonString(Indented));
+            if (padded != null)
+                AtomicFile.WriteAllText(Path.Combine(dir, PaddedDir, "config.json"), (req.PaddedConfig?.Invoke(dtype) ?? throw new InvalidOperationException("no padded config")).ToJsonString(Indented));
+            foreach (var f in model.CompanionFiles())
+            {
+                File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+                if (padded != null) File.Copy(f, Path.Combine(dir, PaddedDir, Path.GetFileName(f)));
+            }
+            report = Report(req, result, hashes, paramsAfter, files, writeSeconds, sw.Elapsed.TotalSeconds);
+        }
+        AtomicFile.WriteAllText(Path.Combine(dir, ReportFile), report.ToJsonString(Indented));
+        return report;
+    }
+
+    static JsonObject Report(Request req, PruneResult r, IReadOnlyDictionary<string, string>? hashes, long paramsAfter,
+        IReadOnlyList<string> files, double writeSeconds, double totalSeconds)
+    {
+        var o = req.Options;
+        var layers = new JsonArray();
+        foreach (var l in r.Layers)
+            layers.Add(new JsonObject
+            {
+                ["name"] = l.Name, ["kind"] = l.Kind, ["units"] = l.Units, ["group_size"] = l.GroupSize,
+                ["units_kept"] = l.UnitsKept, ["groups_kept"] = l.UnitsKept / l.GroupSize,
+                [l.Kind == "heads" ? "kept_heads" : "kept_neurons"] = new JsonArray(l.KeptIndices.Select(i => (JsonNode)i).ToArray()),
+                ["error"] = l.Error, ["relative_error"] = l.RelativeError,
+                ["damping_lambda"] = l.Lambda, ["damping_escalations"] = l.DampingEscalations,
+                ["params_removed"] = l.ParamsRemoved,
+            });
+        var sourceHashes = new JsonObject();
+        if (hashes != null) foreach (var (k, v) in hashes) sourceHashes[k] = v;
+        return new JsonObject
+        {
+            ["tool"] = "llmsnp",
+            ["tool_version"] = typeof(PrunedCheckpoint).Assembly.GetName().Version?.ToString(3),
+            ["family"] = req.Model.Family,
+            ["source_model"] = Path.GetFileName(Path.GetFullPath(req.SourceDir).TrimEnd(Path.DirectorySeparatorChar)),
+            ["source_sha256"] = sourceHashes,
+            ["options"] = new JsonObject
+            {
+                ["ordering"] = Orderings.Name(o.Ordering),
+                ["reconstruct"] = o.Reconstruct.ToString().ToLowerInvariant(),
+                ["policy"] = o.PolicyName,
+                [o.PolicyName] = o.Amount,
+                ["targets"] = string.Join(",", new[] { o.PruneMlp ? "mlp" : null, o.PruneHeads ? "heads" : null }.Where(x => x != null)),
+                ["damp"] = o.Damp,
+                ["seed"] = o.Seed,
+                ["dtype_written"] = SafeDTypes.ConfigName(req.Model.StoredDType),
+                ["compute_dtype"] = SafeDTypes.ConfigName(req.Model.ComputeDType),
+            },
+            ["calibration"] = req.CalibrationInfo.DeepClone(),
+            ["tau"] = r.Tau,
+            ["params_before"] = req.ParamsBefore,
+            ["params_after"] = paramsAfter,
+            ["prunable_params"] = r.PrunableParams,
+            ["prunable_params_removed"] = r.ParamsRemoved,
+            ["prunable_fraction_removed"] = r.PrunableParams > 0 ? (double)r.ParamsRemoved / r.PrunableParams : 0,
+            ["requested_budget"] = o.Policy == RatioPolicyKind.Budget ? o.Amount : null,
+            ["weight_files"] = new JsonArray(files.Select(f => (JsonNode)f).ToArray()),
+            ["layers"] = layers,
+            ["seconds"] = new JsonObject
+            {
+                ["budget_plan"] = r.PlanSeconds, ["statistics"] = r.StatisticsSeconds,
+                ["decomposition"] = r.DecompositionSeconds, ["writing"] = writeSeconds, ["total"] = totalSeconds,
+            },
+        };
+    }
+
+    static void Publish(string tmp, string outDir)
+    {
+        string? old = null;
+        if (Directory.Exists(outDir) || File.Exists(outDir))
+        {
+            old = outDir + $".old-{Guid.NewGuid():N}";
+            if (Directory.Exists(outDir)) Directory.Move(outDir, old); else File.Move(outDir, old);
+        }
+        Directory.Move(tmp, outDir);
+        if (old != null) TryDelete(old);
+    }
+
+    static void TryDelete(string path)
+    {
+        try
+        {
+            if (Directory.Exists(path)) Directory.Delete(path, recursive: true);
+            else if (File.Exists(path)) File.Delete(path);
+        }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
+    }
+}

@@ -1,0 +1,226 @@
+using System.Diagnostics;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Pruning;
+
+/// <summary>What happened to one node layer.</summary>
+public sealed record NodeLayerReport
+{
+    public required string Name { get; init; }
+    public required string Kind { get; init; }
+    public required int Units { get; init; }
+    public required int GroupSize { get; init; }
+    public required int UnitsKept { get; init; }
+    /// <summary>Kept original indices: neurons, or heads for a head layer.</summary>
+    public required long[] KeptIndices { get; init; }
+    public required double Error { get; init; }
+    public required double RelativeError { get; init; }
+    public required double Lambda { get; init; }
+    public required int DampingEscalations { get; init; }
+    public required long ParamsRemoved { get; init; }
+}
+
+public sealed record PruneResult
+{
+    public required IReadOnlyList<NodeLayerReport> Layers { get; init; }
+    /// <summary>unitsKept[block][nodeLayer].</summary>
+    public required IReadOnlyList<int[]> UnitsKept { get; init; }
+    public required IReadOnlyList<long[]> HeadsKept { get; init; }
+    public double? Tau { get; init; }
+    public long PrunableParams { get; init; }
+    public long ParamsRemoved { get; init; }
+    public double StatisticsSeconds { get; init; }
+    public double DecompositionSeconds { get; init; }
+    public double PlanSeconds { get; init; }
+}
+
+/// <summary>
+/// The SNP engine (snp.md §1): blocks first to last, one resident at a time; inside a block the
+/// heads, then the MLP, each from statistics of the activations the already-pruned model produces.
+/// It knows node layers and consumers, never the model family.
+/// </summary>
+public sealed class SnpEngine
+{
+    readonly IPrunableModel _model;
+    readonly PruneOptions _opt;
+    readonly Action<string>? _log;
+
+    public SnpEngine(IPrunableModel model, PruneOptions options, Action<string>? log = null)
+    {
+        _model = model; _opt = options; _log = log;
+        options.Validate();
+    }
+
+    /// <summary>
+    /// Prunes with the calibration inputs (micro-batches for <see cref="IPrunableModel.Embed"/>);
+    /// <paramref name="onBlockDone"/> receives each pruned block before it is released.
+    /// </summary>
+    public PruneResult Run(IReadOnlyList<Tensor> calibration, Action<IPrunableBlock, int> onBlockDone)
+    {
+        double planSeconds = 0;
+        int[][]? planned = null;
+        double? tau = _opt.Policy == RatioPolicyKind.Variance ? _opt.Amount : null;
+        if (_opt.Policy == RatioPolicyKind.Budget)
+        {
+            var sw = Stopwatch.StartNew();
+            (tau, planned) = PlanBudget(calibration);
+            planSeconds = sw.Elapsed.TotalSeconds;
+        }
+        var total = Stopwatch.StartNew();
+        double statSec = 0, decSec = 0;
+        var reports = new List<NodeLayerReport>();
+        var unitsKept = new List<int[]>();
+        var headsKept = new List<long[]>();
+        var hidden = calibration.Select(_model.Embed).ToList();
+        _tokens = hidden.Sum(h => h.shape[0] * h.shape[1]);
+        for (int b = 0; b < _model.BlockCount; b++)
+        {
+            using var block = _model.LoadBlock(b);
+            var layers = block.NodeLayers;
+            var kept = new int[layers.Count];
+            long[] heads = Array.Empty<long>();
+            for (int j = 0; j < layers.Count; j++)
+            {
+                var info = layers[j];
+                if (!_opt.Targets(info.Kind))
+                {
+                    kept[j] = info.Units;
+                    if (info.Kind == NodeKind.Heads) heads = Enumerable.Range(0, info.Groups).Select(x => (long)x).ToArray();
+                    continue;
+                }
+                var s0 = Stopwatch.StartNew();
+                using var gram = Statistics(block, j, info, hidden);
+                statSec += s0.Elapsed.TotalSeconds;
+                var s1 = Stopwatch.StartNew();
+                var report = PruneLayer(block, j, info, gram, planned?[b][j]);
+                decSec += s1.Elapsed.TotalSeconds;
+                reports.Add(report);
+                kept[j] = report.UnitsKept;
+                if (info.Kind == NodeKind.Heads) heads = report.KeptIndices;
+            }
+            unitsKept.Add(kept);
+            headsKept.Add(heads);
+            var s2 = Stopwatch.StartNew();
+            for (int k = 0; k < hidden.Count; k++)
+            {
+                var next = block.Forward(hidden[k])!;
+                hidden[k].Dispose();
+                hidden[k] = next;
+            }
+            statSec += s2.Elapsed.TotalSeconds;
+            onBlockDone(block, b);
+            double el = total.Elapsed.TotalSeconds, eta = el / (b + 1) * (_model.BlockCount - b - 1);
+            _log?.Invoke($"block {b + 1}/{_model.BlockCount}: kept {string.Join(", ", layers.Select((l, j) => $"{(l.Kind == NodeKind.Heads ? "heads" : "mlp")} {kept[j] / l.GroupSize}/{l.Groups}"))}; elapsed {el:F1}s, ETA {eta:F1}s");
+        }
+        hidden.ForEach(h => h.Dispose());
+        long prunable = reports.Sum(r => (long)(r.Units / r.GroupSize) * _paramsPerGroup[r.Name]);
+        return new PruneResult
+        {
+            Layers = reports, UnitsKept = unitsKept, HeadsKept = headsKept, Tau = tau,
+            PrunableParams = prunable, ParamsRemoved = reports.Sum(r => r.ParamsRemoved),
+            StatisticsSeconds = statSec, DecompositionSeconds = decSec, PlanSeconds = planSeconds,
+        };
+    }
+
+    readonly Dictionary<string, long> _paramsPerGroup = new();
+    long _tokens;
+
+    Tensor Statistics(IPrunableBlock block, int layer, NodeLayerInfo info, IReadOnlyList<Tensor> hidden)
+    {
+        using var acc = new GramAccumulator(info.Units, _model.Device);
+        foreach (var h in hidden) block.Forward(h, layer, acc.Add);
+        return acc.Result(info.Name);
+    }
+
+    NodeLayerReport PruneLayer(IPrunableBlock block, int j, NodeLayerInfo info, Tensor gram, int? plannedGroups)
+    {
+        using var scope = NewDisposeScope();
+        _paramsPerGroup[info.Name] = info.ParamsPerGroup;
+        var (w, c) = block.Consumer(j);
+        var groupOrder = OrderGroups(block, j, info, gram, w, c);
+        int gs = info.GroupSize;
+        int keepGroups = plannedGroups ?? _opt.Policy switch
+        {
+            RatioPolicyKind.Ratio => RatioPolicy.KeepForRatio(info.Groups, _opt.Amount),
+            _ => RatioPolicy.KeepForVariance(Subspace.GroupResiduals(gram, Units(groupOrder, gs), gs, _opt.Damp, info.Name), _opt.Amount),
+        };
+        var keptGroups = groupOrder.Take(keepGroups).OrderBy(x => x).ToArray();
+        var prunedGroups = groupOrder.Skip(keepGroups).OrderBy(x => x).ToArray();
+        var keptUnits = Units(keptGroups, gs);
+        var prunedUnits = Units(prunedGroups, gs);
+        var rec = Subspace.Reconstruct(gram, w, c, keptUnits, prunedUnits, _opt.Reconstruct, _opt.Damp, info.Name);
+        block.Prune(j, keptUnits, rec.Weight, rec.Bias);
+        if (rec.Damping.Escalations > 0)
+            _log?.Invoke($"{info.Name}: Gram ill-conditioned, damping raised {rec.Damping.Escalations}× to λ = {rec.Damping.Lambda:G3}");
+        return new NodeLayerReport
+        {
+            Name = info.Name, Kind = info.Kind == NodeKind.Heads ? "heads" : "mlp", Units = info.Units, GroupSize = gs,
+            UnitsKept = keptUnits.Length, KeptIndices = gs == 1 ? keptUnits : keptGroups,
+            Error = rec.Error, RelativeError = rec.RelativeError, Lambda = rec.Damping.Lambda,
+            DampingEscalations = rec.Damping.Escalations, ParamsRemoved = prunedGroups.Length * info.ParamsPerGroup,
+        };
+    }
+
+    long[] OrderGroups(IPrunableBlock block, int j, NodeLayerInfo info, Tensor gram, Tensor w, Tensor c)
+    {
+        using var norms = block.ProducerSquaredNorms(j);
+        var input = new OrderingInput(gram, w, c, norms, info.GroupSize, _tokens, _opt.Damp, HashSeed(_opt.Seed, info.Name), info.Name);
+        return Orderings.Order(_opt.Ordering, input);
+    }
+
+    /// <summary>A seed per layer that does not depend on .NET's randomised string hashing.</summary>
+    static int HashSeed(int seed, string name)
+    {
+        unchecked
+        {
+            int h = seed * 31 + 17;
+            foreach (char ch in name) h = h * 31 + ch;
+            return h & int.MaxValue;
+        }
+    }
+
+    static long[] Units(long[] groups, int gs) =>
+        groups.SelectMany(g => Enumerable.Range(0, gs).Select(u => g * gs + u)).ToArray();
+
+    /// <summary>
+    /// Budget policy, first pass: dense statistics of every targeted node layer, D per group in the
+    /// ordering, then τ by bisection on the parameter budget (snp.md §6).
+    /// </summary>
+    (double Tau, int[][] Keep) PlanBudget(IReadOnlyList<Tensor> calibration)
+    {
+        var layers = new List<(double[] D, long ParamsPerGroup)>();
+        var where = new List<(int Block, int Layer)>();
+        var groupsPerLayer = new List<int[]>();
+        var hidden = calibration.Select(_model.Embed).ToList();
+        _tokens = hidden.Sum(h => h.shape[0] * h.shape[1]);
+        for (int b = 0; b < _model.BlockCount; b++)
+        {
+            using var block = _model.LoadBlock(b);
+            var infos = block.NodeLayers;
+            groupsPerLayer.Add(infos.Select(i => i.Groups).ToArray());
+            for (int j = 0; j < infos.Count; j++)
+            {
+                var info = infos[j];
+                if (!_opt.Targets(info.Kind)) continue;
+                using var gram = Statistics(block, j, info, hidden);
+                var (w, c) = block.Consumer(j);
+                var order = OrderGroups(block, j, info, gram, w, c);
+                layers.Add((Subspace.GroupResiduals(gram, Units(order, info.GroupSize), info.GroupSize, _opt.Damp, info.Name), info.ParamsPerGroup));
+                where.Add((b, j));
+            }
+            for (int k = 0; k < hidden.Count; k++)
+            {
+                var next = block.Forward(hidden[k])!;
+                hidden[k].Dispose();
+                hidden[k] = next;
+            }
+            _log?.Invoke($"budget plan: statistics of block {b + 1}/{_model.BlockCount}");
+        }
+        hidden.ForEach(h => h.Dispose());
+        var (tau, keep) = RatioPolicy.PlanBudget(layers, _opt.Amount);
+        var plan = groupsPerLayer.Select(g => g.ToArray()).ToArray();
+        for (int i = 0; i < where.Count; i++) plan[where[i].Block][where[i].Layer] = keep[i];
+        _log?.Invoke($"budget plan: τ = {tau:F6}");
+        return (tau, plan);
+    }
+}

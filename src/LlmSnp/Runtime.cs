@@ -1,0 +1,40 @@
+using System.Runtime.InteropServices;
+using static TorchSharp.torch;
+
+namespace LlmSnp;
+
+/// <summary>Process-wide setup that must happen before the first tensor op.</summary>
+public static partial class Runtime
+{
+    [LibraryImport("libc", EntryPoint = "setenv", StringMarshalling = StringMarshalling.Utf8)]
+    private static partial int SetEnv(string name, string value, int overwrite);
+
+    static bool _configured;
+
+    /// <summary>
+    /// GEMM threads: libtorch's BLAS reads MKL_NUM_THREADS/OMP_NUM_THREADS from the native
+    /// environment at load time (torch.set_num_threads alone leaves GEMM on one thread, half speed),
+    /// and Environment.SetEnvironmentVariable does not reach it on Linux: set them through libc.
+    /// </summary>
+    public static void ConfigureThreads()
+    {
+        if (_configured) return;
+        _configured = true;
+        string n = Environment.ProcessorCount.ToString();
+        foreach (var v in new[] { "MKL_NUM_THREADS", "OMP_NUM_THREADS" })
+            if (string.IsNullOrEmpty(Environment.GetEnvironmentVariable(v)) && OperatingSystem.IsLinux()) SetEnv(v, n, 0);
+        torch.set_num_threads(Environment.ProcessorCount);
+    }
+
+    /// <summary>Parses --device: cpu, cuda or cuda:N, refusing CUDA where libtorch has none.</summary>
+    public static Device ParseDevice(string s)
+    {
+        if (s == "cpu") return CPU;
+        if (s == "cuda" || s.StartsWith("cuda:"))
+        {
+            if (!torch.cuda.is_available()) throw new LlmSnpException($"--device {s}: no CUDA device or CUDA-enabled libtorch here (this build uses TorchSharp-cpu)");
+            return torch.device(s);
+        }
+        throw new LlmSnpException($"--device: unknown device '{s}' (cpu, cuda, cuda:N)");
+    }
+}

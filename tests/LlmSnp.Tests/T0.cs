@@ -1,0 +1,1 @@
+public class T0 { [Fact] public void A() {} }
