@@ -29,7 +29,7 @@ public static class Perplexity
         if (maxWindows is int mw) windows = Math.Min(windows, mw);
         if (windows == 0) throw new LlmSnpException($"{dataset}: {ids.Count} tokens is less than one window of {seqLen}");
         var sw = Stopwatch.StartNew();
-        int micro = Math.Max(1, 4096 / seqLen);   // enough rows per GEMM to keep the cores busy
+        int micro = Math.Clamp(4096 / seqLen, 1, windows);   // enough rows per GEMM to keep the cores busy
         int perGroup = (int)Math.Clamp(GroupHiddenBytes / ((long)seqLen * model.Config.Hidden * 4), micro, windows);
         var nll = new double[windows];
         for (int g0 = 0; g0 < windows; g0 += perGroup)

@@ -1,1 +1,0 @@
-public class T0 { [Fact] public void A() {} }
