@@ -68,12 +68,12 @@ public static class Orderings
                     break;
                 }
             case Ordering.Variance: unitScore = sigmaDiag; break;
-            case Ordering.WeightNorm: unitScore = w.square().sum(0); break;   // squared: same order, summed per group
-            case Ordering.Fluctuation: unitScore = sigmaDiag * w.square().sum(0); break;
+            case Ordering.WeightNorm: unitScore = w.square().sum(dim: 0); break;   // squared: same order, summed per group
+            case Ordering.Fluctuation: unitScore = sigmaDiag * w.square().sum(dim: 0); break;
             case Ordering.WandaSp:
                 unitScore = w.abs().mean(new long[] { 0 }) * (g.diagonal().narrow(0, 1, n) * x.Tokens).sqrt();
                 break;
-            case Ordering.Magnitude: unitScore = x.ProducerSquaredNorms.to(ScalarType.Float64) + w.square().sum(0); break;
+            case Ordering.Magnitude: unitScore = x.ProducerSquaredNorms.to(ScalarType.Float64) + w.square().sum(dim: 0); break;
             default: throw new ArgumentOutOfRangeException(nameof(kind));
         }
         var groupScore = unitScore.reshape(groups, gs).sum(1).cpu();

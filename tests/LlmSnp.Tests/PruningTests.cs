@@ -1,0 +1,324 @@
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using LlmSnp.Checkpoint;
+using LlmSnp.Models;
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Tests;
+
+/// <summary>snp.md §8 invariants on small random OPTs, at block level and end to end.</summary>
+public class PruningTests
+{
+    static readonly Ordering[] Snp = { Ordering.Zca, Ordering.ZcaPrecision, Ordering.Id, Ordering.Obs };
+
+    static Tensor RandomHidden(int seed, int batch = 4, int tokens = 24, int hidden = 32)
+    {
+        var gen = new torch.Generator((ulong)seed);
+        return torch.randn(new long[] { batch, tokens, hidden }, ScalarType.Float64, generator: gen);
+    }
+
+    /// <summary>Activations [tokens, units] of node layer j and their augmented Gram.</summary>
+    static (Tensor Acts, Tensor Gram) Capture(IPrunableBlock block, int j, Tensor hidden)
+    {
+        Tensor? acts = null;
+        block.Forward(hidden, j, a => acts = a.clone().DetachFromDisposeScope());
+        using var acc = new GramAccumulator((int)acts!.shape[1], CPU);
+        acc.Add(acts);
+        return (acts, acc.Result("test"));
+    }
+
+    static OrderingInput Input(IPrunableBlock block, int j, Tensor gram, double damp = 1e-10)
+    {
+        var (w, c) = block.Consumer(j);
+        return new OrderingInput(gram, w, c, block.ProducerSquaredNorms(j), block.NodeLayers[j].GroupSize, 96, damp, 7, "test");
+    }
+
+    static long[] Units(IEnumerable<long> groups, int gs) => groups.SelectMany(g => Enumerable.Range(0, gs).Select(u => g * gs + u)).OrderBy(x => x).ToArray();
+
+    static double RelDiff(Tensor a, Tensor b) => ((a - b).norm() / b.norm()).item<double>();
+
+    [Theory]
+    [InlineData(1)]   // MLP: neuron 7 = 2 × neuron 3 (relu(2z) = 2 relu(z): an exact affine combination)
+    [InlineData(0)]   // heads: head 3 = copy of head 1
+    public void Exactly_redundant_unit_is_ranked_last_and_removed_without_output_change(int layer)
+    {
+        using var tmp = new TempDir();
+        string dir = new TinyOpt
+        {
+            Edit = t =>
+            {
+                string l = "model.decoder.layers.0.";
+                if (layer == 1)
+                {
+                    t[l + "fc1.weight"][7] = t[l + "fc1.weight"][3] * 2;
+                    t[l + "fc1.bias"][7] = t[l + "fc1.bias"][3] * 2;
+                }
+                else
+                    foreach (var p in new[] { "q_proj", "k_proj", "v_proj" })
+                    {
+                        t[l + $"self_attn.{p}.weight"].narrow(0, 24, 8).copy_(t[l + $"self_attn.{p}.weight"].narrow(0, 8, 8));
+                        t[l + $"self_attn.{p}.bias"].narrow(0, 24, 8).copy_(t[l + $"self_attn.{p}.bias"].narrow(0, 8, 8));
+                    }
+            },
+        }.Write(tmp.Sub("m"));
+        using var model = new OptModel(dir, CPU, ScalarType.Float64);
+        var calib = RandomHidden(1);
+        var fresh = RandomHidden(2);
+        var pair = layer == 1 ? new long[] { 3, 7 } : new long[] { 1, 3 };
+        foreach (var ordering in Snp)
+        {
+            using var block = model.LoadBlock(0);
+            using var reference = block.Forward(fresh)!;
+            var (_, gram) = Capture(block, layer, calib);
+            var info = block.NodeLayers[layer];
+            var order = Orderings.Order(ordering, Input(block, layer, gram));
+            Assert.Contains(order[^1], pair);
+            var kept = Units(order.Take(order.Length - 1), info.GroupSize);
+            var pruned = Units(order.Skip(order.Length - 1), info.GroupSize);
+            var (w, c) = block.Consumer(layer);
+            var rec = Subspace.Reconstruct(gram, w, c, kept, pruned, ReconstructMode.Lstsq, 1e-10, "test");
+            block.Prune(layer, kept, rec.Weight, rec.Bias);
+            using var after = block.Forward(fresh)!;
+            double rel = RelDiff(after, reference);
+            Assert.True(rel < 1e-6, $"{ordering}: removing the redundant unit changed the block output by {rel:G3}");
+        }
+    }
+
+    [Theory]
+    [InlineData(ReconstructMode.Lstsq, 0.01)]
+    [InlineData(ReconstructMode.Lstsq, 0.0)]
+    [InlineData(ReconstructMode.Bias, 0.01)]
+    [InlineData(ReconstructMode.None, 0.01)]
+    public void Reported_error_equals_the_measured_consumer_output_error(ReconstructMode mode, double damp)
+    {
+        using var tmp = new TempDir();
+        using var model = new OptModel(new TinyOpt().Write(tmp.Sub("m")), CPU, ScalarType.Float64);
+        using var block = model.LoadBlock(1);
+        foreach (int j in new[] { 0, 1 })
+        {
+            var (acts, gram) = Capture(block, j, RandomHidden(3));
+            var info = block.NodeLayers[j];
+            var order = Orderings.Order(Ordering.Zca, Input(block, j, gram, damp));
+            int keep = info.Groups * 6 / 10;
+            var kept = Units(order.Take(keep), info.GroupSize);
+            var pruned = Units(order.Skip(keep), info.GroupSize);
+            var (w, c) = block.Consumer(j);
+            var rec = Subspace.Reconstruct(gram, w, c, kept, pruned, mode, damp, "test");
+            var y = nn.functional.linear(acts, w, c);
+            var yHat = nn.functional.linear(acts.index_select(1, torch.tensor(kept)), rec.Weight, rec.Bias);
+            double measured = (y - yHat).square().sum(1).mean().item<double>();
+            Assert.True(Math.Abs(measured - rec.Error) <= 1e-6 * measured, $"layer {j}: reported {rec.Error}, measured {measured}");
+        }
+    }
+
+    [Fact]
+    public void Least_squares_beats_bias_beats_none_and_matches_a_direct_solve()
+    {
+        using var tmp = new TempDir();
+        using var model = new OptModel(new TinyOpt().Write(tmp.Sub("m")), CPU, ScalarType.Float64);
+        using var block = model.LoadBlock(0);
+        var (acts, gram) = Capture(block, 1, RandomHidden(4, batch: 8));
+        var order = Orderings.Order(Ordering.Variance, Input(block, 1, gram));
+        var kept = order.Take(40).OrderBy(x => x).ToArray();
+        var pruned = order.Skip(40).OrderBy(x => x).ToArray();
+        var (w, c) = block.Consumer(1);
+        var e = new[] { ReconstructMode.Lstsq, ReconstructMode.Bias, ReconstructMode.None }
+            .Select(m => Subspace.Reconstruct(gram, w, c, kept, pruned, m, 0.0, "test")).ToArray();
+        Assert.True(e[0].Error < e[1].Error, $"lstsq {e[0].Error} ≥ bias {e[1].Error}");
+        Assert.True(e[1].Error < e[2].Error, $"bias {e[1].Error} ≥ none {e[2].Error}");
+        // Direct least squares on the raw activation matrix: x_P ≈ [1, x_K] β.
+        var xk = torch.cat(new[] { torch.ones(acts.shape[0], 1, dtype: ScalarType.Float64), acts.index_select(1, torch.tensor(kept)) }, 1);
+        var xp = acts.index_select(1, torch.tensor(pruned));
+        var beta = torch.linalg.lstsq(xk, xp).Solution;   // [1+|K|, |P|]
+        var wp = w.index_select(1, torch.tensor(pruned));
+        var wDirect = w.index_select(1, torch.tensor(kept)) + wp.mm(beta.narrow(0, 1, kept.Length).t());
+        var cDirect = c + wp.mv(beta[0]);
+        Assert.True(RelDiff(e[0].Weight, wDirect) < 1e-8);
+        Assert.True(RelDiff(e[0].Bias, cDirect) < 1e-8);
+    }
+
+    [Fact]
+    public void Ldl_reproduces_the_permuted_gram_and_its_D_are_least_squares_residuals()
+    {
+        using var tmp = new TempDir();
+        using var model = new OptModel(new TinyOpt().Write(tmp.Sub("m")), CPU, ScalarType.Float64);
+        using var block = model.LoadBlock(0);
+        var (acts, gram) = Capture(block, 0, RandomHidden(5, batch: 8));
+        var order = Enumerable.Range(0, 32).Select(i => (long)i).ToArray();
+        new Random(3).Shuffle(order);
+        var (l, d, damping) = Subspace.Ldl(gram, order, 0.0, "test");
+        Assert.Equal(0, damping.Escalations);
+        var gp = Subspace.Permute(gram, order);
+        Assert.True(RelDiff(l.mm(torch.diag(d)).mm(l.t()), gp) < 1e-9);
+        Assert.True(d.min().item<double>() >= 0);
+        Assert.Equal(1.0, l.diagonal().min().item<double>(), 12);
+        var x = torch.cat(new[] { torch.ones(acts.shape[0], 1, dtype: ScalarType.Float64), acts.index_select(1, torch.tensor(order)) }, 1);
+        foreach (int k in new[] { 1, 5, 17, 32 })
+        {
+            var prev = x.narrow(1, 0, k);
+            var beta = torch.linalg.lstsq(prev, x.narrow(1, k, 1)).Solution;
+            double resid = (x.narrow(1, k, 1) - prev.mm(beta)).square().mean().item<double>();
+            Assert.True(Math.Abs(resid - d[k].item<double>()) <= 1e-8 * gram.diagonal().max().item<double>(), $"D_{k} = {d[k].item<double>()}, residual {resid}");
+        }
+    }
+
+    [Fact]
+    public void Error_is_non_increasing_in_the_number_of_kept_units()
+    {
+        using var tmp = new TempDir();
+        using var model = new OptModel(new TinyOpt().Write(tmp.Sub("m")), CPU, ScalarType.Float64);
+        using var block = model.LoadBlock(0);
+        var (_, gram) = Capture(block, 1, RandomHidden(6, batch: 8));
+        var order = Orderings.Order(Ordering.Zca, Input(block, 1, gram));
+        var (w, c) = block.Consumer(1);
+        double prev = double.PositiveInfinity;
+        for (int k = 1; k <= order.Length; k += 3)
+        {
+            var rec = Subspace.Reconstruct(gram, w, c, order.Take(k).OrderBy(x => x).ToArray(), order.Skip(k).OrderBy(x => x).ToArray(), ReconstructMode.Lstsq, 1e-12, "test");
+            Assert.True(rec.Error <= prev * (1 + 1e-9) + 1e-15, $"E({k}) = {rec.Error} > E(previous) = {prev}");
+            prev = rec.Error;
+        }
+        Assert.Equal(0.0, Subspace.Reconstruct(gram, w, c, order.OrderBy(x => x).ToArray(), Array.Empty<long>(), ReconstructMode.Lstsq, 0, "t").Error);
+    }
+
+    [Fact]
+    public void Every_ordering_returns_a_permutation_of_the_groups()
+    {
+        using var tmp = new TempDir();
+        using var model = new OptModel(new TinyOpt().Write(tmp.Sub("m")), CPU, ScalarType.Float64);
+        using var block = model.LoadBlock(0);
+        foreach (int j in new[] { 0, 1 })
+        {
+            var (_, gram) = Capture(block, j, RandomHidden(7));
+            foreach (var o in Enum.GetValues<Ordering>())
+            {
+                var order = Orderings.Order(o, Input(block, j, gram));
+                Assert.Equal(Enumerable.Range(0, block.NodeLayers[j].Groups).Select(x => (long)x), order.OrderBy(x => x));
+            }
+        }
+    }
+
+    // ---- end to end: engine + written checkpoint ----
+
+    static List<Tensor> CalibIds(int seed, int n = 6, int len = 24) =>
+        Enumerable.Range(0, n).Select(i =>
+        {
+            var rng = new Random(seed + i);
+            return torch.tensor(Enumerable.Range(0, len).Select(_ => (long)rng.Next(3, 96)).ToArray(), new long[] { 1, len });
+        }).ToList();
+
+    static readonly long[] ProbeIds = { 2, 17, 40, 8, 91, 33, 5, 60, 12, 77, 3, 48 };
+
+    /// <summary>Prunes in memory (probe logits through the pruned blocks) and writes the checkpoint with the same options.</summary>
+    static (Tensor InMemory, JsonObject Report) PruneBoth(string modelDir, string outDir, PruneOptions opt, bool padded = true)
+    {
+        var calib = CalibIds(11);
+        Tensor probeLogits;
+        using (var model = new OptModel(modelDir, CPU, ScalarType.Float64))
+        {
+            var probe = model.Embed(torch.tensor(ProbeIds, new long[] { 1, ProbeIds.Length }));
+            new SnpEngine(model, opt).Run(calib, (block, _) => probe = block.Forward(probe)!);
+            probeLogits = model.Head(probe);
+        }
+        using var m2 = new OptModel(modelDir, CPU, ScalarType.Float64);
+        var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
+        {
+            Model = m2, Options = opt, Calibration = calib, CalibrationInfo = new JsonObject(), OutDir = outDir,
+            SourceDir = modelDir, ParamsBefore = m2.ParameterCount(), ExportPadded = padded, PaddedConfig = m2.PaddedConfig,
+        });
+        return (probeLogits, report);
+    }
+
+    static Tensor Logits(string dir)
+    {
+        using var m = new OptModel(dir, CPU, ScalarType.Float64);
+        return m.ForwardAllInMemory(torch.tensor(ProbeIds, new long[] { 1, ProbeIds.Length }));
+    }
+
+    public static IEnumerable<object[]> Shapes => new[]
+    {
+        new object[] { "pre", new TinyOpt() },
+        new object[] { "post", new TinyOpt { PreLayerNorm = false, ProjDim = 16, Tied = false, Prefix = "decoder." } },
+    };
+
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void Written_checkpoint_and_padded_export_reproduce_the_in_memory_pruned_model(string name, TinyOpt shape)
+    {
+        using var tmp = new TempDir();
+        string src = shape.Write(tmp.Sub("src"));
+        foreach (var (opt, tag) in new[]
+        {
+            (new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.4, Ordering = Ordering.Obs }, "ratio"),
+            (new PruneOptions { Policy = RatioPolicyKind.Variance, Amount = 0.9 }, "variance"),
+            (new PruneOptions { Policy = RatioPolicyKind.Budget, Amount = 0.3, Ordering = Ordering.Id }, "budget"),
+        })
+        {
+            string outDir = tmp.Sub($"out-{tag}");
+            var (inMemory, report) = PruneBoth(src, outDir, opt);
+            var reloaded = Logits(outDir);
+            var padded = Logits(Path.Combine(outDir, "padded"));
+            Assert.True(RelDiff(reloaded, inMemory) < 1e-6, $"{name}/{tag}: reloaded differs from in-memory by {RelDiff(reloaded, inMemory):G3}");
+            Assert.True(RelDiff(padded, inMemory) < 1e-6, $"{name}/{tag}: padded export differs by {RelDiff(padded, inMemory):G3}");
+            Assert.True(RelDiff(reloaded, Logits(src)) > 1e-6, $"{name}/{tag}: pruning changed nothing");
+            // Parameter counts in the report are those of the written tensors.
+            long written = CountParameters(outDir);
+            Assert.Equal(written, (long)report["params_after"]!);
+            using (var m = new OptModel(outDir)) Assert.Equal(written, m.ParameterCount());
+            Assert.Equal((long)report["params_before"]! - (long)report["prunable_params_removed"]!, written);
+            Assert.Equal(CountParameters(src), CountParameters(Path.Combine(outDir, "padded")));
+            Assert.True(File.Exists(Path.Combine(outDir, PrunedCheckpoint.ReportFile)));
+        }
+    }
+
+    static long CountParameters(string dir)
+    {
+        using var f = SafeTensorsFile.Open(Path.Combine(dir, "model.safetensors"));
+        return f.Tensors.Values.Sum(e => e.NumElements);
+    }
+
+    [Theory]
+    [InlineData(RatioPolicyKind.Ratio, 0.0)]
+    [InlineData(RatioPolicyKind.Variance, 1.0)]
+    public void Zero_pruning_leaves_logits_and_parameter_count_unchanged(RatioPolicyKind policy, double amount)
+    {
+        using var tmp = new TempDir();
+        string src = new TinyOpt().Write(tmp.Sub("src"));
+        var (inMemory, report) = PruneBoth(src, tmp.Sub("out"), new PruneOptions { Policy = policy, Amount = amount }, padded: false);
+        var original = Logits(src);
+        Assert.True(RelDiff(inMemory, original) < 1e-6);
+        Assert.True(RelDiff(Logits(tmp.Sub("out")), original) < 1e-6);
+        Assert.Equal(CountParameters(src), (long)report["params_after"]!);
+    }
+
+    [Theory]
+    [InlineData(0.2, "mlp,heads")]
+    [InlineData(0.35, "mlp")]
+    [InlineData(0.5, "heads")]
+    public void Budget_lands_within_one_unit_of_granularity(double budget, string targets)
+    {
+        using var tmp = new TempDir();
+        string src = new TinyOpt { Layers = 3 }.Write(tmp.Sub("src"));
+        var opt = new PruneOptions { Policy = RatioPolicyKind.Budget, Amount = budget, PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads") };
+        var (_, report) = PruneBoth(src, tmp.Sub("out"), opt, padded: false);
+        long prunable = (long)report["prunable_params"]!, removed = (long)report["prunable_params_removed"]!;
+        long granularity = targets.Contains("heads") ? 4L * 8 * 32 + 3 * 8 : 2L * 32 + 1;
+        Assert.True(Math.Abs(removed - budget * prunable) <= granularity,
+            $"removed {removed} of {prunable}, requested {budget * prunable:F0} (granularity {granularity})");
+        Assert.Equal(3 * (targets.Contains("heads") ? 1 : 0) + 3 * (targets.Contains("mlp") ? 1 : 0), report["layers"]!.AsArray().Count);
+    }
+
+    [Fact]
+    public void Same_inputs_give_byte_identical_checkpoints()
+    {
+        using var tmp = new TempDir();
+        string src = new TinyOpt().Write(tmp.Sub("src"));
+        var opt = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.3, Ordering = Ordering.Random, Seed = 4 };
+        var (_, r1) = PruneBoth(src, tmp.Sub("a"), opt, padded: false);
+        var (_, r2) = PruneBoth(src, tmp.Sub("b"), opt, padded: false);
+        Assert.Equal(File.ReadAllBytes(Path.Combine(tmp.Sub("a"), "model.safetensors")), File.ReadAllBytes(Path.Combine(tmp.Sub("b"), "model.safetensors")));
+        r1.Remove("seconds"); r2.Remove("seconds");
+        Assert.Equal(r1.ToJsonString(), r2.ToJsonString());
+    }
+}
