@@ -101,7 +101,44 @@ public sealed class OptModel : IPrunableModel
         return logits.MoveToOuterDisposeScope();
     }
 
-    public OptBlock LoadBlock(int i) => new(this, i);
+    /// <summary>OPT's names for the block roles (models.md §2).</summary>
+    static readonly (Role Role, string Name)[] BlockNames =
+    {
+        (Role.QW, "self_attn.q_proj.weight"), (Role.QB, "self_attn.q_proj.bias"), (Role.KW, "self_attn.k_proj.weight"), (Role.KB, "self_attn.k_proj.bias"),
+        (Role.VW, "self_attn.v_proj.weight"), (Role.VB, "self_attn.v_proj.bias"), (Role.OW, "self_attn.out_proj.weight"), (Role.OB, "self_attn.out_proj.bias"),
+        (Role.Ln1W, "self_attn_layer_norm.weight"), (Role.Ln1B, "self_attn_layer_norm.bias"),
+        (Role.Fc1W, "fc1.weight"), (Role.Fc1B, "fc1.bias"), (Role.Fc2W, "fc2.weight"), (Role.Fc2B, "fc2.bias"),
+        (Role.Ln2W, "final_layer_norm.weight"), (Role.Ln2B, "final_layer_norm.bias"),
+    };
+
+    /// <summary>Reads decoder layer i onto the device (the only block resident while it is in use).</summary>
+    public TransformerBlock LoadBlock(int i)
+    {
+        var c = Config;
+        long a = (long)c.HeadsPerLayer[i] * c.HeadDim, f = c.FfnDims[i], h = c.Hidden;
+        var shapes = new Dictionary<Role, long[]>
+        {
+            [Role.QW] = new[] { a, h }, [Role.QB] = new[] { a }, [Role.KW] = new[] { a, h }, [Role.KB] = new[] { a },
+            [Role.VW] = new[] { a, h }, [Role.VB] = new[] { a }, [Role.OW] = new[] { h, a }, [Role.OB] = new[] { h },
+            [Role.Ln1W] = new[] { h }, [Role.Ln1B] = new[] { h }, [Role.Ln2W] = new[] { h }, [Role.Ln2B] = new[] { h },
+            [Role.Fc1W] = new[] { f, h }, [Role.Fc1B] = new[] { f }, [Role.Fc2W] = new[] { h, f }, [Role.Fc2B] = new[] { h },
+        };
+        string prefix = $"{Prefix}layers.{i}.";
+        var w = new Dictionary<Role, Tensor>();
+        try
+        {
+            foreach (var (role, name) in BlockNames) w[role] = Read(prefix + name, shapes[role]);
+        }
+        catch
+        {
+            foreach (var t in w.Values) t.Dispose();
+            throw;
+        }
+        var spec = new BlockSpec(c.Hidden, c.HeadDim, c.PreLayerNorm, Causal: true, Activation.Relu, LayerNormEps);
+        return new TransformerBlock(spec, ($"layers.{i}.self_attn", $"layers.{i}.fc1"), w,
+            roles => BlockNames.Select(rn => (prefix + rn.Name, roles[rn.Role])));
+    }
+
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
 
     /// <summary>Full forward with every block loaded at once (reference path for tests).</summary>
@@ -177,174 +214,5 @@ public sealed class OptModel : IPrunableModel
     {
         foreach (var t in new[] { _embedTokens, _embedPositions, _projectIn, _projectOut, _finalLnW, _finalLnB, _lmHead }) t?.Dispose();
         Checkpoint.Dispose();
-    }
-}
-
-/// <summary>One OPT decoder layer, resident on the device.</summary>
-public sealed class OptBlock : IPrunableBlock
-{
-    readonly OptModel _m;
-    readonly int _index;
-    readonly Dictionary<string, Tensor> _w = new(StringComparer.Ordinal);
-    readonly int _origHeads, _origFfn;
-    long[] _keptHeadUnits, _keptNeurons;   // original indices, for the padded export
-
-    static readonly string[] Names =
-    {
-        "self_attn.q_proj.weight", "self_attn.q_proj.bias", "self_attn.k_proj.weight", "self_attn.k_proj.bias",
-        "self_attn.v_proj.weight", "self_attn.v_proj.bias", "self_attn.out_proj.weight", "self_attn.out_proj.bias",
-        "self_attn_layer_norm.weight", "self_attn_layer_norm.bias",
-        "fc1.weight", "fc1.bias", "fc2.weight", "fc2.bias", "final_layer_norm.weight", "final_layer_norm.bias",
-    };
-
-    internal OptBlock(OptModel m, int index)
-    {
-        _m = m; _index = index;
-        var c = m.Config;
-        int a = c.HeadsPerLayer[index] * c.HeadDim, f = c.FfnDims[index], h = c.Hidden;
-        // A pruned checkpoint records original widths only through the padded export; in-place it keeps its own.
-        _origHeads = c.HeadsPerLayer[index];
-        _origFfn = f;
-        _keptHeadUnits = Enumerable.Range(0, a).Select(x => (long)x).ToArray();
-        _keptNeurons = Enumerable.Range(0, f).Select(x => (long)x).ToArray();
-        var shapes = new Dictionary<string, long[]>
-        {
-            ["self_attn.q_proj.weight"] = new long[] { a, h }, ["self_attn.q_proj.bias"] = new long[] { a },
-            ["self_attn.k_proj.weight"] = new long[] { a, h }, ["self_attn.k_proj.bias"] = new long[] { a },
-            ["self_attn.v_proj.weight"] = new long[] { a, h }, ["self_attn.v_proj.bias"] = new long[] { a },
-            ["self_attn.out_proj.weight"] = new long[] { h, a }, ["self_attn.out_proj.bias"] = new long[] { h },
-            ["self_attn_layer_norm.weight"] = new long[] { h }, ["self_attn_layer_norm.bias"] = new long[] { h },
-            ["fc1.weight"] = new long[] { f, h }, ["fc1.bias"] = new long[] { f },
-            ["fc2.weight"] = new long[] { h, f }, ["fc2.bias"] = new long[] { h },
-            ["final_layer_norm.weight"] = new long[] { h }, ["final_layer_norm.bias"] = new long[] { h },
-        };
-        try
-        {
-            foreach (var n in Names) _w[n] = m.Read(FullName(n), shapes[n]);
-        }
-        catch
-        {
-            Dispose();
-            throw;
-        }
-    }
-
-    string FullName(string n) => $"{_m.Prefix}layers.{_index}.{n}";
-    int HeadDim => _m.Config.HeadDim;
-    int Hidden => _m.Config.Hidden;
-
-    public IReadOnlyList<NodeLayerInfo> NodeLayers => new[]
-    {
-        new NodeLayerInfo($"layers.{_index}.self_attn", NodeKind.Heads, (int)_w["self_attn.q_proj.bias"].shape[0], HeadDim, 4L * HeadDim * Hidden + 3L * HeadDim),
-        new NodeLayerInfo($"layers.{_index}.fc1", NodeKind.Mlp, (int)_w["fc1.bias"].shape[0], 1, 2L * Hidden + 1),
-    };
-
-    Tensor LayerNorm(Tensor x, string name) =>
-        F.layer_norm(x, new long[] { Hidden }, _w[name + ".weight"], _w[name + ".bias"], OptModel.LayerNormEps);
-
-    /// <summary>Per-head outputs softmax(QKᵀ/√d)V concatenated: the input of out_proj.</summary>
-    Tensor HeadOutputs(Tensor x)
-    {
-        long b = x.shape[0], t = x.shape[1];
-        int d = HeadDim;
-        Tensor Split(Tensor y) => y.view(b, t, -1, d).transpose(1, 2);
-        var q = Split(F.linear(x, _w["self_attn.q_proj.weight"], _w["self_attn.q_proj.bias"]));
-        var k = Split(F.linear(x, _w["self_attn.k_proj.weight"], _w["self_attn.k_proj.bias"]));
-        var v = Split(F.linear(x, _w["self_attn.v_proj.weight"], _w["self_attn.v_proj.bias"]));
-        // SDPA's default scale 1/√d on the scores equals HF's scaling of q after its bias.
-        var o = F.scaled_dot_product_attention(q, k, v, null, 0.0, true);
-        return o.transpose(1, 2).reshape(b, t, -1);
-    }
-
-    public Tensor? Forward(Tensor hidden, int captureLayer = -1, Action<Tensor>? capture = null)
-    {
-        using var scope = NewDisposeScope();
-        bool pre = _m.Config.PreLayerNorm;
-        var x = pre ? LayerNorm(hidden, "self_attn_layer_norm") : hidden;
-        var heads = HeadOutputs(x);
-        if (captureLayer == 0) { capture!(heads.reshape(-1, heads.shape[2])); return null; }
-        var h = hidden + F.linear(heads, _w["self_attn.out_proj.weight"], _w["self_attn.out_proj.bias"]);
-        if (!pre) h = LayerNorm(h, "self_attn_layer_norm");
-        x = pre ? LayerNorm(h, "final_layer_norm") : h;
-        var act = F.relu(F.linear(x, _w["fc1.weight"], _w["fc1.bias"]));
-        if (captureLayer == 1) { capture!(act.reshape(-1, act.shape[2])); return null; }
-        h = h + F.linear(act, _w["fc2.weight"], _w["fc2.bias"]);
-        if (!pre) h = LayerNorm(h, "final_layer_norm");
-        return h.MoveToOuterDisposeScope();
-    }
-
-    public (Tensor Weight, Tensor Bias) Consumer(int layer) => layer == 0
-        ? (_w["self_attn.out_proj.weight"], _w["self_attn.out_proj.bias"])
-        : (_w["fc2.weight"], _w["fc2.bias"]);
-
-    public Tensor ProducerSquaredNorms(int layer)
-    {
-        using var scope = NewDisposeScope();
-        Tensor RowSq(string p) => _w[p + ".weight"].square().sum(1) + _w[p + ".bias"].square();
-        var r = layer == 0
-            ? RowSq("self_attn.q_proj") + RowSq("self_attn.k_proj") + RowSq("self_attn.v_proj")
-            : RowSq("fc1");
-        return r.MoveToOuterDisposeScope();
-    }
-
-    public void Prune(int layer, long[] keptUnits, Tensor consumerWeight, Tensor consumerBias)
-    {
-        using var idx = torch.tensor(keptUnits, device: _m.Device);
-        string[] producers = layer == 0 ? new[] { "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj" } : new[] { "fc1" };
-        foreach (var p in producers)
-        {
-            Replace(p + ".weight", _w[p + ".weight"].index_select(0, idx));
-            Replace(p + ".bias", _w[p + ".bias"].index_select(0, idx));
-        }
-        string consumer = layer == 0 ? "self_attn.out_proj" : "fc2";
-        Replace(consumer + ".weight", consumerWeight.to(_m.ComputeDType, _m.Device));
-        Replace(consumer + ".bias", consumerBias.to(_m.ComputeDType, _m.Device));
-        // Keep the original indices so the padded export can put the rows back in place.
-        if (layer == 0) _keptHeadUnits = keptUnits.Select(u => _keptHeadUnits[u]).ToArray();
-        else _keptNeurons = keptUnits.Select(u => _keptNeurons[u]).ToArray();
-    }
-
-    void Replace(string name, Tensor t)
-    {
-        var old = _w[name];
-        _w[name] = t.contiguous().DetachFromDisposeScope();
-        if (!ReferenceEquals(old, _w[name])) old.Dispose();
-    }
-
-    public IEnumerable<(string Name, Tensor Tensor)> Tensors(ScalarType dtype) =>
-        Names.Select(n => (FullName(n), _w[n].to(dtype)));
-
-    public IEnumerable<(string Name, Tensor Tensor)> PaddedTensors(ScalarType dtype)
-    {
-        int a = _origHeads * HeadDim;
-        foreach (var n in Names)
-        {
-            var t = _w[n];
-            (int dim, long full, long[] kept)? pad = n switch
-            {
-                "self_attn.q_proj.weight" or "self_attn.q_proj.bias" or "self_attn.k_proj.weight" or "self_attn.k_proj.bias"
-                    or "self_attn.v_proj.weight" or "self_attn.v_proj.bias" => (0, a, _keptHeadUnits),
-                "self_attn.out_proj.weight" => (1, a, _keptHeadUnits),
-                "fc1.weight" or "fc1.bias" => (0, _origFfn, _keptNeurons),
-                "fc2.weight" => (1, _origFfn, _keptNeurons),
-                _ => null,
-            };
-            yield return (FullName(n), pad is { } p ? ZeroPad(t, p.dim, p.full, p.kept).to(dtype) : t.to(dtype));
-        }
-    }
-
-    internal static Tensor ZeroPad(Tensor t, int dim, long full, long[] kept)
-    {
-        var shape = t.shape.ToArray();
-        shape[dim] = full;
-        var z = torch.zeros(shape, t.dtype, t.device);
-        using var idx = torch.tensor(kept, device: t.device);
-        return z.index_copy_(dim, idx, t);
-    }
-
-    public void Dispose()
-    {
-        foreach (var t in _w.Values) t.Dispose();
-        _w.Clear();
     }
 }

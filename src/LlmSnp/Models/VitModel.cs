@@ -1,0 +1,313 @@
+using System.Text.Json.Nodes;
+using LlmSnp.Checkpoint;
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
+
+namespace LlmSnp.Models;
+
+/// <summary>The fields of a ViT/DeiT config.json the forward depends on (models.md §3).</summary>
+public sealed class VitConfig
+{
+    public required ConfigFile File { get; init; }
+    public required string ModelType { get; init; }
+    public int Hidden { get; init; }
+    public int Layers { get; init; }
+    public int Heads { get; init; }
+    public int Intermediate { get; init; }
+    public int ImageSize { get; init; }
+    public int PatchSize { get; init; }
+    public int Channels { get; init; }
+    public double LayerNormEps { get; init; }
+    public int HeadDim => Hidden / Heads;
+    public int Patches => (ImageSize / PatchSize) * (ImageSize / PatchSize);
+    public required int[] IntermediateSizes { get; init; }
+    public required int[] HeadsPerLayer { get; init; }
+    public bool Pruned { get; init; }
+
+    public static VitConfig From(ConfigFile f, bool timmLayout)
+    {
+        string type = f.ModelType;
+        if (type is not ("vit" or "deit")) throw new LlmSnpException($"{f.Path}: model_type '{type}' is not ViT or DeiT");
+        int hidden = f.Int("hidden_size"), heads = f.Int("num_attention_heads"), layers = f.Int("num_hidden_layers");
+        if (hidden % heads != 0) throw f.Unsupported("num_attention_heads", $"({heads}) does not divide hidden_size ({hidden})");
+        string act = f.Has("hidden_act") ? f.String("hidden_act") : "gelu";
+        if (act != "gelu") throw f.Unsupported("hidden_act", $"is '{act}'; only exact gelu is supported");
+        if (!f.Bool("qkv_bias", true)) throw f.Unsupported("qkv_bias", "is false; ViT without q/k/v biases is not supported");
+        if (f.Json["patch_size"] is JsonArray) throw f.Unsupported("patch_size", "is not a single integer; non-square patches are not supported");
+        if (f.Json["image_size"] is JsonArray) throw f.Unsupported("image_size", "is not a single integer; non-square images are not supported");
+        int image = f.Int("image_size", 224), patch = f.Int("patch_size", 16);
+        if (image % patch != 0) throw f.Unsupported("patch_size", $"({patch}) does not divide image_size ({image})");
+        int inter = f.Int("intermediate_size");
+        var headsPerLayer = f.IntList("num_heads_per_layer", layers);
+        if (headsPerLayer == null && f.Json["pruned_heads"] is JsonObject ph)   // stock HF pruning: heads removed per layer
+        {
+            headsPerLayer = Enumerable.Repeat(heads, layers).ToArray();
+            foreach (var (k, v) in ph)
+                if (int.TryParse(k, out int l) && l >= 0 && l < layers && v is JsonArray arr) headsPerLayer[l] = heads - arr.Count;
+                else throw f.Unsupported("pruned_heads", $"has an invalid entry '{k}'");
+        }
+        return new VitConfig
+        {
+            File = f, ModelType = type, Hidden = hidden, Layers = layers, Heads = heads, Intermediate = inter,
+            ImageSize = image, PatchSize = patch, Channels = f.Int("num_channels", 3),
+            // Each layout keeps its own default: timm trains with 1e-6, HF configs say 1e-12.
+            LayerNormEps = f.Double("layer_norm_eps", timmLayout ? 1e-6 : 1e-12),
+            IntermediateSizes = f.IntList("intermediate_sizes", layers) ?? Enumerable.Repeat(inter, layers).ToArray(),
+            HeadsPerLayer = headsPerLayer ?? Enumerable.Repeat(heads, layers).ToArray(),
+            Pruned = f.Bool("pruned", false),
+        };
+    }
+}
+
+/// <summary>
+/// ViT / DeiT image classifiers in HF (`vit.`, `deit.`) or timm layout (fused qkv), streamed block
+/// by block like OPT. DeiT distilled models average the class and distillation heads.
+/// </summary>
+public sealed class VitModel : IPrunableModel
+{
+    public string Family => "vit";
+    public VitConfig Config { get; }
+    public CheckpointReader Checkpoint { get; }
+    public string ModelDir { get; }
+    public Device Device { get; }
+    public ScalarType ComputeDType { get; }
+    public ScalarType StoredDType { get; }
+    public int BlockCount => Config.Layers;
+    public bool Timm { get; }
+    public bool Distilled { get; }
+    /// <summary>"vit." or "deit." for HF layouts, "" for timm.</summary>
+    readonly string _p;
+    readonly Dictionary<string, Tensor> _outer = new(StringComparer.Ordinal);
+
+    public VitModel(string modelDir, Device? device = null, ScalarType computeDType = ScalarType.Float32)
+    {
+        ModelDir = modelDir;
+        var cfgFile = ConfigFile.Load(modelDir);
+        Device = device ?? CPU;
+        ComputeDType = computeDType;
+        Checkpoint = new CheckpointReader(modelDir);
+        try
+        {
+            Timm = Checkpoint.Has("patch_embed.proj.weight");
+            _p = Timm ? "" : Checkpoint.Has("deit.embeddings.cls_token") ? "deit." : Checkpoint.Has("vit.embeddings.cls_token") ? "vit."
+                : throw new LlmSnpException($"{modelDir}: no ViT embedding tensors (vit.embeddings.cls_token, deit.embeddings.cls_token or patch_embed.proj.weight)");
+            Config = VitConfig.From(cfgFile, Timm);
+            Distilled = Checkpoint.Has(Timm ? "dist_token" : _p + "embeddings.distillation_token");
+            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Name(OuterRole.PatchW)).DType);
+            var c = Config;
+            int tokens = 1 + (Distilled ? 1 : 0) + c.Patches;
+            Load(OuterRole.Cls, 1, 1, c.Hidden);
+            if (Distilled) Load(OuterRole.Dist, 1, 1, c.Hidden);
+            Load(OuterRole.Pos, 1, tokens, c.Hidden);
+            Load(OuterRole.PatchW, c.Hidden, c.Channels, c.PatchSize, c.PatchSize);
+            Load(OuterRole.PatchB, c.Hidden);
+            Load(OuterRole.NormW, c.Hidden);
+            Load(OuterRole.NormB, c.Hidden);
+            var headW = Checkpoint.Entry(Name(OuterRole.HeadW));
+            if (headW.Shape.Length != 2 || headW.Shape[1] != c.Hidden)
+                throw new LlmSnpException($"{modelDir}: tensor '{headW.Name}' has shape [{string.Join(", ", headW.Shape)}], expected [classes, {c.Hidden}]");
+            long classes = headW.Shape[0];
+            Load(OuterRole.HeadW, classes, c.Hidden);
+            Load(OuterRole.HeadB, classes);
+            if (Distilled)
+            {
+                Load(OuterRole.DistHeadW, classes, c.Hidden);
+                Load(OuterRole.DistHeadB, classes);
+            }
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    enum OuterRole { Cls, Dist, Pos, PatchW, PatchB, NormW, NormB, HeadW, HeadB, DistHeadW, DistHeadB }
+
+    string Name(OuterRole r) => Timm
+        ? r switch
+        {
+            OuterRole.Cls => "cls_token", OuterRole.Dist => "dist_token", OuterRole.Pos => "pos_embed",
+            OuterRole.PatchW => "patch_embed.proj.weight", OuterRole.PatchB => "patch_embed.proj.bias",
+            OuterRole.NormW => "norm.weight", OuterRole.NormB => "norm.bias", OuterRole.HeadW => "head.weight", OuterRole.HeadB => "head.bias",
+            OuterRole.DistHeadW => "head_dist.weight", _ => "head_dist.bias",
+        }
+        : r switch
+        {
+            OuterRole.Cls => _p + "embeddings.cls_token", OuterRole.Dist => _p + "embeddings.distillation_token",
+            OuterRole.Pos => _p + "embeddings.position_embeddings",
+            OuterRole.PatchW => _p + "embeddings.patch_embeddings.projection.weight", OuterRole.PatchB => _p + "embeddings.patch_embeddings.projection.bias",
+            OuterRole.NormW => _p + "layernorm.weight", OuterRole.NormB => _p + "layernorm.bias",
+            OuterRole.HeadW => Distilled ? "cls_classifier.weight" : "classifier.weight",
+            OuterRole.HeadB => Distilled ? "cls_classifier.bias" : "classifier.bias",
+            OuterRole.DistHeadW => "distillation_classifier.weight", _ => "distillation_classifier.bias",
+        };
+
+    void Load(OuterRole r, params long[] shape) => _outer[Name(r)] = Read(Name(r), shape);
+    Tensor Outer(OuterRole r) => _outer[Name(r)];
+
+    Tensor Read(string name, params long[] shape)
+    {
+        var e = Checkpoint.Entry(name);
+        if (!e.Shape.SequenceEqual(shape))
+            throw new LlmSnpException($"{ModelDir}: tensor '{name}' has shape [{string.Join(", ", e.Shape)}], config says [{string.Join(", ", shape)}]");
+        return Checkpoint.Read(name, ComputeDType, Device);
+    }
+
+    /// <summary>Pixels [batch, channels, size, size] (already normalised) → tokens [batch, 1 (+1) + patches, hidden].</summary>
+    public Tensor Embed(Tensor pixels)
+    {
+        using var scope = NewDisposeScope();
+        var c = Config;
+        if (pixels.dim() != 4 || pixels.shape[1] != c.Channels || pixels.shape[2] != c.ImageSize || pixels.shape[3] != c.ImageSize)
+            throw new LlmSnpException($"images must be [batch, {c.Channels}, {c.ImageSize}, {c.ImageSize}], got [{string.Join(", ", pixels.shape)}]");
+        long b = pixels.shape[0];
+        var x = F.conv2d(pixels.to(ComputeDType, Device), Outer(OuterRole.PatchW), Outer(OuterRole.PatchB), strides: new long[] { c.PatchSize, c.PatchSize });
+        x = x.flatten(2).transpose(1, 2);
+        var tokens = new List<Tensor> { Outer(OuterRole.Cls).expand(b, -1, -1) };
+        if (Distilled) tokens.Add(Outer(OuterRole.Dist).expand(b, -1, -1));
+        tokens.Add(x);
+        var h = torch.cat(tokens, 1) + Outer(OuterRole.Pos);
+        return h.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Final norm and classifier(s) → logits [batch, classes].</summary>
+    public Tensor Head(Tensor h)
+    {
+        using var scope = NewDisposeScope();
+        h = F.layer_norm(h, new long[] { Config.Hidden }, Outer(OuterRole.NormW), Outer(OuterRole.NormB), Config.LayerNormEps);
+        var logits = F.linear(h.select(1, 0), Outer(OuterRole.HeadW), Outer(OuterRole.HeadB));
+        if (Distilled) logits = (logits + F.linear(h.select(1, 1), Outer(OuterRole.DistHeadW), Outer(OuterRole.DistHeadB))) / 2;
+        return logits.MoveToOuterDisposeScope();
+    }
+
+    static readonly (Role Role, string Name)[] HfBlockNames =
+    {
+        (Role.Ln1W, "layernorm_before.weight"), (Role.Ln1B, "layernorm_before.bias"),
+        (Role.QW, "attention.attention.query.weight"), (Role.QB, "attention.attention.query.bias"),
+        (Role.KW, "attention.attention.key.weight"), (Role.KB, "attention.attention.key.bias"),
+        (Role.VW, "attention.attention.value.weight"), (Role.VB, "attention.attention.value.bias"),
+        (Role.OW, "attention.output.dense.weight"), (Role.OB, "attention.output.dense.bias"),
+        (Role.Ln2W, "layernorm_after.weight"), (Role.Ln2B, "layernorm_after.bias"),
+        (Role.Fc1W, "intermediate.dense.weight"), (Role.Fc1B, "intermediate.dense.bias"),
+        (Role.Fc2W, "output.dense.weight"), (Role.Fc2B, "output.dense.bias"),
+    };
+
+    static readonly (Role Role, string Name)[] TimmBlockNames =
+    {
+        (Role.Ln1W, "norm1.weight"), (Role.Ln1B, "norm1.bias"), (Role.OW, "attn.proj.weight"), (Role.OB, "attn.proj.bias"),
+        (Role.Ln2W, "norm2.weight"), (Role.Ln2B, "norm2.bias"), (Role.Fc1W, "mlp.fc1.weight"), (Role.Fc1B, "mlp.fc1.bias"),
+        (Role.Fc2W, "mlp.fc2.weight"), (Role.Fc2B, "mlp.fc2.bias"),
+    };
+
+    public TransformerBlock LoadBlock(int i)
+    {
+        var c = Config;
+        long a = (long)c.HeadsPerLayer[i] * c.HeadDim, f = c.IntermediateSizes[i], h = c.Hidden;
+        var shapes = new Dictionary<Role, long[]>
+        {
+            [Role.QW] = new[] { a, h }, [Role.QB] = new[] { a }, [Role.KW] = new[] { a, h }, [Role.KB] = new[] { a },
+            [Role.VW] = new[] { a, h }, [Role.VB] = new[] { a }, [Role.OW] = new[] { h, a }, [Role.OB] = new[] { h },
+            [Role.Ln1W] = new[] { h }, [Role.Ln1B] = new[] { h }, [Role.Ln2W] = new[] { h }, [Role.Ln2B] = new[] { h },
+            [Role.Fc1W] = new[] { f, h }, [Role.Fc1B] = new[] { f }, [Role.Fc2W] = new[] { h, f }, [Role.Fc2B] = new[] { h },
+        };
+        string prefix = Timm ? $"blocks.{i}." : $"{_p}encoder.layer.{i}.";
+        var names = Timm ? TimmBlockNames : HfBlockNames;
+        var w = new Dictionary<Role, Tensor>();
+        try
+        {
+            foreach (var (role, name) in names) w[role] = Read(prefix + name, shapes[role]);
+            if (Timm)
+            {
+                // Fused qkv [3a, h]: q, k, v stacked in that order.
+                using var qkv = Read(prefix + "attn.qkv.weight", 3 * a, h);
+                using var qkvB = Read(prefix + "attn.qkv.bias", 3 * a);
+                var ws = qkv.chunk(3, 0); var bs = qkvB.chunk(3, 0);
+                (w[Role.QW], w[Role.KW], w[Role.VW]) = (ws[0].contiguous(), ws[1].contiguous(), ws[2].contiguous());
+                (w[Role.QB], w[Role.KB], w[Role.VB]) = (bs[0].contiguous(), bs[1].contiguous(), bs[2].contiguous());
+            }
+        }
+        catch
+        {
+            foreach (var t in w.Values) t.Dispose();
+            throw;
+        }
+        var spec = new BlockSpec(c.Hidden, c.HeadDim, PreLayerNorm: true, Causal: false, Activation.Gelu, c.LayerNormEps);
+        string layerName = Timm ? $"blocks.{i}" : $"encoder.layer.{i}";
+        return new TransformerBlock(spec, ($"{layerName}.attention", $"{layerName}.mlp"), w, roles =>
+        {
+            var named = names.Select(rn => (prefix + rn.Name, roles[rn.Role])).ToList();
+            if (Timm)
+            {
+                named.Add((prefix + "attn.qkv.weight", torch.cat(new[] { roles[Role.QW], roles[Role.KW], roles[Role.VW] }, 0)));
+                named.Add((prefix + "attn.qkv.bias", torch.cat(new[] { roles[Role.QB], roles[Role.KB], roles[Role.VB] }, 0)));
+            }
+            return named;
+        });
+    }
+
+    IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
+
+    /// <summary>Full forward with every block loaded at once (reference path for tests).</summary>
+    public Tensor ForwardAllInMemory(Tensor pixels)
+    {
+        using var scope = NewDisposeScope();
+        var h = Embed(pixels);
+        for (int i = 0; i < BlockCount; i++)
+            using (var b = LoadBlock(i)) h = b.Forward(h)!;
+        return Head(h).MoveToOuterDisposeScope();
+    }
+
+    public IEnumerable<(string Name, Tensor Tensor)> OuterTensors(ScalarType dtype) =>
+        _outer.Select(kv => (kv.Key, kv.Value.to(dtype)));
+
+    public JsonObject PrunedConfig(IReadOnlyList<int[]> unitsKept, IReadOnlyList<long[]> headsKeptIndices, ScalarType dtype)
+    {
+        var cfg = (JsonObject)Config.File.Json.DeepClone();
+        cfg["pruned"] = true;
+        cfg["intermediate_sizes"] = new JsonArray(unitsKept.Select(u => (JsonNode)u[1]).ToArray());
+        cfg["num_heads_per_layer"] = new JsonArray(unitsKept.Select(u => (JsonNode)(u[0] / Config.HeadDim)).ToArray());
+        // Stock transformers re-applies pruned_heads on load, so a heads-only pruned ViT loads as is.
+        var pruned = new JsonObject();
+        for (int l = 0; l < headsKeptIndices.Count; l++)
+        {
+            var removed = Enumerable.Range(0, Config.Heads).Where(h => !headsKeptIndices[l].Contains(h)).ToArray();
+            if (removed.Length > 0) pruned[l.ToString()] = new JsonArray(removed.Select(h => (JsonNode)h).ToArray());
+        }
+        cfg["pruned_heads"] = pruned;
+        cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
+        return cfg;
+    }
+
+    public JsonObject PaddedConfig(ScalarType dtype)
+    {
+        var cfg = (JsonObject)Config.File.Json.DeepClone();
+        foreach (var k in new[] { "pruned", "intermediate_sizes", "num_heads_per_layer", "pruned_heads" }) cfg.Remove(k);
+        cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
+        return cfg;
+    }
+
+    public IEnumerable<string> CompanionFiles() =>
+        new[] { "preprocessor_config.json" }.Select(f => Path.Combine(ModelDir, f)).Where(System.IO.File.Exists);
+
+    public long ParameterCount()
+    {
+        long n = _outer.Values.Sum(t => t.numel());
+        for (int i = 0; i < Config.Layers; i++) n += BlockParameters(Config.HeadsPerLayer[i], Config.IntermediateSizes[i]);
+        return n;
+    }
+
+    public long BlockParameters(int heads, int mlp)
+    {
+        long h = Config.Hidden, a = (long)heads * Config.HeadDim;
+        return 3 * (a * h + a) + (h * a + h) + 4 * h + (mlp * h + mlp) + (h * mlp + h);
+    }
+
+    public void Dispose()
+    {
+        foreach (var t in _outer.Values) t.Dispose();
+        _outer.Clear();
+        Checkpoint.Dispose();
+    }
+}
