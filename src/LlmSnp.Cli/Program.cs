@@ -31,6 +31,7 @@ static class Cli
         root.Subcommands.Add(PruneCommand());
         root.Subcommands.Add(DemoCommand.Build(Run));
         root.Subcommands.Add(ConvertCommand());
+        root.Subcommands.Add(CompareCommand());
         return root;
     }
 
@@ -70,6 +71,34 @@ static class Cli
         var model = ModelOption();
         var cmd = new Command("inspect", "family, dtype, parameter count and per-layer dims of a checkpoint") { model, Json };
         cmd.SetAction(p => Run(p, () => ModelInfo.Inspect(p.GetValue(model)!)));
+        return cmd;
+    }
+
+    static Command CompareCommand()
+    {
+        var model = ModelOption();
+        var outDir = new Option<string>("--out") { Description = "directory for comparison.json, .csv and the PNG plots", Required = true };
+        var ratios = new Option<string>("--ratios") { Description = "comma-separated fractions removed", DefaultValueFactory = _ => "0,0.1,0.2,0.3,0.4,0.5" };
+        var methods = new Option<string?>("--methods") { Description = "comma-separated ordering[:reconstruct[:ratio|variance]] (default: SNP zca, zca-precision, obs, id with lstsq; zca with the variance policy; fluctuation:bias; wanda-sp, magnitude, random with none)" };
+        var targets = new Option<string>("--targets") { Description = "target sets separated by ';', e.g. \"mlp;heads;mlp,heads\"", DefaultValueFactory = _ => "mlp;heads;mlp,heads" };
+        var calib = new Option<string>("--calib") { DefaultValueFactory = _ => "c4", Description = "calibration text" };
+        var samples = new Option<int>("--calib-samples") { DefaultValueFactory = _ => 32, Description = "calibration windows" };
+        var calibLen = new Option<int?>("--calib-seqlen") { Description = "calibration window length" };
+        var eval = new Option<string>("--eval") { DefaultValueFactory = _ => "wikitext2", Description = "evaluation text" };
+        var evalLen = new Option<int?>("--eval-seqlen") { Description = "evaluation window length" };
+        var evalWindows = new Option<int?>("--eval-max-windows") { Description = "evaluate the first N windows" };
+        var seed = new Option<int>("--seed") { DefaultValueFactory = _ => 0, Description = "seed" };
+        var cmd = new Command("compare", "every method at every ratio on one calibration set: JSON, CSV and plots") { model, outDir, ratios, methods, targets, calib, samples, calibLen, eval, evalLen, evalWindows, seed, Json };
+        cmd.SetAction(p => Run(p, () => LlmSnp.Reporting.CompareJob.RunOpt(new LlmSnp.Reporting.CompareOptions
+        {
+            ModelDir = p.GetValue(model)!, OutDir = p.GetValue(outDir)!,
+            Ratios = p.GetValue(ratios)!.Split(',').Select(r => double.TryParse(r, System.Globalization.CultureInfo.InvariantCulture, out var x) && x >= 0 && x < 1 ? x : throw new LlmSnpException($"--ratios: '{r}' is not a fraction in [0, 1)")).ToList(),
+            Methods = p.GetValue(methods) is string m ? m.Split(',').Select(LlmSnp.Reporting.Method.Parse).ToList() : LlmSnp.Reporting.Method.Defaults,
+            TargetSets = p.GetValue(targets)!.Split(';', StringSplitOptions.RemoveEmptyEntries).Select(t => t.Split(',').All(x => x is "mlp" or "heads") ? t : throw new LlmSnpException($"--targets: unknown target set '{t}'")).ToList(),
+            Calib = p.GetValue(calib)!, CalibSamples = p.GetValue(samples), CalibSeqLen = p.GetValue(calibLen),
+            Eval = p.GetValue(eval)!, EvalSeqLen = p.GetValue(evalLen), EvalMaxWindows = p.GetValue(evalWindows), Seed = p.GetValue(seed),
+            CommandLine = "llmsnp " + string.Join(' ', Environment.GetCommandLineArgs().Skip(1)),
+        }, Log)));
         return cmd;
     }
 

@@ -67,10 +67,12 @@ public sealed class SafeTensorsFile : IDisposable
 
     static (Dictionary<string, TensorEntry>, Dictionary<string, string>) ParseHeader(string path, byte[] header, long bufferLength)
     {
+        // The JSON reader does not validate UTF-8 inside strings it is never asked to decode: check it all.
+        if (!System.Text.Unicode.Utf8.IsValid(header)) throw new LlmSnpException($"{path}: header is not valid UTF-8 JSON");
         JsonDocument doc;
         try
         {
-            // Strict UTF-8 is enforced by the parser; depth is bounded so nesting cannot exhaust the stack.
+            // Depth is bounded so hostile nesting cannot exhaust the stack.
             doc = JsonDocument.Parse(header, new JsonDocumentOptions { MaxDepth = MaxJsonDepth });
         }
         catch (JsonException e)

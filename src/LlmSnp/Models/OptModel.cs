@@ -85,6 +85,9 @@ public sealed class OptModel : IPrunableModel
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
         if (t > Config.MaxPositions) throw new LlmSnpException($"sequence of {t} tokens exceeds max_position_embeddings {Config.MaxPositions}");
+        long maxId = ids.max().item<long>(), minId = ids.min().item<long>();
+        if (maxId >= Config.VocabSize || minId < 0)
+            throw new LlmSnpException($"token id {(minId < 0 ? minId : maxId)} is outside the vocabulary of {ModelDir} (vocab_size {Config.VocabSize}); is this the model's tokenizer?");
         var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).view(b, t, -1);
         if (_projectIn is not null) h = F.linear(h, _projectIn);
         h = h + _embedPositions.narrow(0, 2, t).unsqueeze(0);   // learned positions with offset 2

@@ -1,0 +1,130 @@
+using LlmSnp.Models;
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
+
+namespace LlmSnp.Evaluation;
+
+/// <summary>
+/// A metric measured by streaming evaluation inputs through the blocks alongside pruning: each
+/// block, once pruned, moves the evaluation hidden states one step, so a method is evaluated in
+/// the same pass that prunes it, with one block resident.
+/// </summary>
+public interface IStreamedMetric
+{
+    string Name { get; }
+    bool HigherIsBetter { get; }
+    /// <summary>Evaluation hidden states (micro-batches) at the input of block 0.</summary>
+    List<Tensor> Embed(IPrunableModel model);
+    /// <summary>The metric from the hidden states after the last block.</summary>
+    double Finish(IPrunableModel model, List<Tensor> hidden);
+}
+
+public static class StreamedMetrics
+{
+    /// <summary>Moves every hidden micro-batch through a block, releasing the old ones.</summary>
+    public static void Advance(IPrunableBlock block, List<Tensor> hidden)
+    {
+        for (int k = 0; k < hidden.Count; k++)
+        {
+            var next = block.Forward(hidden[k])!;
+            hidden[k].Dispose();
+            hidden[k] = next;
+        }
+    }
+
+    /// <summary>The metric of the model as stored (no pruning).</summary>
+    public static double Dense(IPrunableModel model, IStreamedMetric metric)
+    {
+        var hidden = metric.Embed(model);
+        for (int b = 0; b < model.BlockCount; b++)
+            using (var block = model.LoadBlock(b)) Advance(block, hidden);
+        return metric.Finish(model, hidden);
+    }
+}
+
+/// <summary>Perplexity (models.md protocol) of fixed windows, streamed.</summary>
+public sealed class PerplexityMetric : IStreamedMetric
+{
+    readonly long[][] _windows;
+    public string Name => "perplexity";
+    public bool HigherIsBetter => false;
+    public int Windows => _windows.Length;
+
+    public PerplexityMetric(IReadOnlyList<int> ids, int seqLen, int? maxWindows)
+    {
+        int n = ids.Count / seqLen;
+        if (maxWindows is int m) n = Math.Min(n, m);
+        if (n == 0) throw new LlmSnpException($"evaluation text has fewer than {seqLen} tokens");
+        _windows = Enumerable.Range(0, n).Select(w => Enumerable.Range(w * seqLen, seqLen).Select(i => (long)ids[i]).ToArray()).ToArray();
+    }
+
+    public List<Tensor> Embed(IPrunableModel model)
+    {
+        int seq = _windows[0].Length, micro = Math.Clamp(4096 / seq, 1, _windows.Length);
+        var list = new List<Tensor>();
+        for (int w = 0; w < _windows.Length; w += micro)
+        {
+            var chunk = _windows.Skip(w).Take(micro).ToArray();
+            using var ids = torch.tensor(chunk.SelectMany(x => x).ToArray(), new long[] { chunk.Length, seq });
+            list.Add(model.Embed(ids.to(model.Device)));
+        }
+        return list;
+    }
+
+    public double Finish(IPrunableModel model, List<Tensor> hidden)
+    {
+        var opt = (OptModel)model;
+        int seq = _windows[0].Length, w = 0;
+        double sum = 0;
+        foreach (var h in hidden)
+        {
+            for (int j = 0; j < h.shape[0]; j++, w++)
+            {
+                using var scope = NewDisposeScope();
+                var logits = opt.Head(h[j].unsqueeze(0)).squeeze(0).to(ScalarType.Float32);
+                var target = torch.tensor(_windows[w], device: model.Device).narrow(0, 1, seq - 1);
+                sum += F.cross_entropy(logits.narrow(0, 0, seq - 1), target).to(ScalarType.Float64).item<double>();
+            }
+            h.Dispose();
+        }
+        return Math.Exp(sum / _windows.Length);
+    }
+}
+
+/// <summary>Top-1 accuracy (%) of preprocessed images, streamed.</summary>
+public sealed class AccuracyMetric : IStreamedMetric
+{
+    readonly Tensor _pixels;
+    readonly long[] _labels;
+    readonly int _batch;
+    public string Name => "top1";
+    public bool HigherIsBetter => true;
+
+    public AccuracyMetric(Tensor pixels, long[] labels, int batch = 50)
+    {
+        _pixels = pixels; _labels = labels; _batch = batch;
+    }
+
+    public List<Tensor> Embed(IPrunableModel model)
+    {
+        var list = new List<Tensor>();
+        for (long i = 0; i < _pixels.shape[0]; i += _batch)
+            list.Add(model.Embed(_pixels.narrow(0, i, Math.Min(_batch, _pixels.shape[0] - i))));
+        return list;
+    }
+
+    public double Finish(IPrunableModel model, List<Tensor> hidden)
+    {
+        var vit = (VitModel)model;
+        long correct = 0, i = 0;
+        foreach (var h in hidden)
+        {
+            using var logits = vit.Head(h);
+            using var pred = logits.argmax(1).cpu();
+            foreach (var p in pred.data<long>()) correct += p == _labels[i++] ? 1 : 0;
+            h.Dispose();
+        }
+        return 100.0 * correct / _labels.Length;
+    }
+}

@@ -1,0 +1,59 @@
+using System.Text.Json.Nodes;
+using LlmSnp.Data;
+using LlmSnp.Evaluation;
+using LlmSnp.Models;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Reporting;
+
+/// <summary>Everything `llmsnp compare` takes.</summary>
+public sealed record CompareOptions
+{
+    public required string ModelDir { get; init; }
+    public required string OutDir { get; init; }
+    public required IReadOnlyList<Method> Methods { get; init; }
+    public required IReadOnlyList<double> Ratios { get; init; }
+    public required IReadOnlyList<string> TargetSets { get; init; }
+    public string Calib { get; init; } = TextSources.C4;
+    public int CalibSamples { get; init; } = 32;
+    public int? CalibSeqLen { get; init; }
+    public string Eval { get; init; } = TextSources.WikiText2;
+    public int? EvalSeqLen { get; init; }
+    public int? EvalMaxWindows { get; init; }
+    public double Damp { get; init; } = 0.01;
+    public int Seed { get; init; }
+    public string CommandLine { get; init; } = "";
+}
+
+public static class CompareJob
+{
+    /// <summary>Language models: perplexity on the evaluation text, calibration from a different text.</summary>
+    public static JsonObject RunOpt(CompareOptions o, Action<string>? log)
+    {
+        if (o.Calib == o.Eval) throw new LlmSnpException($"--calib and --eval are both '{o.Calib}': calibration and evaluation text must not overlap");
+        int maxPos, hidden;
+        long paramsBefore;
+        using (var probe = new OptModel(o.ModelDir)) { maxPos = probe.Config.MaxPositions; hidden = probe.Config.Hidden; paramsBefore = probe.ParameterCount(); }
+        int calibLen = o.CalibSeqLen ?? Math.Min(2048, maxPos), evalLen = o.EvalSeqLen ?? Math.Min(2048, maxPos);
+        var tok = OptTokenizer.ForModel(o.ModelDir);
+        var calib = CalibrationSet.Sample(tok, o.Calib, o.CalibSamples, calibLen, o.Seed);
+        int micro = Math.Max(1, 4096 / calibLen);
+        var batches = Enumerable.Range(0, (o.CalibSamples + micro - 1) / micro)
+            .Select(i => calib.Ids.narrow(0, i * micro, Math.Min(micro, o.CalibSamples - i * micro))).ToList();
+        var metric = new PerplexityMetric(tok.Encode(TextSources.EvaluationText(o.Eval)), evalLen, o.EvalMaxWindows);
+        var (dense, rows) = Comparison.Run(new Comparison.Request
+        {
+            OpenModel = () => new OptModel(o.ModelDir), Calibration = batches, Metric = metric, Methods = o.Methods,
+            Ratios = o.Ratios, TargetSets = o.TargetSets, ParamsBefore = paramsBefore, Damp = o.Damp, Seed = o.Seed,
+        }, log);
+        var provenance = new JsonObject
+        {
+            ["model"] = Path.GetFileName(Path.GetFullPath(o.ModelDir).TrimEnd('/')), ["params_before"] = paramsBefore,
+            ["calibration"] = $"{o.CalibSamples} windows × {calibLen} tokens from {TextSources.Describe(o.Calib)}, seed {o.Seed}",
+            ["evaluation"] = $"{TextSources.Describe(o.Eval)}, {metric.Windows} windows × {evalLen} tokens",
+            ["damp"] = o.Damp, ["command"] = o.CommandLine,
+            ["date"] = DateTime.UtcNow.ToString("yyyy-MM-dd"),
+        };
+        return Comparison.Write(o.OutDir, $"{provenance["model"]}: perplexity", "perplexity (WikiText-2)", false, dense, rows, provenance);
+    }
+}

@@ -1,0 +1,127 @@
+using System.Diagnostics;
+using System.Globalization;
+using System.Text;
+using System.Text.Json;
+using System.Text.Json.Nodes;
+using LlmSnp.Checkpoint;
+using LlmSnp.Evaluation;
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Reporting;
+
+/// <summary>One pruning method of a comparison: an ordering, a reconstruction and a ratio policy.</summary>
+public sealed record Method(string Label, Ordering Ordering, ReconstructMode Reconstruct, RatioPolicyKind Policy)
+{
+    /// <summary>The issue's default line-up: SNP with lstsq, FLAP-style, data-free and random baselines, and SNP's own automatic ratios at the same budgets.</summary>
+    public static IReadOnlyList<Method> Defaults { get; } = new[]
+    {
+        new Method("zca (SNP)", Ordering.Zca, ReconstructMode.Lstsq, RatioPolicyKind.Ratio),
+        new Method("zca-precision (SNP)", Ordering.ZcaPrecision, ReconstructMode.Lstsq, RatioPolicyKind.Ratio),
+        new Method("obs (SNP)", Ordering.Obs, ReconstructMode.Lstsq, RatioPolicyKind.Ratio),
+        new Method("id (SNP)", Ordering.Id, ReconstructMode.Lstsq, RatioPolicyKind.Ratio),
+        new Method("zca + variance policy (SNP)", Ordering.Zca, ReconstructMode.Lstsq, RatioPolicyKind.Budget),
+        new Method("fluctuation + bias (FLAP)", Ordering.Fluctuation, ReconstructMode.Bias, RatioPolicyKind.Ratio),
+        new Method("wanda-sp", Ordering.WandaSp, ReconstructMode.None, RatioPolicyKind.Ratio),
+        new Method("magnitude", Ordering.Magnitude, ReconstructMode.None, RatioPolicyKind.Ratio),
+        new Method("random", Ordering.Random, ReconstructMode.None, RatioPolicyKind.Ratio),
+    };
+
+    /// <summary>Parses "ordering[:reconstruct[:policy]]", e.g. "zca:lstsq", "fluctuation:bias", "zca:lstsq:variance".</summary>
+    public static Method Parse(string s)
+    {
+        var p = s.Split(':');
+        var ordering = Orderings.Parse(p[0]);
+        var rec = p.Length > 1 ? ParseReconstruct(p[1]) : Orderings.IsSnp(ordering) ? ReconstructMode.Lstsq : ordering == Ordering.Fluctuation ? ReconstructMode.Bias : ReconstructMode.None;
+        var policy = p.Length > 2 ? p[2] switch
+        {
+            "ratio" => RatioPolicyKind.Ratio, "variance" or "budget" => RatioPolicyKind.Budget,
+            _ => throw new LlmSnpException($"--methods: unknown policy '{p[2]}' in '{s}' (ratio, variance)"),
+        } : RatioPolicyKind.Ratio;
+        return new Method(s, ordering, rec, policy);
+    }
+
+    public static ReconstructMode ParseReconstruct(string s) => s switch
+    {
+        "lstsq" => ReconstructMode.Lstsq, "bias" => ReconstructMode.Bias, "none" => ReconstructMode.None,
+        _ => throw new LlmSnpException($"unknown reconstruction '{s}' (lstsq, bias, none)"),
+    };
+}
+
+public sealed record ComparisonRow(string Targets, string Method, string Ordering, string Reconstruct, string Policy,
+    double Ratio, double FractionRemoved, long ParamsAfter, double Metric, double Seconds);
+
+/// <summary>
+/// `llmsnp compare`: every method at every ratio, on one calibration set, each pruned model
+/// evaluated in the same streamed pass that prunes it; dense evaluated once.
+/// </summary>
+public static class Comparison
+{
+    public sealed record Request
+    {
+        public required Func<IPrunableModel> OpenModel { get; init; }
+        public required IReadOnlyList<Tensor> Calibration { get; init; }
+        public required IStreamedMetric Metric { get; init; }
+        public required IReadOnlyList<Method> Methods { get; init; }
+        public required IReadOnlyList<double> Ratios { get; init; }
+        public required IReadOnlyList<string> TargetSets { get; init; }
+        public required long ParamsBefore { get; init; }
+        public double Damp { get; init; } = 0.01;
+        public int Seed { get; init; }
+    }
+
+    public static (double Dense, List<ComparisonRow> Rows) Run(Request req, Action<string>? log)
+    {
+        double dense;
+        using (var m = req.OpenModel()) dense = StreamedMetrics.Dense(m, req.Metric);
+        log?.Invoke($"dense {req.Metric.Name}: {dense:F3}");
+        var rows = new List<ComparisonRow>();
+        foreach (var targets in req.TargetSets)
+            foreach (var method in req.Methods)
+                foreach (var ratio in req.Ratios.Where(r => r > 0))
+                {
+                    var sw = Stopwatch.StartNew();
+                    var opt = new PruneOptions
+                    {
+                        Ordering = method.Ordering, Reconstruct = method.Reconstruct, Policy = method.Policy, Amount = ratio,
+                        PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = req.Damp, Seed = req.Seed,
+                    };
+                    using var model = req.OpenModel();
+                    var hidden = req.Metric.Embed(model);
+                    var result = new SnpEngine(model, opt).Run(req.Calibration, (block, _) => StreamedMetrics.Advance(block, hidden));
+                    double metric = req.Metric.Finish(model, hidden);
+                    double frac = result.PrunableParams > 0 ? (double)result.ParamsRemoved / result.PrunableParams : 0;
+                    rows.Add(new ComparisonRow(targets, method.Label, Orderings.Name(method.Ordering), method.Reconstruct.ToString().ToLowerInvariant(),
+                        method.Policy == RatioPolicyKind.Budget ? "variance" : "ratio", ratio, frac, req.ParamsBefore - result.ParamsRemoved, metric, sw.Elapsed.TotalSeconds));
+                    log?.Invoke($"{targets,-9} {method.Label,-30} r={ratio:F2} removed {frac:P1}: {req.Metric.Name} {metric:F3} ({sw.Elapsed.TotalSeconds:F1}s)");
+                }
+        return (dense, rows);
+    }
+
+    /// <summary>Writes comparison.json, comparison.csv and one PNG per target set into <paramref name="dir"/>.</summary>
+    public static JsonObject Write(string dir, string title, string metricName, bool higherIsBetter, double dense, IReadOnlyList<ComparisonRow> rows, JsonObject provenance)
+    {
+        Directory.CreateDirectory(dir);
+        var ci = CultureInfo.InvariantCulture;
+        var csv = new StringBuilder("targets,method,ordering,reconstruct,policy,ratio,fraction_removed,params_after,metric,seconds\n");
+        csv.Append(string.Create(ci, $"dense,dense,,,,0,0,{provenance["params_before"]},{dense},\n"));
+        foreach (var r in rows)
+            csv.Append(string.Create(ci, $"{r.Targets.Replace(',', '+')},\"{r.Method}\",{r.Ordering},{r.Reconstruct},{r.Policy},{r.Ratio},{r.FractionRemoved:F6},{r.ParamsAfter},{r.Metric},{r.Seconds:F2}\n"));
+        AtomicFile.WriteAllText(Path.Combine(dir, "comparison.csv"), csv.ToString());
+        var plots = new JsonArray();
+        foreach (var targets in rows.Select(r => r.Targets).Distinct())
+        {
+            string png = $"comparison-{targets.Replace(',', '+')}.png";
+            Plots.MetricVsRemoved(Path.Combine(dir, png), $"{title} — pruning {targets.Replace(",", " + ")}", metricName, higherIsBetter, dense,
+                rows.Where(r => r.Targets == targets).GroupBy(r => r.Method).Select(g => (g.Key, g.Select(r => (r.FractionRemoved, r.Metric)).ToList())).ToList());
+            plots.Add(png);
+        }
+        var json = new JsonObject
+        {
+            ["title"] = title, ["metric"] = metricName, ["dense"] = dense, ["provenance"] = provenance.DeepClone(), ["plots"] = plots,
+            ["rows"] = JsonSerializer.SerializeToNode(rows, new JsonSerializerOptions { PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower }),
+        };
+        AtomicFile.WriteAllText(Path.Combine(dir, "comparison.json"), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
+        return json;
+    }
+}
