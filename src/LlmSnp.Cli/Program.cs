@@ -32,6 +32,7 @@ static class Cli
         root.Subcommands.Add(DemoCommand.Build(Run));
         root.Subcommands.Add(ConvertCommand());
         root.Subcommands.Add(CompareCommand());
+        root.Subcommands.Add(BenchCommand());
         return root;
     }
 
@@ -99,6 +100,29 @@ static class Cli
             Eval = p.GetValue(eval)!, EvalSeqLen = p.GetValue(evalLen), EvalMaxWindows = p.GetValue(evalWindows), Seed = p.GetValue(seed),
             CommandLine = "llmsnp " + string.Join(' ', Environment.GetCommandLineArgs().Skip(1)),
         }, Log)));
+        return cmd;
+    }
+
+    static Command BenchCommand()
+    {
+        var shape = new Option<string>("--shape") { Description = "OPT shape: 125m, 350m, 1.3b, 2.7b, 6.7b, 13b (random weights, F16, in a temp dir)", DefaultValueFactory = _ => "125m" };
+        var layers = new Option<int?>("--layers") { Description = "override the number of layers (memory-scaling checks)" };
+        var windows = new Option<int>("--eval-windows") { Description = "perplexity windows", DefaultValueFactory = _ => 4 };
+        var seqlen = new Option<int>("--seqlen") { Description = "window length", DefaultValueFactory = _ => 2048 };
+        var samples = new Option<int>("--calib-samples") { Description = "calibration windows for the pruning run", DefaultValueFactory = _ => 32 };
+        var skipEval = new Option<bool>("--skip-eval") { Description = "only the pruning run" };
+        var work = new Option<string>("--work-dir") { Description = "where the random checkpoint is generated", DefaultValueFactory = _ => Path.GetTempPath() };
+        var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random OPT of a released shape") { shape, layers, windows, seqlen, samples, skipEval, work, Json };
+        cmd.SetAction(p => Run(p, () =>
+        {
+            var s = OptShape.Parse(p.GetValue(shape)!);
+            if (p.GetValue(layers) is int l) s = s with { Name = $"{s.Name}-{l}l", Layers = l };
+            return LlmSnp.Benchmarks.Bench.Run(new LlmSnp.Benchmarks.BenchOptions
+            {
+                Shape = s, EvalWindows = p.GetValue(windows), SeqLen = p.GetValue(seqlen), CalibSamples = p.GetValue(samples),
+                SkipEval = p.GetValue(skipEval), WorkDir = p.GetValue(work)!,
+            }, Log);
+        }));
         return cmd;
     }
 

@@ -43,7 +43,9 @@ public sealed class OptModel : IPrunableModel
                 : throw new LlmSnpException($"{modelDir}: no OPT embedding tensor (model.decoder.embed_tokens.weight or decoder.embed_tokens.weight)");
             StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             var c = Config;
-            _embedTokens = Load("embed_tokens.weight", c.VocabSize, c.WordEmbedProjDim);
+            // The token embedding (and an untied head) stay in the stored dtype: rows are converted as they
+            // are looked up, the head once on first use, so pruning never holds an F32 copy of the vocabulary.
+            _embedTokens = ReadStored(Prefix + "embed_tokens.weight", c.VocabSize, c.WordEmbedProjDim);
             _embedPositions = Load("embed_positions.weight", c.MaxPositions + 2, c.Hidden);
             if (c.WordEmbedProjDim != c.Hidden)
             {
@@ -59,7 +61,7 @@ public sealed class OptModel : IPrunableModel
             if (!c.TieWordEmbeddings)
             {
                 if (!_lmHeadStored) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
-                _lmHead = Read("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
+                _lmHead = ReadStored("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
             }
         }
         catch
@@ -71,13 +73,20 @@ public sealed class OptModel : IPrunableModel
 
     Tensor Load(string name, params long[] shape) => Read(Prefix + name, shape);
 
-    internal Tensor Read(string fullName, params long[] shape)
+    internal Tensor Read(string fullName, params long[] shape) => ReadAs(fullName, ComputeDType, shape);
+
+    Tensor ReadStored(string fullName, params long[] shape) => ReadAs(fullName, StoredDType, shape);
+
+    Tensor ReadAs(string fullName, ScalarType dtype, long[] shape)
     {
         var e = Checkpoint.Entry(fullName);
         if (!e.Shape.SequenceEqual(shape))
             throw new LlmSnpException($"{ModelDir}: tensor '{fullName}' has shape [{string.Join(", ", e.Shape)}], config says [{string.Join(", ", shape)}]");
-        return Checkpoint.Read(fullName, ComputeDType, Device);
+        return Checkpoint.Read(fullName, dtype, Device);
     }
+
+    Tensor? _headCompute;
+    Tensor HeadWeight => _headCompute ??= (_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope();
 
     /// <summary>Token ids [batch, tokens] → hidden states [batch, tokens, hidden], positions from 0.</summary>
     public Tensor Embed(Tensor ids)
@@ -88,7 +97,7 @@ public sealed class OptModel : IPrunableModel
         long maxId = ids.max().item<long>(), minId = ids.min().item<long>();
         if (maxId >= Config.VocabSize || minId < 0)
             throw new LlmSnpException($"token id {(minId < 0 ? minId : maxId)} is outside the vocabulary of {ModelDir} (vocab_size {Config.VocabSize}); is this the model's tokenizer?");
-        var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).view(b, t, -1);
+        var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1);
         if (_projectIn is not null) h = F.linear(h, _projectIn);
         h = h + _embedPositions.narrow(0, 2, t).unsqueeze(0);   // learned positions with offset 2
         return h.MoveToOuterDisposeScope();
@@ -100,7 +109,7 @@ public sealed class OptModel : IPrunableModel
         using var scope = NewDisposeScope();
         if (_finalLnW is not null) h = F.layer_norm(h, new long[] { Config.Hidden }, _finalLnW, _finalLnB, LayerNormEps);
         if (_projectOut is not null) h = F.linear(h, _projectOut);
-        var logits = F.linear(h, _lmHead ?? _embedTokens);
+        var logits = F.linear(h, HeadWeight);
         return logits.MoveToOuterDisposeScope();
     }
 
@@ -215,7 +224,7 @@ public sealed class OptModel : IPrunableModel
 
     public void Dispose()
     {
-        foreach (var t in new[] { _embedTokens, _embedPositions, _projectIn, _projectOut, _finalLnW, _finalLnB, _lmHead }) t?.Dispose();
+        foreach (var t in new[] { _embedTokens, _embedPositions, _projectIn, _projectOut, _finalLnW, _finalLnB, _lmHead, _headCompute }) t?.Dispose();
         Checkpoint.Dispose();
     }
 }

@@ -125,20 +125,33 @@ public static class Orderings
         for (int step = 0; step < groups; step++)
         {
             using var scope = NewDisposeScope();
-            // Blocks (H⁻¹)_hh [groups, gs, gs] and W'_h [groups, m, gs].
-            var rows = hinv.index_select(0, unitIdx.reshape(-1)).reshape(groups, gs, n + 1);
-            var hh = rows.gather(2, unitIdx.unsqueeze(1).expand(groups, gs, gs));
-            var wh = wp.index_select(1, unitIdx.reshape(-1)).reshape(-1, groups, gs).permute(1, 0, 2);
-            var eye = torch.eye(gs, dtype: ScalarType.Float64, device: g.device);
-            // Removed groups have zero rows; keep their blocks invertible and their scores infinite.
-            var safe = hh + eye * removed.to(ScalarType.Float64).reshape(groups, 1, 1);
-            var inv = torch.linalg.inv(safe);
-            var score = wh.bmm(inv).mul(wh).sum(new long[] { 1, 2 }).masked_fill(removed, double.PositiveInfinity);
-            int q = (int)score.argmin().item<long>();
+            Tensor score, invq;
+            int q;
+            var removedF = removed.to(ScalarType.Float64);
+            if (gs == 1)
+            {
+                // Scalar units: ‖W'_{:,q}‖² / (H⁻¹)_qq without gathering blocks (removed units: diagonal ≈ 0, masked).
+                var diag = hinv.diagonal().narrow(0, 1, n) + removedF;
+                score = (wp.narrow(1, 1, n).square().sum(dim: 0) / diag).masked_fill(removed, double.PositiveInfinity);
+                q = (int)score.argmin().item<long>();
+                invq = diag[q].reciprocal().reshape(1, 1);
+            }
+            else
+            {
+                // Blocks (H⁻¹)_hh [groups, gs, gs] and W'_h [groups, m, gs].
+                var rows = hinv.index_select(0, unitIdx.reshape(-1)).reshape(groups, gs, n + 1);
+                var hh = rows.gather(2, unitIdx.unsqueeze(1).expand(groups, gs, gs));
+                var wh = wp.index_select(1, unitIdx.reshape(-1)).reshape(-1, groups, gs).permute(1, 0, 2);
+                var eye = torch.eye(gs, dtype: ScalarType.Float64, device: g.device);
+                // Removed groups have zero rows; keep their blocks invertible and their scores infinite.
+                var inv = torch.linalg.inv(hh + eye * removedF.reshape(groups, 1, 1));
+                score = wh.bmm(inv).mul(wh).sum(new long[] { 1, 2 }).masked_fill(removed, double.PositiveInfinity);
+                q = (int)score.argmin().item<long>();
+                invq = inv[q];
+            }
             removal.Add(q);
             var qi = unitIdx[q];
             var hq = hinv.index_select(0, qi);            // [gs, n+1]
-            var invq = inv[q];
             wp.sub_(wp.index_select(1, qi).mm(invq).mm(hq));
             hinv.sub_(hq.t().mm(invq).mm(hq));
             removed[q] = true;

@@ -1,0 +1,167 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using LlmSnp.Evaluation;
+using LlmSnp.Models;
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Benchmarks;
+
+public sealed record BenchOptions
+{
+    public required OptShape Shape { get; init; }
+    public int EvalWindows { get; init; } = 4;
+    public int SeqLen { get; init; } = 2048;
+    public int CalibSamples { get; init; } = 32;
+    public string WorkDir { get; init; } = Path.GetTempPath();
+    public bool SkipEval { get; init; }
+    public bool KeepModel { get; init; }
+}
+
+/// <summary>
+/// `llmsnp bench`: this machine's GEMM peak, then perplexity throughput and pruning time of a
+/// random-weight OPT of a released shape, each against that peak, with peak anonymous memory.
+/// </summary>
+public static class Bench
+{
+    /// <summary>Best-of-N F32 GEMM throughput in FLOP/s (2n³ per n×n product).</summary>
+    public static double MatmulPeak(int n = 2048, int repeats = 6)
+    {
+        using var scope = NewDisposeScope();
+        var a = torch.randn(n, n); var b = torch.randn(n, n);
+        a.mm(b).Dispose();   // warm-up
+        double best = double.MaxValue;
+        for (int i = 0; i < repeats; i++)
+        {
+            var sw = Stopwatch.StartNew();
+            using var c = a.mm(b);
+            best = Math.Min(best, sw.Elapsed.TotalSeconds);
+        }
+        return 2.0 * n * n * n / best;
+    }
+
+    /// <summary>Matmul FLOPs of one forward token through the blocks (attention over a causal window of t).</summary>
+    public static double BlockFlopsPerToken(OptShape s, int t) =>
+        s.Layers * (2.0 * 4 * s.Hidden * s.Hidden + 2.0 * 2 * s.Hidden * s.Ffn + 2.0 * 2 * (t / 2.0) * s.Hidden);
+
+    public static JsonObject Run(BenchOptions o, Action<string>? log)
+    {
+        var s = o.Shape;
+        double peak = Math.Max(MatmulPeak(2048), MatmulPeak(4096, 3));
+        log?.Invoke($"matmul peak (F32): {peak / 1e9:F1} GFLOP/s");
+        string dir = Path.Combine(o.WorkDir, $"llmsnp-bench-{s.Name}-{s.Layers}l-{Guid.NewGuid():N}");
+        var result = new JsonObject
+        {
+            ["machine"] = new JsonObject
+            {
+                ["cores"] = Environment.ProcessorCount, ["os"] = System.Runtime.InteropServices.RuntimeInformation.OSDescription,
+                ["matmul_peak_gflops_f32"] = peak / 1e9,
+            },
+            ["date"] = DateTime.UtcNow.ToString("yyyy-MM-dd"),
+            ["shape"] = new JsonObject { ["name"] = s.Name, ["layers"] = s.Layers, ["hidden"] = s.Hidden, ["heads"] = s.Heads, ["ffn"] = s.Ffn, ["dtype_on_disk"] = "float16" },
+        };
+        try
+        {
+            var sw = Stopwatch.StartNew();
+            s.WriteRandom(dir, ScalarType.Float16, seed: 0);
+            long fileBytes = Directory.GetFiles(dir, "*.safetensors").Sum(f => new FileInfo(f).Length);
+            result["checkpoint_bytes"] = fileBytes;
+            result["generate_seconds"] = sw.Elapsed.TotalSeconds;
+            log?.Invoke($"random {s.Name} ({s.Layers} layers) written: {fileBytes / 1e9:F2} GB in {sw.Elapsed.TotalSeconds:F0}s");
+            var rng = new Random(0);
+            int seq = Math.Min(o.SeqLen, s.MaxPositions);
+            if (!o.SkipEval)
+            {
+                var ids = Enumerable.Range(0, o.EvalWindows * seq).Select(_ => rng.Next(3, s.Vocab)).ToArray();
+                using var mem = new MemoryMonitor();
+                using var model = new OptModel(dir);
+                var r = Perplexity.Evaluate(model, ids, seq, null, "random ids", log);
+                double flops = r.Tokens * (BlockFlopsPerToken(s, seq) + 2.0 * (s.ProjDim ?? s.Hidden) * s.Vocab);
+                result["eval"] = new JsonObject
+                {
+                    ["windows"] = r.Windows, ["seqlen"] = seq, ["tokens"] = r.Tokens, ["seconds"] = r.Seconds,
+                    ["tokens_per_second"] = r.TokensPerSecond, ["gflops"] = flops / r.Seconds / 1e9,
+                    ["fraction_of_peak"] = flops / r.Seconds / peak,
+                    ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["bytes_read"] = model.Checkpoint.BytesRead,
+                };
+                log?.Invoke($"eval: {r.TokensPerSecond:F0} tokens/s, {flops / r.Seconds / 1e9:F1} GFLOP/s = {flops / r.Seconds / peak:P0} of peak");
+            }
+            {
+                var calib = Enumerable.Range(0, o.CalibSamples)
+                    .Select(_ => torch.tensor(Enumerable.Range(0, seq).Select(_ => (long)rng.Next(3, s.Vocab)).ToArray(), new long[] { 1, seq })).ToList();
+                using var mem = new MemoryMonitor();
+                using var model = new OptModel(dir);
+                string outDir = dir + "-pruned";
+                var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
+                {
+                    Model = model, Options = new PruneOptions { Ordering = Ordering.Zca, Policy = RatioPolicyKind.Ratio, Amount = 0.2 },
+                    Calibration = calib, CalibrationInfo = new JsonObject { ["source"] = "random ids", ["samples"] = o.CalibSamples, ["seqlen"] = seq },
+                    OutDir = outDir, SourceDir = dir, ParamsBefore = model.ParameterCount(),
+                }, log);
+                double tokens = (double)o.CalibSamples * seq;
+                // The bound: one calibration forward through the blocks plus the Gram products (2·T·n² per node layer).
+                double gram = 2.0 * tokens * ((double)s.Hidden * s.Hidden + (double)s.Ffn * s.Ffn) * s.Layers;
+                double bound = (tokens * BlockFlopsPerToken(s, seq) + gram) / peak;
+                double total = (double)report["seconds"]!["total"]!;
+                result["prune"] = new JsonObject
+                {
+                    ["calibration_tokens"] = tokens, ["seconds"] = report["seconds"]!.DeepClone(),
+                    ["flop_bound_seconds"] = bound, ["ratio_to_bound"] = total / bound,
+                    ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["peak_anon_over_file_size"] = (double)mem.PeakAnonBytes / fileBytes,
+                    ["bytes_read"] = model.Checkpoint.BytesRead,
+                };
+                log?.Invoke($"prune: {total:F1}s, FLOP bound {bound:F1}s ({total / bound:F2}×), peak anon RSS {mem.PeakAnonBytes / 1e9:F2} GB = {(double)mem.PeakAnonBytes / fileBytes:P0} of the F16 file");
+                calib.ForEach(c => c.Dispose());
+                if (Directory.Exists(outDir)) Directory.Delete(outDir, true);
+            }
+        }
+        finally
+        {
+            if (!o.KeepModel && Directory.Exists(dir)) Directory.Delete(dir, true);
+        }
+        return result;
+    }
+}
+
+/// <summary>Samples the process's anonymous resident memory (RssAnon) to find its peak over a phase.</summary>
+public sealed class MemoryMonitor : IDisposable
+{
+    readonly Thread _thread;
+    volatile bool _stop;
+    long _peak;
+    public long PeakAnonBytes => Math.Max(Interlocked.Read(ref _peak), Sample());
+
+    public MemoryMonitor()
+    {
+        _peak = Sample();
+        _thread = new Thread(() =>
+        {
+            while (!_stop)
+            {
+                long v = Sample();
+                if (v > Interlocked.Read(ref _peak)) Interlocked.Exchange(ref _peak, v);
+                Thread.Sleep(20);
+            }
+        }) { IsBackground = true };
+        _thread.Start();
+    }
+
+    /// <summary>RssAnon from /proc/self/status, in bytes (0 where unavailable).</summary>
+    public static long Sample()
+    {
+        try
+        {
+            foreach (var line in File.ReadLines("/proc/self/status"))
+                if (line.StartsWith("RssAnon:"))
+                    return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
+        }
+        catch (IOException) { }
+        return 0;
+    }
+
+    public void Dispose()
+    {
+        _stop = true;
+        _thread.Join();
+    }
+}
