@@ -1,4 +1,5 @@
 using System.CommandLine;
+using System.Diagnostics;
 using System.Text.Json.Nodes;
 using LlmSnp;
 using LlmSnp.Checkpoint;
@@ -6,47 +7,66 @@ using LlmSnp.Data;
 using LlmSnp.Pruning;
 
 /// <summary>
-/// `llmsnp demo`: the README's main job. Prunes the bundled trained OPT with automatic per-layer
-/// ratios, measures dense and pruned perplexity in the same run and prints a summary table.
+/// `llmsnp demo`: the README's main job. Prunes the bundled trained OPT and ViT with SNP's
+/// automatic per-layer ratios, measures dense and pruned in the same run, prints a summary table.
 /// </summary>
 static class DemoCommand
 {
     public static Command Build(Func<ParseResult, Func<JsonObject>, int> run)
     {
-        var outDir = new Option<string>("--out") { Description = "where pruned checkpoints and reports go", DefaultValueFactory = _ => "out" };
+        var outDir = new Option<string>("--out") { Description = "where pruned checkpoints and the report go", DefaultValueFactory = _ => "out" };
         var tau = new Option<double>("--variance") { Description = "τ of the automatic per-layer ratios", DefaultValueFactory = _ => 0.95 };
-        var windows = new Option<int?>("--eval-max-windows") { Description = "WikiText-2 windows to evaluate (default: all 561)" };
-        var samples = new Option<int>("--calib-samples") { Description = "calibration windows of 512 tokens", DefaultValueFactory = _ => 64 };
-        var cmd = new Command("demo", "prune the bundled OPT (SNP, automatic ratios), evaluate dense and pruned, print a summary") { outDir, tau, windows, samples };
+        var windows = new Option<int?>("--eval-windows") { Description = "WikiText-2 windows of 512 tokens to evaluate (default: all 561)" };
+        var images = new Option<int>("--eval-images") { Description = "ImageNet images to evaluate (never the calibration ones)", DefaultValueFactory = _ => 500 };
+        var cmd = new Command("demo", "prune the bundled OPT and ViT (SNP, automatic ratios), evaluate dense and pruned, print a summary") { outDir, tau, windows, images };
         cmd.SetAction(p => run(p, () =>
         {
-            string model = Path.Combine(RepoPaths.Root, "models", "opt-tiny-c4");
-            string dest = Path.Combine(p.GetValue(outDir)!, "opt-tiny-c4-snp");
-            var report = PruneJob.Run(new PruneJobOptions
+            string root = RepoPaths.Root, dest = p.GetValue(outDir)!;
+            double t = p.GetValue(tau);
+            var snp = new PruneOptions { Ordering = Ordering.Zca, Reconstruct = ReconstructMode.Lstsq, Policy = RatioPolicyKind.Variance, Amount = t };
+            var sw = Stopwatch.StartNew();
+            var opt = PruneJob.Run(new PruneJobOptions
             {
-                ModelDir = model, OutDir = dest, Force = true,
-                Prune = new PruneOptions { Ordering = Ordering.Zca, Reconstruct = ReconstructMode.Lstsq, Policy = RatioPolicyKind.Variance, Amount = p.GetValue(tau) },
-                CalibSource = TextSources.C4, CalibSamples = p.GetValue(samples), CalibSeqLen = 512,
-                EvalDataset = TextSources.WikiText2, EvalSeqLen = 512, EvalMaxWindows = p.GetValue(windows),
+                ModelDir = Path.Combine(root, "models", "opt-tiny-c4"), OutDir = Path.Combine(dest, "opt-tiny-c4-snp"), Force = true, Prune = snp,
+                CalibSource = TextSources.C4, CalibSamples = 64, CalibSeqLen = 512,
+                EvalDataset = TextSources.WikiText2, EvalSeqLen = 512, EvalLimit = p.GetValue(windows),
             }, Cli.Log);
-            string reportPath = Path.Combine(p.GetValue(outDir)!, "demo-report.json");
+            double optSeconds = sw.Elapsed.TotalSeconds;
+            string imageDir = Path.Combine(root, "eval", "data", "imagenet-val");
+            var vit = PruneJob.Run(new PruneJobOptions
+            {
+                ModelDir = Path.Combine(root, "models", "vit-tiny"), OutDir = Path.Combine(dest, "vit-tiny-snp"), Force = true, Prune = snp,
+                CalibSource = imageDir, CalibSamples = 64, EvalDataset = PruneJob.AccuracyEval, EvalImages = imageDir, EvalLimit = p.GetValue(images),
+            }, Cli.Log);
+            double vitSeconds = sw.Elapsed.TotalSeconds - optSeconds;
+            var report = new JsonObject { ["opt-tiny-c4"] = opt, ["vit-tiny"] = vit };
+            string reportPath = Path.Combine(dest, "demo-report.json");
             AtomicFile.WriteAllText(reportPath, report.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
-            var dense = report["eval"]!["dense"]!; var pruned = report["eval"]!["pruned"]!;
-            long before = (long)report["params_before"]!, after = (long)report["params_after"]!;
-            Console.Error.WriteLine();
-            Console.Error.WriteLine($"opt-tiny-c4 pruned with SNP (zca ordering, lstsq reconstruction, variance τ = {p.GetValue(tau)}), WikiText-2 test, {dense["windows"]} windows × 512");
-            Console.Error.WriteLine($"  {"",-10} {"parameters",12} {"perplexity",12} {"eval s",8}");
-            Console.Error.WriteLine($"  {"dense",-10} {before,12:N0} {(double)dense["perplexity"]!,12:F2} {(double)dense["seconds"]!,8:F1}");
-            Console.Error.WriteLine($"  {"pruned",-10} {after,12:N0} {(double)pruned["perplexity"]!,12:F2} {(double)pruned["seconds"]!,8:F1}");
-            Console.Error.WriteLine($"  prunable parameters removed: {(double)report["prunable_fraction_removed"]! * 100:F1} %; pruning took {(double)report["seconds"]!["total"]!:F1} s");
-            Console.Error.WriteLine($"  pruned checkpoint: {dest}    report: {reportPath}");
+
+            var e = Console.Error;
+            e.WriteLine();
+            e.WriteLine($"SNP (zca ordering, least-squares reconstruction, automatic per-layer ratios τ = {t})");
+            e.WriteLine($"  {"model",-12} {"metric",-26} {"params before",14} {"params after",13} {"dense",9} {"pruned",9} {"time",7}");
+            Row("opt-tiny-c4", $"WikiText-2 ppl ({opt["eval"]!["dense"]!["windows"]}×512)", opt, "perplexity", optSeconds);
+            Row("vit-tiny", $"ImageNet top-1 % ({vit["eval"]!["dense"]!["images"]} img)", vit, "top1", vitSeconds);
+            e.WriteLine($"  pruned checkpoints: {Path.Combine(dest, "opt-tiny-c4-snp")}, {Path.Combine(dest, "vit-tiny-snp")}");
+            e.WriteLine($"  full report: {reportPath}");
             return new JsonObject
             {
-                ["report"] = reportPath, ["pruned_model"] = dest,
-                ["params_before"] = before, ["params_after"] = after,
-                ["ppl_dense"] = dense["perplexity"]!.DeepClone(), ["ppl_pruned"] = pruned["perplexity"]!.DeepClone(),
+                ["report"] = reportPath,
+                ["opt-tiny-c4"] = Summary(opt, "perplexity"), ["vit-tiny"] = Summary(vit, "top1"), ["seconds"] = sw.Elapsed.TotalSeconds,
             };
+
+            void Row(string name, string metric, JsonObject r, string key, double seconds) =>
+                e.WriteLine($"  {name,-12} {metric,-26} {(long)r["params_before"]!,14:N0} {(long)r["params_after"]!,13:N0} {(double)r["eval"]!["dense"]![key]!,9:F2} {(double)r["eval"]!["pruned"]![key]!,9:F2} {seconds,6:F0}s");
         }));
         return cmd;
     }
+
+    static JsonObject Summary(JsonObject r, string key) => new()
+    {
+        ["params_before"] = r["params_before"]!.DeepClone(), ["params_after"] = r["params_after"]!.DeepClone(),
+        ["prunable_fraction_removed"] = r["prunable_fraction_removed"]!.DeepClone(),
+        ["dense"] = r["eval"]!["dense"]![key]!.DeepClone(), ["pruned"] = r["eval"]!["pruned"]![key]!.DeepClone(),
+    };
 }

@@ -45,7 +45,14 @@ static class Cli
         var ppl = new Command("ppl", "perplexity with the published protocol (non-overlapping windows, tail dropped)") { model, dataset, seqlen, maxWindows, Device, DType, Json };
         ppl.SetAction(p => Run(p, () => PerplexityJob.Run(p.GetValue(model)!, p.GetValue(dataset)!, p.GetValue(seqlen), p.GetValue(maxWindows),
             Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p), Log)));
-        return new Command("eval", "evaluate a checkpoint") { ppl };
+        var amodel = ModelOption();
+        var imagesDir = new Option<string>("--images") { Description = "folder with labels.tsv (file TAB class [TAB synset]); images in it or in images/", Required = true };
+        var limit = new Option<int?>("--limit") { Description = "evaluate the first N images" };
+        var batch = new Option<int>("--batch") { Description = "images per forward batch", DefaultValueFactory = _ => 32 };
+        var acc = new Command("accuracy", "top-1 / top-5 of an image classifier") { amodel, imagesDir, limit, batch, Device, DType, Json };
+        acc.SetAction(p => Run(p, () => AccuracyJob.Run(p.GetValue(amodel)!, p.GetValue(imagesDir)!, p.GetValue(limit), p.GetValue(batch),
+            Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p), Log)));
+        return new Command("eval", "evaluate a checkpoint") { ppl, acc };
     }
 
     static Command TokenizeCommand()
@@ -87,17 +94,18 @@ static class Cli
         var calibLen = new Option<int?>("--calib-seqlen") { Description = "calibration window length" };
         var eval = new Option<string>("--eval") { DefaultValueFactory = _ => "wikitext2", Description = "evaluation text" };
         var evalLen = new Option<int?>("--eval-seqlen") { Description = "evaluation window length" };
-        var evalWindows = new Option<int?>("--eval-max-windows") { Description = "evaluate the first N windows" };
+        var evalWindows = new Option<int?>("--eval-limit", "--eval-max-windows") { Description = "evaluate the first N windows (text) or images" };
         var seed = new Option<int>("--seed") { DefaultValueFactory = _ => 0, Description = "seed" };
-        var cmd = new Command("compare", "every method at every ratio on one calibration set: JSON, CSV and plots") { model, outDir, ratios, methods, targets, calib, samples, calibLen, eval, evalLen, evalWindows, seed, Json };
-        cmd.SetAction(p => Run(p, () => LlmSnp.Reporting.CompareJob.RunOpt(new LlmSnp.Reporting.CompareOptions
+        var images = new Option<string?>("--images") { Description = "image models: labelled image folder; --calib-samples images calibrate, the others are evaluated" };
+        var cmd = new Command("compare", "every method at every ratio on one calibration set: JSON, CSV and plots") { model, outDir, ratios, methods, targets, calib, samples, calibLen, eval, evalLen, evalWindows, seed, images, Json };
+        cmd.SetAction(p => Run(p, () => LlmSnp.Reporting.CompareJob.Run(new LlmSnp.Reporting.CompareOptions
         {
             ModelDir = p.GetValue(model)!, OutDir = p.GetValue(outDir)!,
             Ratios = p.GetValue(ratios)!.Split(',').Select(r => double.TryParse(r, System.Globalization.CultureInfo.InvariantCulture, out var x) && x >= 0 && x < 1 ? x : throw new LlmSnpException($"--ratios: '{r}' is not a fraction in [0, 1)")).ToList(),
             Methods = p.GetValue(methods) is string m ? m.Split(',').Select(LlmSnp.Reporting.Method.Parse).ToList() : LlmSnp.Reporting.Method.Defaults,
             TargetSets = p.GetValue(targets)!.Split(';', StringSplitOptions.RemoveEmptyEntries).Select(t => t.Split(',').All(x => x is "mlp" or "heads") ? t : throw new LlmSnpException($"--targets: unknown target set '{t}'")).ToList(),
             Calib = p.GetValue(calib)!, CalibSamples = p.GetValue(samples), CalibSeqLen = p.GetValue(calibLen),
-            Eval = p.GetValue(eval)!, EvalSeqLen = p.GetValue(evalLen), EvalMaxWindows = p.GetValue(evalWindows), Seed = p.GetValue(seed),
+            Eval = p.GetValue(eval)!, EvalSeqLen = p.GetValue(evalLen), EvalLimit = p.GetValue(evalWindows), Seed = p.GetValue(seed), Images = p.GetValue(images),
             CommandLine = "llmsnp " + string.Join(' ', Environment.GetCommandLineArgs().Skip(1)),
         }, Log)));
         return cmd;
@@ -192,20 +200,21 @@ sealed class PruneCliOptions
     readonly Option<double?> _variance = new("--variance") { Description = "τ: keep the smallest prefix holding this fraction of residual variance (automatic per-layer ratios)" };
     readonly Option<double?> _budget = new("--budget") { Description = "fraction of prunable parameters to remove (τ found by bisection)" };
     readonly Option<string> _targets = new("--targets") { Description = "mlp, heads or mlp,heads", DefaultValueFactory = _ => "mlp,heads" };
-    readonly Option<string> _calib = new("--calib") { Description = "calibration text: c4 (bundled sample), wikitext2 or a file", DefaultValueFactory = _ => "c4" };
-    readonly Option<int> _samples = new("--calib-samples") { Description = "calibration windows", DefaultValueFactory = _ => 128 };
+    readonly Option<string> _calib = new("--calib") { Description = "calibration data: c4 (bundled sample), wikitext2 or a text file; a labelled image folder for image models", DefaultValueFactory = _ => "c4" };
+    readonly Option<int> _samples = new("--calib-samples") { Description = "calibration windows (text) or images", DefaultValueFactory = _ => 128 };
     readonly Option<int?> _calibLen = new("--calib-seqlen") { Description = "calibration window length (default: 2048 or max positions)" };
     readonly Option<int> _seed = new("--seed") { Description = "seed for calibration sampling and the random ordering", DefaultValueFactory = _ => 0 };
     readonly Option<double> _damp = new("--damp") { Description = "damping, relative to the mean unit diagonal of G", DefaultValueFactory = _ => 0.01 };
-    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned perplexity on this dataset (wikitext2, c4, file)" };
+    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned: perplexity on wikitext2, c4 or a text file; 'accuracy' (with --images) for image models" };
     readonly Option<int?> _evalLen = new("--eval-seqlen") { Description = "evaluation window length" };
-    readonly Option<int?> _evalWindows = new("--eval-max-windows") { Description = "evaluate only the first N windows" };
+    readonly Option<int?> _evalWindows = new("--eval-limit", "--eval-max-windows") { Description = "evaluate only the first N windows (text) or images" };
+    readonly Option<string?> _images = new("--images") { Description = "labelled image folder for --eval accuracy (image models)" };
     readonly Option<bool> _padded = new("--export-padded") { Description = "also write a zero-padded copy with the original shapes (OUT/padded) that stock tools load" };
     readonly Option<bool> _force = new("--force") { Description = "replace an existing output directory" };
 
     public void AddTo(Command c)
     {
-        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _padded, _force })
+        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
             c.Options.Add(o);
     }
 
@@ -232,7 +241,7 @@ sealed class PruneCliOptions
                 PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
             },
             CalibSource = p.GetValue(_calib)!, CalibSamples = p.GetValue(_samples), CalibSeqLen = p.GetValue(_calibLen),
-            EvalDataset = p.GetValue(_eval), EvalSeqLen = p.GetValue(_evalLen), EvalMaxWindows = p.GetValue(_evalWindows),
+            EvalDataset = p.GetValue(_eval), EvalSeqLen = p.GetValue(_evalLen), EvalLimit = p.GetValue(_evalWindows), EvalImages = p.GetValue(_images),
             Force = p.GetValue(_force), ExportPadded = p.GetValue(_padded), Device = device, DType = dtype,
         };
     }

@@ -100,6 +100,8 @@ public sealed class AccuracyMetric : IStreamedMetric
     readonly int _batch;
     public string Name => "top1";
     public bool HigherIsBetter => true;
+    /// <summary>Top-5 (%) of the last <see cref="Finish"/>.</summary>
+    public double LastTop5 { get; private set; }
 
     public AccuracyMetric(Tensor pixels, long[] labels, int batch = 50)
     {
@@ -117,14 +119,20 @@ public sealed class AccuracyMetric : IStreamedMetric
     public double Finish(IPrunableModel model, List<Tensor> hidden)
     {
         var vit = (VitModel)model;
-        long correct = 0, i = 0;
+        long correct = 0, correct5 = 0, i = 0;
         foreach (var h in hidden)
         {
-            using var logits = vit.Head(h);
-            using var pred = logits.argmax(1).cpu();
-            foreach (var p in pred.data<long>()) correct += p == _labels[i++] ? 1 : 0;
+            using var scope = NewDisposeScope();
+            var (_, indices) = vit.Head(h).topk(5, 1);
+            var top = indices.cpu();
+            var labels = torch.tensor(_labels.Skip((int)i).Take((int)top.shape[0]).ToArray()).unsqueeze(1);
+            var hits = top.eq(labels);
+            correct += hits.select(1, 0).sum().item<long>();
+            correct5 += hits.any(1).sum().item<long>();
+            i += top.shape[0];
             h.Dispose();
         }
+        LastTop5 = 100.0 * correct5 / _labels.Length;
         return 100.0 * correct / _labels.Length;
     }
 }

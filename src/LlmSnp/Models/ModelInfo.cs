@@ -32,8 +32,30 @@ public static class ModelInfo
                         }).ToArray()),
                     };
                 }
+            case "vit":
+            case "deit":
+                using (var m = new VitModel(modelDir))
+                {
+                    var c = m.Config;
+                    return new JsonObject
+                    {
+                        ["family"] = c.ModelType,
+                        ["layout"] = m.Timm ? "timm" : "hf",
+                        ["distilled"] = m.Distilled,
+                        ["dtype"] = Checkpoint.SafeDTypes.ConfigName(m.StoredDType),
+                        ["parameters"] = m.ParameterCount(),
+                        ["pruned"] = c.Pruned,
+                        ["layers"] = c.Layers, ["hidden_size"] = c.Hidden, ["head_dim"] = c.HeadDim,
+                        ["image_size"] = c.ImageSize, ["patch_size"] = c.PatchSize, ["layer_norm_eps"] = c.LayerNormEps,
+                        ["per_layer"] = new JsonArray(Enumerable.Range(0, c.Layers).Select(i => (JsonNode)new JsonObject
+                        {
+                            ["heads"] = c.HeadsPerLayer[i], ["intermediate_size"] = c.IntermediateSizes[i],
+                            ["parameters"] = m.BlockParameters(c.HeadsPerLayer[i], c.IntermediateSizes[i]),
+                        }).ToArray()),
+                    };
+                }
             default:
-                throw new LlmSnpException($"{cfg.Path}: model_type '{cfg.ModelType}' is not supported (supported: opt)");
+                throw new LlmSnpException($"{cfg.Path}: model_type '{cfg.ModelType}' is not supported (supported: opt, vit, deit)");
         }
     }
 }

@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using LlmSnp.Data;
+using LlmSnp.Data.Images;
 using LlmSnp.Evaluation;
 using LlmSnp.Models;
 using static TorchSharp.torch;
@@ -17,9 +18,13 @@ public sealed record PruneJobOptions
     public int? CalibSeqLen { get; init; }
     public string? EvalDataset { get; init; }
     public int? EvalSeqLen { get; init; }
-    public int? EvalMaxWindows { get; init; }
+    /// <summary>Evaluate only the first N windows (text) or images.</summary>
+    public int? EvalLimit { get; init; }
     public bool Force { get; init; }
     public bool ExportPadded { get; init; }
+    /// <summary>Image folder for `--eval accuracy` (image models).</summary>
+    public string? EvalImages { get; init; }
+    public int ImageBatch { get; init; } = 32;
     public Device Device { get; init; } = CPU;
     public ScalarType DType { get; init; } = ScalarType.Float32;
 }
@@ -27,9 +32,23 @@ public sealed record PruneJobOptions
 /// <summary>`llmsnp prune` for language models: calibrate, prune, write, and optionally evaluate dense and pruned.</summary>
 public static class PruneJob
 {
+    public const string AccuracyEval = "accuracy";
+
     public static JsonObject Run(PruneJobOptions o, Action<string>? log)
     {
         o.Prune.Validate();
+        var type = ConfigFile.Load(o.ModelDir).ModelType;
+        return type switch
+        {
+            "opt" => RunOpt(o, log),
+            "vit" or "deit" => RunVit(o, log),
+            _ => throw new LlmSnpException($"{Path.Combine(o.ModelDir, "config.json")}: model_type '{type}' is not supported (opt, vit, deit)"),
+        };
+    }
+
+    static JsonObject RunOpt(PruneJobOptions o, Action<string>? log)
+    {
+        if (o.EvalDataset == AccuracyEval) throw new LlmSnpException("--eval accuracy is for image models; use --eval wikitext2, c4 or a text file");
         using var model = new OptModel(o.ModelDir, o.Device, o.DType);
         int calibLen = o.CalibSeqLen ?? Math.Min(2048, model.Config.MaxPositions);
         if (calibLen > model.Config.MaxPositions)
@@ -46,7 +65,7 @@ public static class PruneJob
         {
             evalIds = PerplexityJob.Tokenize(o.ModelDir, o.EvalDataset, log);
             log?.Invoke("evaluating the dense model");
-            dense = PerplexityJob.Measure(model, evalIds, o.EvalDataset, evalLen, o.EvalMaxWindows, log);
+            dense = PerplexityJob.Measure(model, evalIds, o.EvalDataset, evalLen, o.EvalLimit, log);
         }
 
         var tok = OptTokenizer.ForModel(o.ModelDir);
@@ -62,13 +81,7 @@ public static class PruneJob
             ["windows"] = new JsonArray(calib.Windows.Select(w => (JsonNode)new JsonArray(w.Document, w.Offset)).ToArray()),
             ["windows_format"] = "[document index, token offset]",
         };
-        var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
-        {
-            Model = model, Options = o.Prune, Calibration = batches, CalibrationInfo = calibInfo,
-            OutDir = o.OutDir, SourceDir = o.ModelDir, ParamsBefore = model.ParameterCount(),
-            Force = o.Force, ExportPadded = o.ExportPadded, PaddedConfig = model.PaddedConfig,
-            SourceHashes = model.Checkpoint.Sha256,
-        }, log);
+        var report = Write(o, model, model.Checkpoint, model.ParameterCount(), batches, calibInfo, model.PaddedConfig, log);
         batches.ForEach(b => b.Dispose());
         calib.Ids.Dispose();
         report["output"] = o.OutDir;
@@ -76,9 +89,73 @@ public static class PruneJob
         {
             log?.Invoke("evaluating the pruned model");
             using var pruned = new OptModel(o.OutDir, o.Device, o.DType);
-            var after = PerplexityJob.Measure(pruned, evalIds, o.EvalDataset!, evalLen, o.EvalMaxWindows, log);
+            var after = PerplexityJob.Measure(pruned, evalIds, o.EvalDataset!, evalLen, o.EvalLimit, log);
             report["eval"] = new JsonObject { ["dense"] = dense, ["pruned"] = after };
         }
         return report;
+    }
+
+    static JsonObject Write(PruneJobOptions o, IPrunableModel model, Checkpoint.CheckpointReader ckpt, long paramsBefore, IReadOnlyList<Tensor> batches,
+        JsonObject calibInfo, Func<ScalarType, JsonObject> paddedConfig, Action<string>? log) =>
+        PrunedCheckpoint.Write(new PrunedCheckpoint.Request
+        {
+            Model = model, Options = o.Prune, Calibration = batches, CalibrationInfo = calibInfo,
+            OutDir = o.OutDir, SourceDir = o.ModelDir, ParamsBefore = paramsBefore,
+            Force = o.Force, ExportPadded = o.ExportPadded, PaddedConfig = paddedConfig, SourceHashes = ckpt.Sha256,
+        }, log);
+
+    /// <summary>Image models: calibration images from a labelled folder, evaluation on images never used to calibrate.</summary>
+    static JsonObject RunVit(PruneJobOptions o, Action<string>? log)
+    {
+        if (o.EvalDataset != null && o.EvalDataset != AccuracyEval) throw new LlmSnpException($"--eval {o.EvalDataset}: image models are evaluated with --eval accuracy --images DIR");
+        if (o.EvalDataset == AccuracyEval && o.EvalImages == null) throw new LlmSnpException("--eval accuracy needs --images DIR");
+        if (o.CalibSource is TextSources.C4 or TextSources.WikiText2) throw new LlmSnpException($"--calib {o.CalibSource}: image models calibrate on a labelled image folder (--calib DIR)");
+        using var model = new VitModel(o.ModelDir, o.Device, o.DType);
+        var cfg = PreprocessConfig.Load(o.ModelDir);
+        var all = ImageSet.Load(o.CalibSource).Images;
+        var (calibImages, _) = ImageInputs.Split(all, Math.Min(o.CalibSamples, all.Count - 1), o.Prune.Seed);
+        using var calib = ImageInputs.Load(calibImages, cfg, log);
+        log?.Invoke($"calibration: {calib.Labels.Length} images from {o.CalibSource}");
+        ImageBatch? evalImages = null;
+        JsonObject? dense = null;
+        try
+        {
+            if (o.EvalDataset == AccuracyEval)
+            {
+                var calibFiles = calibImages.Select(i => Path.GetFullPath(i.Path)).ToHashSet();
+                var evalSet = ImageSet.Load(o.EvalImages!).Images.Where(i => !calibFiles.Contains(Path.GetFullPath(i.Path))).ToList();
+                if (o.EvalLimit is int limit) evalSet = evalSet.Take(limit).ToList();
+                evalImages = ImageInputs.Load(evalSet, cfg, log);
+                log?.Invoke($"evaluating the dense model on {evalImages.Labels.Length} images (calibration images excluded)");
+                dense = AccuracyReport(model, evalImages, o.ImageBatch);
+            }
+            var batches = ImageInputs.MicroBatches(calib.Pixels, o.ImageBatch);
+            var calibInfo = new JsonObject
+            {
+                ["source"] = o.CalibSource, ["samples"] = calib.Labels.Length, ["seed"] = o.Prune.Seed, ["skipped"] = calib.Skipped,
+                ["images"] = new JsonArray(calib.Files.Select(f => (JsonNode)Path.GetFileName(f)).ToArray()),
+            };
+            var report = Write(o, model, model.Checkpoint, model.ParameterCount(), batches, calibInfo, model.PaddedConfig, log);
+            report["output"] = o.OutDir;
+            if (evalImages != null)
+            {
+                log?.Invoke("evaluating the pruned model");
+                using var pruned = new VitModel(o.OutDir, o.Device, o.DType);
+                report["eval"] = new JsonObject { ["dense"] = dense, ["pruned"] = AccuracyReport(pruned, evalImages, o.ImageBatch) };
+            }
+            return report;
+        }
+        finally { evalImages?.Dispose(); }
+    }
+
+    static JsonObject AccuracyReport(VitModel model, ImageBatch images, int batch)
+    {
+        var sw = System.Diagnostics.Stopwatch.StartNew();
+        var (top1, top5) = AccuracyJob.Measure(model, images, batch);
+        return new JsonObject
+        {
+            ["top1"] = top1, ["top5"] = top5, ["images"] = images.Labels.Length, ["skipped"] = images.Skipped,
+            ["parameters"] = model.ParameterCount(), ["seconds"] = sw.Elapsed.TotalSeconds,
+        };
     }
 }

@@ -19,7 +19,10 @@ public sealed record CompareOptions
     public int? CalibSeqLen { get; init; }
     public string Eval { get; init; } = TextSources.WikiText2;
     public int? EvalSeqLen { get; init; }
-    public int? EvalMaxWindows { get; init; }
+    /// <summary>Evaluate the first N windows (text) or images.</summary>
+    public int? EvalLimit { get; init; }
+    /// <summary>Labelled image folder (image models): calibration images are drawn from it, the rest evaluated.</summary>
+    public string? Images { get; init; }
     public double Damp { get; init; } = 0.01;
     public int Seed { get; init; }
     public string CommandLine { get; init; } = "";
@@ -27,6 +30,42 @@ public sealed record CompareOptions
 
 public static class CompareJob
 {
+    public static JsonObject Run(CompareOptions o, Action<string>? log) => ConfigFile.Load(o.ModelDir).ModelType switch
+    {
+        "opt" => RunOpt(o, log),
+        "vit" or "deit" => RunVit(o, log),
+        var t => throw new LlmSnpException($"{Path.Combine(o.ModelDir, "config.json")}: model_type '{t}' is not supported (opt, vit, deit)"),
+    };
+
+    /// <summary>Image models: top-1 on the images of the folder that were not drawn for calibration.</summary>
+    public static JsonObject RunVit(CompareOptions o, Action<string>? log)
+    {
+        if (o.Images == null) throw new LlmSnpException("compare on an image model needs --images DIR (labelled images; calibration images are drawn from it and never evaluated)");
+        long paramsBefore;
+        using (var probe = new VitModel(o.ModelDir)) paramsBefore = probe.ParameterCount();
+        var cfg = Data.Images.PreprocessConfig.Load(o.ModelDir);
+        var all = Data.Images.ImageSet.Load(o.Images).Images;
+        var (calibSet, rest) = ImageInputs.Split(all, o.CalibSamples, o.Seed);
+        if (o.EvalLimit is int l) rest = rest.Take(l).ToList();
+        using var calib = ImageInputs.Load(calibSet, cfg, log);
+        using var eval = ImageInputs.Load(rest, cfg, log);
+        var metric = new AccuracyMetric(eval.Pixels, eval.Labels);
+        var (dense, rows) = Comparison.Run(new Comparison.Request
+        {
+            OpenModel = () => new VitModel(o.ModelDir), Calibration = ImageInputs.MicroBatches(calib.Pixels, 32), Metric = metric,
+            Methods = o.Methods, Ratios = o.Ratios, TargetSets = o.TargetSets, ParamsBefore = paramsBefore, Damp = o.Damp, Seed = o.Seed,
+        }, log);
+        var provenance = new JsonObject
+        {
+            ["model"] = Path.GetFileName(Path.GetFullPath(o.ModelDir).TrimEnd('/')), ["params_before"] = paramsBefore,
+            ["calibration"] = $"{calib.Labels.Length} images drawn with seed {o.Seed} from {Path.GetFileName(Path.GetFullPath(o.Images).TrimEnd('/'))}",
+            ["calibration_images"] = new JsonArray(calib.Files.Select(f => (JsonNode)Path.GetFileName(f)).ToArray()),
+            ["evaluation"] = $"{eval.Labels.Length} other images of the same folder (none used for calibration), {eval.Skipped} unreadable",
+            ["damp"] = o.Damp, ["command"] = o.CommandLine, ["date"] = DateTime.UtcNow.ToString("yyyy-MM-dd"),
+        };
+        return Comparison.Write(o.OutDir, $"{provenance["model"]}: top-1", "top-1 accuracy (%)", true, dense, rows, provenance);
+    }
+
     /// <summary>Language models: perplexity on the evaluation text, calibration from a different text.</summary>
     public static JsonObject RunOpt(CompareOptions o, Action<string>? log)
     {
@@ -40,7 +79,7 @@ public static class CompareJob
         int micro = Math.Max(1, 4096 / calibLen);
         var batches = Enumerable.Range(0, (o.CalibSamples + micro - 1) / micro)
             .Select(i => calib.Ids.narrow(0, i * micro, Math.Min(micro, o.CalibSamples - i * micro))).ToList();
-        var metric = new PerplexityMetric(tok.Encode(TextSources.EvaluationText(o.Eval)), evalLen, o.EvalMaxWindows);
+        var metric = new PerplexityMetric(tok.Encode(TextSources.EvaluationText(o.Eval)), evalLen, o.EvalLimit);
         var (dense, rows) = Comparison.Run(new Comparison.Request
         {
             OpenModel = () => new OptModel(o.ModelDir), Calibration = batches, Metric = metric, Methods = o.Methods,

@@ -1,0 +1,55 @@
+namespace LlmSnp.Data.Images;
+
+/// <summary>One labelled image: its full path, class index and optional synset id (e.g. n01440764).</summary>
+public sealed record LabelledImage(string Path, int Label, string? Synset);
+
+/// <summary>
+/// A folder of labelled images: <c>labels.tsv</c> holds one "file TAB class index [TAB synset]" per line,
+/// no header; each file lies in the folder itself or in its <c>images/</c> subfolder. Blank lines are skipped.
+/// </summary>
+public sealed class ImageSet
+{
+    public const string LabelsFile = "labels.tsv";
+
+    public string Directory { get; }
+    public IReadOnlyList<LabelledImage> Images { get; }
+
+    ImageSet(string dir, IReadOnlyList<LabelledImage> images) { Directory = dir; Images = images; }
+
+    public static ImageSet Load(string dir)
+    {
+        string labels = Path.Combine(dir, LabelsFile);
+        if (!File.Exists(labels)) throw new LlmSnpException($"{labels}: not found (an image set needs labels.tsv: file TAB class index [TAB synset])");
+        string imagesDir = Path.Combine(dir, "images");
+        string[] lines;
+        try { lines = File.ReadAllLines(labels); }
+        catch (IOException e) { throw new LlmSnpException($"{labels}: cannot read ({e.Message})", e); }
+
+        var list = new List<LabelledImage>(lines.Length);
+        for (int i = 0; i < lines.Length; i++)
+        {
+            string line = lines[i].TrimEnd('\r');
+            if (line.Trim().Length == 0) continue;
+            string where = $"{labels}:{i + 1}";
+            string[] f = line.Split('\t');
+            if (f.Length is < 2 or > 3)
+                throw new LlmSnpException($"{where}: expected \"file TAB class index [TAB synset]\", got {f.Length} tab-separated field(s)");
+            string file = f[0].Trim();
+            if (file.Length == 0) throw new LlmSnpException($"{where}: empty file name");
+            if (Path.IsPathRooted(file) || file.Split('/', '\\').Contains(".."))
+                throw new LlmSnpException($"{where}: file name \"{file}\" must be relative to the folder");
+            if (!int.TryParse(f[1].Trim(), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int label))
+                throw new LlmSnpException($"{where}: class index \"{f[1]}\" is not a non-negative integer");
+            string? synset = f.Length == 3 && f[2].Trim().Length > 0 ? f[2].Trim() : null;
+            string path = Path.Combine(dir, file);
+            if (!File.Exists(path))
+            {
+                path = Path.Combine(imagesDir, file);
+                if (!File.Exists(path)) throw new LlmSnpException($"{where}: image \"{file}\" not found in {dir} or {imagesDir}");
+            }
+            list.Add(new LabelledImage(path, label, synset));
+        }
+        if (list.Count == 0) throw new LlmSnpException($"{labels}: no images listed");
+        return new ImageSet(dir, list);
+    }
+}

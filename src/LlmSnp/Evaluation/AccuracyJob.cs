@@ -1,0 +1,38 @@
+using System.Diagnostics;
+using System.Text.Json.Nodes;
+using LlmSnp.Data.Images;
+using LlmSnp.Models;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Evaluation;
+
+/// <summary>`llmsnp eval accuracy`: top-1 / top-5 of an image classifier on a labelled image folder.</summary>
+public static class AccuracyJob
+{
+    public static JsonObject Run(string modelDir, string imagesDir, int? limit, int batch, Device device, ScalarType dtype, Action<string>? log)
+    {
+        using var model = new VitModel(modelDir, device, dtype);
+        var set = ImageSet.Load(imagesDir).Images;
+        var chosen = limit is int l ? set.Take(l).ToList() : set.ToList();
+        var sw = Stopwatch.StartNew();
+        using var images = ImageInputs.Load(chosen, PreprocessConfig.Load(modelDir), log);
+        double prep = sw.Elapsed.TotalSeconds;
+        var r = Measure(model, images, batch);
+        log?.Invoke($"top-1 {r.Top1:F2} %, top-5 {r.Top5:F2} % on {images.Labels.Length} images");
+        return new JsonObject
+        {
+            ["model"] = modelDir, ["images_dir"] = imagesDir, ["top1"] = r.Top1, ["top5"] = r.Top5,
+            ["images"] = images.Labels.Length, ["skipped"] = images.Skipped,
+            ["parameters"] = model.ParameterCount(), ["dtype"] = Checkpoint.SafeDTypes.ConfigName(model.StoredDType),
+            ["preprocess_seconds"] = prep, ["seconds"] = sw.Elapsed.TotalSeconds,
+        };
+    }
+
+    /// <summary>Top-1 and top-5 (%), blocks streamed once over all images.</summary>
+    public static (double Top1, double Top5) Measure(VitModel model, ImageBatch images, int batch)
+    {
+        var metric = new AccuracyMetric(images.Pixels, images.Labels, batch);
+        double top1 = StreamedMetrics.Dense(model, metric);
+        return (top1, metric.LastTop5);
+    }
+}
