@@ -22,23 +22,15 @@ public interface IStreamedMetric
 
 public static class StreamedMetrics
 {
-    /// <summary>Moves every hidden micro-batch through a block, releasing the old ones.</summary>
-    public static void Advance(IPrunableBlock block, List<Tensor> hidden)
-    {
-        for (int k = 0; k < hidden.Count; k++)
-        {
-            var next = block.Forward(hidden[k])!;
-            hidden[k].Dispose();
-            hidden[k] = next;
-        }
-    }
-
     /// <summary>The metric of the model as stored (no pruning).</summary>
-    public static double Dense(IPrunableModel model, IStreamedMetric metric)
+    public static double Dense(IPrunableModel model, IStreamedMetric metric, Action<int>? afterBlock = null)
     {
         var hidden = metric.Embed(model);
         for (int b = 0; b < model.BlockCount; b++)
-            using (var block = model.LoadBlock(b)) Advance(block, hidden);
+        {
+            using (var block = model.LoadBlock(b)) block.Advance(hidden);
+            afterBlock?.Invoke(b);
+        }
         return metric.Finish(model, hidden);
     }
 }
@@ -51,12 +43,16 @@ public sealed class PerplexityMetric : IStreamedMetric
     public bool HigherIsBetter => false;
     public int Windows => _windows.Length;
 
-    public PerplexityMetric(IReadOnlyList<int> ids, int seqLen, int? maxWindows)
+    /// <summary>Mean next-token NLL of each window in the last <see cref="Finish"/>.</summary>
+    public double[] LastNll { get; private set; } = Array.Empty<double>();
+
+    /// <summary>Windows <paramref name="first"/>.. of <paramref name="seqLen"/> tokens (at most <paramref name="maxWindows"/>; the tail is dropped).</summary>
+    public PerplexityMetric(IReadOnlyList<int> ids, int seqLen, int? maxWindows, int first = 0)
     {
-        int n = ids.Count / seqLen;
+        int n = ids.Count / seqLen - first;
         if (maxWindows is int m) n = Math.Min(n, m);
-        if (n == 0) throw new LlmSnpException($"evaluation text has fewer than {seqLen} tokens");
-        _windows = Enumerable.Range(0, n).Select(w => Enumerable.Range(w * seqLen, seqLen).Select(i => (long)ids[i]).ToArray()).ToArray();
+        if (n <= 0) throw new LlmSnpException($"evaluation text has fewer than {seqLen} tokens");
+        _windows = Enumerable.Range(first, n).Select(w => Enumerable.Range(w * seqLen, seqLen).Select(i => (long)ids[i]).ToArray()).ToArray();
     }
 
     public List<Tensor> Embed(IPrunableModel model)
@@ -76,7 +72,7 @@ public sealed class PerplexityMetric : IStreamedMetric
     {
         var opt = (OptModel)model;
         int seq = _windows[0].Length, w = 0;
-        double sum = 0;
+        var nll = new double[_windows.Length];
         foreach (var h in hidden)
         {
             for (int j = 0; j < h.shape[0]; j++, w++)
@@ -84,11 +80,15 @@ public sealed class PerplexityMetric : IStreamedMetric
                 using var scope = NewDisposeScope();
                 var logits = opt.Head(h[j].unsqueeze(0)).squeeze(0).to(ScalarType.Float32);
                 var target = torch.tensor(_windows[w], device: model.Device).narrow(0, 1, seq - 1);
-                sum += F.cross_entropy(logits.narrow(0, 0, seq - 1), target).to(ScalarType.Float64).item<double>();
+                // Softmax in F32 whatever the weights' dtype (the protocol).
+                nll[w] = F.cross_entropy(logits.narrow(0, 0, seq - 1), target).to(ScalarType.Float64).item<double>();
             }
             h.Dispose();
         }
-        return Math.Exp(sum / _windows.Length);
+        LastNll = nll;
+        double mean = nll.Average();
+        if (!double.IsFinite(mean)) throw new LlmSnpException("perplexity is not finite (the model produced non-finite logits)");
+        return Math.Exp(mean);
     }
 }
 

@@ -128,13 +128,7 @@ public sealed class OptModel : IPrunableModel
     {
         var c = Config;
         long a = (long)c.HeadsPerLayer[i] * c.HeadDim, f = c.FfnDims[i], h = c.Hidden;
-        var shapes = new Dictionary<Role, long[]>
-        {
-            [Role.QW] = new[] { a, h }, [Role.QB] = new[] { a }, [Role.KW] = new[] { a, h }, [Role.KB] = new[] { a },
-            [Role.VW] = new[] { a, h }, [Role.VB] = new[] { a }, [Role.OW] = new[] { h, a }, [Role.OB] = new[] { h },
-            [Role.Ln1W] = new[] { h }, [Role.Ln1B] = new[] { h }, [Role.Ln2W] = new[] { h }, [Role.Ln2B] = new[] { h },
-            [Role.Fc1W] = new[] { f, h }, [Role.Fc1B] = new[] { f }, [Role.Fc2W] = new[] { h, f }, [Role.Fc2B] = new[] { h },
-        };
+        var shapes = TransformerBlock.Shapes(a, f, h);
         string prefix = $"{Prefix}layers.{i}.";
         var w = new Dictionary<Role, Tensor>();
         try

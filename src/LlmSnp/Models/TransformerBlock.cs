@@ -31,6 +31,15 @@ public sealed class TransformerBlock : IPrunableBlock
     readonly int _origHeadUnits, _origFfn;
     long[] _keptHeadUnits, _keptNeurons;   // original indices, for the padded export
 
+    /// <summary>Shape of every role for attention width <paramref name="a"/> (heads × head_dim), MLP width <paramref name="f"/> and model width <paramref name="h"/>.</summary>
+    public static Dictionary<Role, long[]> Shapes(long a, long f, long h) => new()
+    {
+        [Role.QW] = new[] { a, h }, [Role.QB] = new[] { a }, [Role.KW] = new[] { a, h }, [Role.KB] = new[] { a },
+        [Role.VW] = new[] { a, h }, [Role.VB] = new[] { a }, [Role.OW] = new[] { h, a }, [Role.OB] = new[] { h },
+        [Role.Ln1W] = new[] { h }, [Role.Ln1B] = new[] { h }, [Role.Ln2W] = new[] { h }, [Role.Ln2B] = new[] { h },
+        [Role.Fc1W] = new[] { f, h }, [Role.Fc1B] = new[] { f }, [Role.Fc2W] = new[] { h, f }, [Role.Fc2B] = new[] { h },
+    };
+
     static readonly Role[] HeadProducers = { Role.QW, Role.QB, Role.KW, Role.KB, Role.VW, Role.VB };
 
     /// <param name="nodeLayerNames">Names of the head and MLP node layers in reports (the checkpoint's own).</param>

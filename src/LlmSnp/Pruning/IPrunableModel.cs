@@ -71,3 +71,17 @@ public interface IPrunableModel : IDisposable
     /// <summary>Files besides the weights and config that a checkpoint carries (tokenizer, preprocessor).</summary>
     IEnumerable<string> CompanionFiles();
 }
+
+public static class PrunableBlockExtensions
+{
+    /// <summary>Moves every hidden micro-batch through the block, releasing the old ones.</summary>
+    public static void Advance(this IPrunableBlock block, List<Tensor> hidden)
+    {
+        for (int k = 0; k < hidden.Count; k++)
+        {
+            var next = block.Forward(hidden[k])!;
+            hidden[k].Dispose();
+            hidden[k] = next;
+        }
+    }
+}

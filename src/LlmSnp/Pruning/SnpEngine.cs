@@ -101,12 +101,7 @@ public sealed class SnpEngine
             unitsKept.Add(kept);
             headsKept.Add(heads);
             var s2 = Stopwatch.StartNew();
-            for (int k = 0; k < hidden.Count; k++)
-            {
-                var next = block.Forward(hidden[k])!;
-                hidden[k].Dispose();
-                hidden[k] = next;
-            }
+            block.Advance(hidden);
             statSec += s2.Elapsed.TotalSeconds;
             onBlockDone(block, b);
             double el = total.Elapsed.TotalSeconds, eta = el / (b + 1) * (_model.BlockCount - b - 1);
@@ -208,12 +203,7 @@ public sealed class SnpEngine
                 layers.Add((Subspace.GroupResiduals(gram, Units(order, info.GroupSize), info.GroupSize, _opt.Damp, info.Name), info.ParamsPerGroup));
                 where.Add((b, j));
             }
-            for (int k = 0; k < hidden.Count; k++)
-            {
-                var next = block.Forward(hidden[k])!;
-                hidden[k].Dispose();
-                hidden[k] = next;
-            }
+            block.Advance(hidden);
             _log?.Invoke($"budget plan: statistics of block {b + 1}/{_model.BlockCount}");
         }
         hidden.ForEach(h => h.Dispose());

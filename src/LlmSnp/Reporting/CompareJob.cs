@@ -93,6 +93,6 @@ public static class CompareJob
             ["damp"] = o.Damp, ["command"] = o.CommandLine,
             ["date"] = DateTime.UtcNow.ToString("yyyy-MM-dd"),
         };
-        return Comparison.Write(o.OutDir, $"{provenance["model"]}: perplexity", "perplexity (WikiText-2)", false, dense, rows, provenance);
+        return Comparison.Write(o.OutDir, $"{provenance["model"]}: perplexity", $"perplexity ({TextSources.Describe(o.Eval)})", false, dense, rows, provenance);
     }
 }

@@ -88,7 +88,7 @@ public static class Comparison
                     };
                     using var model = req.OpenModel();
                     var hidden = req.Metric.Embed(model);
-                    var result = new SnpEngine(model, opt).Run(req.Calibration, (block, _) => StreamedMetrics.Advance(block, hidden));
+                    var result = new SnpEngine(model, opt).Run(req.Calibration, (block, _) => block.Advance(hidden));
                     double metric = req.Metric.Finish(model, hidden);
                     double frac = result.PrunableParams > 0 ? (double)result.ParamsRemoved / result.PrunableParams : 0;
                     rows.Add(new ComparisonRow(targets, method.Label, Orderings.Name(method.Ordering), method.Reconstruct.ToString().ToLowerInvariant(),
