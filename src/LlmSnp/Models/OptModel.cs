@@ -210,11 +210,7 @@ public sealed class OptModel : IPrunableModel
         return n;
     }
 
-    public long BlockParameters(int heads, int ffn)
-    {
-        long h = Config.Hidden, a = (long)heads * Config.HeadDim;
-        return 3 * (a * h + a) + (h * a + h) + 4 * h + (ffn * h + ffn) + (h * ffn + h);
-    }
+    public long BlockParameters(int heads, int ffn) => TransformerBlock.ParameterCount((long)heads * Config.HeadDim, ffn, Config.Hidden);
 
     public void Dispose()
     {

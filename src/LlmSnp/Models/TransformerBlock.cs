@@ -40,6 +40,9 @@ public sealed class TransformerBlock : IPrunableBlock
         [Role.Fc1W] = new[] { f, h }, [Role.Fc1B] = new[] { f }, [Role.Fc2W] = new[] { h, f }, [Role.Fc2B] = new[] { h },
     };
 
+    /// <summary>Parameters of a block of these widths (every role's element count).</summary>
+    public static long ParameterCount(long a, long f, long h) => Shapes(a, f, h).Values.Sum(s => s.Aggregate(1L, (x, y) => x * y));
+
     static readonly Role[] HeadProducers = { Role.QW, Role.QB, Role.KW, Role.KB, Role.VW, Role.VB };
 
     /// <param name="nodeLayerNames">Names of the head and MLP node layers in reports (the checkpoint's own).</param>

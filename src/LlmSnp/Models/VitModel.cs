@@ -292,11 +292,7 @@ public sealed class VitModel : IPrunableModel
         return n;
     }
 
-    public long BlockParameters(int heads, int mlp)
-    {
-        long h = Config.Hidden, a = (long)heads * Config.HeadDim;
-        return 3 * (a * h + a) + (h * a + h) + 4 * h + (mlp * h + mlp) + (h * mlp + h);
-    }
+    public long BlockParameters(int heads, int mlp) => TransformerBlock.ParameterCount((long)heads * Config.HeadDim, mlp, Config.Hidden);
 
     public void Dispose()
     {
