@@ -121,6 +121,16 @@ static class Cli
         var skipEval = new Option<bool>("--skip-eval") { Description = "only the pruning run" };
         var work = new Option<string>("--work-dir") { Description = "where the random checkpoint is generated", DefaultValueFactory = _ => Path.GetTempPath() };
         var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random OPT of a released shape") { shape, layers, windows, seqlen, samples, skipEval, work, Json };
+        var cases = new Option<int>("--cases") { Description = "mutated checkpoints and configs to try", DefaultValueFactory = _ => 20000 };
+        var fuzzSeed = new Option<int>("--seed") { Description = "fuzz seed", DefaultValueFactory = _ => 20240611 };
+        var fuzz = new Command("fuzz", "hostile-input fuzzing of the safetensors reader, sharded index and config parsing") { cases, fuzzSeed, Json };
+        fuzz.SetAction(p => Run(p, () =>
+        {
+            string dir = Path.Combine(Path.GetTempPath(), $"llmsnp-fuzz-{Guid.NewGuid():N}");
+            try { return LlmSnp.Reliability.HeaderFuzzer.Run(p.GetValue(cases), p.GetValue(fuzzSeed), dir, TimeSpan.FromSeconds(10)).ToJson(); }
+            finally { if (Directory.Exists(dir)) Directory.Delete(dir, true); }
+        }));
+        cmd.Subcommands.Add(fuzz);
         cmd.SetAction(p => Run(p, () =>
         {
             var s = OptShape.Parse(p.GetValue(shape)!);

@@ -42,7 +42,9 @@ public sealed class CheckpointReader : IDisposable
         Dictionary<string, string> weightMap = new(StringComparer.Ordinal);
         try
         {
-            using var doc = JsonDocument.Parse(File.ReadAllBytes(index), new JsonDocumentOptions { MaxDepth = 16 });
+            byte[] bytes = File.ReadAllBytes(index);
+            if (!System.Text.Unicode.Utf8.IsValid(bytes)) throw new LlmSnpException($"{index}: not valid UTF-8");
+            using var doc = JsonDocument.Parse(bytes, new JsonDocumentOptions { MaxDepth = 16 });
             if (doc.RootElement.ValueKind != JsonValueKind.Object || !doc.RootElement.TryGetProperty("weight_map", out var wm) || wm.ValueKind != JsonValueKind.Object)
                 throw new LlmSnpException($"{index}: no weight_map object");
             foreach (var p in wm.EnumerateObject())

@@ -17,9 +17,12 @@ public sealed class ConfigFile
         string path = System.IO.Path.Combine(modelDir, "config.json");
         if (!File.Exists(path)) throw new LlmSnpException($"{path}: file not found");
         JsonNode? node;
+        byte[] bytes = File.ReadAllBytes(path);
+        if (!System.Text.Unicode.Utf8.IsValid(bytes)) throw new LlmSnpException($"{path}: not valid UTF-8");
         try
         {
-            node = JsonNode.Parse(File.ReadAllBytes(path), documentOptions: new JsonDocumentOptions { MaxDepth = 32 });
+            // Duplicate keys are ambiguous (which one would a loader honour?): reject them.
+            node = JsonNode.Parse(bytes, documentOptions: new JsonDocumentOptions { MaxDepth = 32, AllowDuplicateProperties = false });
         }
         catch (JsonException e)
         {
@@ -84,6 +87,16 @@ public sealed class ConfigFile
             else throw new LlmSnpException($"{Path}: field '{field}'[{i}] is not a positive integer");
         }
         return r;
+    }
+
+    /// <summary>More layers than any real model: refused before per-layer arrays are allocated.</summary>
+    public const int MaxLayers = 100_000;
+
+    public int Layers()
+    {
+        int layers = Int("num_hidden_layers");
+        if (layers > MaxLayers) throw Unsupported("num_hidden_layers", $"is {layers}; more than {MaxLayers} layers is not supported");
+        return layers;
     }
 
     public LlmSnpException Missing(string field, string what) =>

@@ -22,7 +22,7 @@ public sealed class OptConfig
     public static OptConfig From(ConfigFile f)
     {
         if (f.ModelType != "opt") throw new LlmSnpException($"{f.Path}: model_type '{f.ModelType}' is not OPT");
-        int hidden = f.Int("hidden_size"), heads = f.Int("num_attention_heads"), layers = f.Int("num_hidden_layers");
+        int hidden = f.Int("hidden_size"), heads = f.Int("num_attention_heads"), layers = f.Layers();
         if (hidden % heads != 0) throw f.Unsupported("num_attention_heads", $"({heads}) does not divide hidden_size ({hidden})");
         string act = f.Has("activation_function") ? f.String("activation_function") : "relu";
         if (act != "relu") throw f.Unsupported("activation_function", $"is '{act}'; only relu is supported");

@@ -29,7 +29,7 @@ public sealed class VitConfig
     {
         string type = f.ModelType;
         if (type is not ("vit" or "deit")) throw new LlmSnpException($"{f.Path}: model_type '{type}' is not ViT or DeiT");
-        int hidden = f.Int("hidden_size"), heads = f.Int("num_attention_heads"), layers = f.Int("num_hidden_layers");
+        int hidden = f.Int("hidden_size"), heads = f.Int("num_attention_heads"), layers = f.Layers();
         if (hidden % heads != 0) throw f.Unsupported("num_attention_heads", $"({heads}) does not divide hidden_size ({hidden})");
         string act = f.Has("hidden_act") ? f.String("hidden_act") : "gelu";
         if (act != "gelu") throw f.Unsupported("hidden_act", $"is '{act}'; only exact gelu is supported");

@@ -62,7 +62,7 @@ public static class PrunedCheckpoint
             Publish(tmp, outDir);
             return report;
         }
-        catch (IOException e)
+        catch (Exception e) when (e is IOException || IsFileTooLarge(e))
         {
             TryDelete(tmp);
             throw new LlmSnpException($"{req.OutDir}: writing the pruned checkpoint failed ({e.Message}); nothing was written");
@@ -173,6 +173,10 @@ public static class PrunedCheckpoint
             },
         };
     }
+
+    /// <summary>Past the file system's size limit, .NET's writes throw this rather than an IOException.</summary>
+    internal static bool IsFileTooLarge(Exception e) =>
+        e is ArgumentOutOfRangeException { ParamName: "value" } && e.TargetSite?.DeclaringType?.Namespace == "System.IO";
 
     static void Publish(string tmp, string outDir)
     {
