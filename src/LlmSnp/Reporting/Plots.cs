@@ -34,7 +34,7 @@ public static class Plots
             plt.Axes.SetLimitsY(Math.Min(all.Min(), dense) * 0.95, cap * 1.05);
         }
         else plt.Axes.SetLimitsY(Math.Max(0, all.Min() - 2), Math.Min(100, all.Max() + 2));
-        plt.ShowLegend(ScottPlot.Alignment.UpperLeft);
+        plt.ShowLegend(higherIsBetter ? ScottPlot.Alignment.LowerLeft : ScottPlot.Alignment.UpperLeft);   // away from the dense start
         plt.SavePng(path, 1000, 650);
     }
 }
