@@ -15,19 +15,21 @@ static class DemoCommand
     public static Command Build(Func<ParseResult, Func<JsonObject>, int> run)
     {
         var outDir = new Option<string>("--out") { Description = "where pruned checkpoints and the report go", DefaultValueFactory = _ => "out" };
-        var tau = new Option<double>("--variance") { Description = "τ of the automatic per-layer ratios", DefaultValueFactory = _ => 0.95 };
+        // ViT-tiny is small and dense: a τ that costs OPT nothing costs it many points, so each model has its own.
+        var tauOpt = new Option<double>("--variance-opt") { Description = "τ of the automatic per-layer ratios for the OPT", DefaultValueFactory = _ => 0.95 };
+        var tauVit = new Option<double>("--variance-vit") { Description = "τ of the automatic per-layer ratios for the ViT", DefaultValueFactory = _ => 0.99 };
         var windows = new Option<int?>("--eval-windows") { Description = "WikiText-2 windows of 512 tokens to evaluate (default: all 561)" };
         var images = new Option<int>("--eval-images") { Description = "ImageNet images to evaluate (never the calibration ones)", DefaultValueFactory = _ => 500 };
-        var cmd = new Command("demo", "prune the bundled OPT and ViT (SNP, automatic ratios), evaluate dense and pruned, print a summary") { outDir, tau, windows, images };
+        var cmd = new Command("demo", "prune the bundled OPT and ViT (SNP, automatic ratios), evaluate dense and pruned, print a summary") { outDir, tauOpt, tauVit, windows, images };
         cmd.SetAction(p => run(p, () =>
         {
             string root = RepoPaths.Root, dest = p.GetValue(outDir)!;
-            double t = p.GetValue(tau);
-            var snp = new PruneOptions { Ordering = Ordering.Zca, Reconstruct = ReconstructMode.Lstsq, Policy = RatioPolicyKind.Variance, Amount = t };
+            double tOpt = p.GetValue(tauOpt), tVit = p.GetValue(tauVit);
+            PruneOptions Snp(double tau) => new() { Ordering = Ordering.Zca, Reconstruct = ReconstructMode.Lstsq, Policy = RatioPolicyKind.Variance, Amount = tau };
             var sw = Stopwatch.StartNew();
             var opt = PruneJob.Run(new PruneJobOptions
             {
-                ModelDir = Path.Combine(root, "models", "opt-tiny-c4"), OutDir = Path.Combine(dest, "opt-tiny-c4-snp"), Force = true, Prune = snp,
+                ModelDir = Path.Combine(root, "models", "opt-tiny-c4"), OutDir = Path.Combine(dest, "opt-tiny-c4-snp"), Force = true, Prune = Snp(tOpt),
                 CalibSource = TextSources.C4, CalibSamples = 64, CalibSeqLen = 512,
                 EvalDataset = TextSources.WikiText2, EvalSeqLen = 512, EvalLimit = p.GetValue(windows),
             }, Cli.Log);
@@ -35,7 +37,7 @@ static class DemoCommand
             string imageDir = Path.Combine(root, "eval", "data", "imagenet-val");
             var vit = PruneJob.Run(new PruneJobOptions
             {
-                ModelDir = Path.Combine(root, "models", "vit-tiny"), OutDir = Path.Combine(dest, "vit-tiny-snp"), Force = true, Prune = snp,
+                ModelDir = Path.Combine(root, "models", "vit-tiny"), OutDir = Path.Combine(dest, "vit-tiny-snp"), Force = true, Prune = Snp(tVit),
                 CalibSource = imageDir, CalibSamples = 64, EvalDataset = PruneJob.AccuracyEval, EvalImages = imageDir, EvalLimit = p.GetValue(images),
             }, Cli.Log);
             double vitSeconds = sw.Elapsed.TotalSeconds - optSeconds;
@@ -45,10 +47,10 @@ static class DemoCommand
 
             var e = Console.Error;
             e.WriteLine();
-            e.WriteLine($"SNP (zca ordering, least-squares reconstruction, automatic per-layer ratios τ = {t})");
-            e.WriteLine($"  {"model",-12} {"metric",-26} {"params before",14} {"params after",13} {"dense",9} {"pruned",9} {"time",7}");
-            Row("opt-tiny-c4", $"WikiText-2 ppl ({opt["eval"]!["dense"]!["windows"]}×512)", opt, "perplexity", optSeconds);
-            Row("vit-tiny", $"ImageNet top-1 % ({vit["eval"]!["dense"]!["images"]} img)", vit, "top1", vitSeconds);
+            e.WriteLine("SNP: zca ordering, least-squares reconstruction, automatic per-layer ratios (variance τ)");
+            e.WriteLine($"  {"model",-12} {"τ",5} {"metric",-26} {"params before",14} {"params after",13} {"dense",9} {"pruned",9} {"time",7}");
+            Row("opt-tiny-c4", tOpt, $"WikiText-2 ppl ({opt["eval"]!["dense"]!["windows"]}×512)", opt, "perplexity", optSeconds);
+            Row("vit-tiny", tVit, $"ImageNet top-1 % ({vit["eval"]!["dense"]!["images"]} img)", vit, "top1", vitSeconds);
             e.WriteLine($"  pruned checkpoints: {Path.Combine(dest, "opt-tiny-c4-snp")}, {Path.Combine(dest, "vit-tiny-snp")}");
             e.WriteLine($"  full report: {reportPath}");
             return new JsonObject
@@ -57,8 +59,8 @@ static class DemoCommand
                 ["opt-tiny-c4"] = Summary(opt, "perplexity"), ["vit-tiny"] = Summary(vit, "top1"), ["seconds"] = sw.Elapsed.TotalSeconds,
             };
 
-            void Row(string name, string metric, JsonObject r, string key, double seconds) =>
-                e.WriteLine($"  {name,-12} {metric,-26} {(long)r["params_before"]!,14:N0} {(long)r["params_after"]!,13:N0} {(double)r["eval"]!["dense"]![key]!,9:F2} {(double)r["eval"]!["pruned"]![key]!,9:F2} {seconds,6:F0}s");
+            void Row(string name, double tau, string metric, JsonObject r, string key, double seconds) =>
+                e.WriteLine($"  {name,-12} {tau,5} {metric,-26} {(long)r["params_before"]!,14:N0} {(long)r["params_after"]!,13:N0} {(double)r["eval"]!["dense"]![key]!,9:F2} {(double)r["eval"]!["pruned"]![key]!,9:F2} {seconds,6:F0}s");
         }));
         return cmd;
     }
