@@ -130,16 +130,7 @@ public sealed class OptModel : IPrunableModel
         long a = (long)c.HeadsPerLayer[i] * c.HeadDim, f = c.FfnDims[i], h = c.Hidden;
         var shapes = TransformerBlock.Shapes(a, f, h);
         string prefix = $"{Prefix}layers.{i}.";
-        var w = new Dictionary<Role, Tensor>();
-        try
-        {
-            foreach (var (role, name) in BlockNames) w[role] = Read(prefix + name, shapes[role]);
-        }
-        catch
-        {
-            foreach (var t in w.Values) t.Dispose();
-            throw;
-        }
+        var w = TransformerBlock.ReadRoles(w => { foreach (var (role, name) in BlockNames) w[role] = Read(prefix + name, shapes[role]); });
         var spec = new BlockSpec(c.Hidden, c.HeadDim, c.PreLayerNorm, Causal: true, Activation.Relu, LayerNormEps);
         return new TransformerBlock(spec, ($"layers.{i}.self_attn", $"layers.{i}.fc1"), w,
             roles => BlockNames.Select(rn => (prefix + rn.Name, roles[rn.Role])));

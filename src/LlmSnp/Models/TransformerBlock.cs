@@ -40,6 +40,22 @@ public sealed class TransformerBlock : IPrunableBlock
         [Role.Fc1W] = new[] { f, h }, [Role.Fc1B] = new[] { f }, [Role.Fc2W] = new[] { h, f }, [Role.Fc2B] = new[] { h },
     };
 
+    /// <summary>Reads a block's role tensors; on failure releases whatever was already read.</summary>
+    public static Dictionary<Role, Tensor> ReadRoles(Action<Dictionary<Role, Tensor>> fill)
+    {
+        var w = new Dictionary<Role, Tensor>();
+        try
+        {
+            fill(w);
+            return w;
+        }
+        catch
+        {
+            foreach (var t in w.Values) t.Dispose();
+            throw;
+        }
+    }
+
     /// <summary>Parameters of a block of these widths (every role's element count).</summary>
     public static long ParameterCount(long a, long f, long h) => Shapes(a, f, h).Values.Sum(s => s.Aggregate(1L, (x, y) => x * y));
 

@@ -208,8 +208,7 @@ public sealed class VitModel : IPrunableModel
         var shapes = TransformerBlock.Shapes(a, f, h);
         string prefix = Timm ? $"blocks.{i}." : $"{_p}encoder.layer.{i}.";
         var names = Timm ? TimmBlockNames : HfBlockNames;
-        var w = new Dictionary<Role, Tensor>();
-        try
+        var w = TransformerBlock.ReadRoles(w =>
         {
             foreach (var (role, name) in names) w[role] = Read(prefix + name, shapes[role]);
             if (Timm)
@@ -221,12 +220,7 @@ public sealed class VitModel : IPrunableModel
                 (w[Role.QW], w[Role.KW], w[Role.VW]) = (ws[0].contiguous(), ws[1].contiguous(), ws[2].contiguous());
                 (w[Role.QB], w[Role.KB], w[Role.VB]) = (bs[0].contiguous(), bs[1].contiguous(), bs[2].contiguous());
             }
-        }
-        catch
-        {
-            foreach (var t in w.Values) t.Dispose();
-            throw;
-        }
+        });
         var spec = new BlockSpec(c.Hidden, c.HeadDim, PreLayerNorm: true, Causal: false, Activation.Gelu, c.LayerNormEps);
         string layerName = Timm ? $"blocks.{i}" : $"encoder.layer.{i}";
         return new TransformerBlock(spec, ($"{layerName}.attention", $"{layerName}.mlp"), w, roles =>
