@@ -61,11 +61,24 @@ static class Cli
         var text = new Option<string?>("--text") { Description = "text to encode" };
         var file = new Option<string?>("--file") { Description = "file to encode" };
         var rows = new Option<bool>("--rows-json") { Description = "the file is a JSON array of rows, joined with \"\\n\\n\"" };
-        var cmd = new Command("tokenize", "encode text with the OPT tokenizer (bos prepended)") { model, text, file, rows, Json };
+        var jsonl = new Option<bool>("--jsonl") { Description = "the file is JSON lines of {\"text\": ...}; one id array per document (a training corpus)" };
+        var cmd = new Command("tokenize", "encode text with the OPT tokenizer (bos prepended)") { model, text, file, rows, jsonl, Json };
         cmd.SetAction(p => Run(p, () =>
         {
             string? t = p.GetValue(text), f = p.GetValue(file);
             if ((t == null) == (f == null)) throw new LlmSnpException("tokenize: give exactly one of --text or --file");
+            if (p.GetValue(jsonl))
+            {
+                if (f == null) throw new LlmSnpException("tokenize: --jsonl needs --file");
+                if (!File.Exists(f)) throw new LlmSnpException($"{f}: file not found");
+                var tok = OptTokenizer.ForModel(p.GetValue(model));
+                var docs = TextSources.ReadJsonl(f).Select(d => tok.Encode(d)).ToList();
+                return new JsonObject
+                {
+                    ["documents"] = docs.Count, ["count"] = docs.Sum(d => d.Length),
+                    ["ids"] = new JsonArray(docs.Select(d => (JsonNode)new JsonArray(d.Select(i => (JsonNode)i).ToArray())).ToArray()),
+                };
+            }
             string input = t ?? (p.GetValue(rows) ? string.Join("\n\n", TextSources.ReadRows(f!))
                 : File.Exists(f) ? File.ReadAllText(f!) : throw new LlmSnpException($"{f}: file not found"));
             var ids = OptTokenizer.ForModel(p.GetValue(model)).Encode(input);

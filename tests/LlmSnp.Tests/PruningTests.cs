@@ -236,6 +236,55 @@ public class PruningTests
         return m.ForwardAllInMemory(torch.tensor(ProbeIds, new long[] { 1, ProbeIds.Length }));
     }
 
+    /// <summary>
+    /// The engine streams each sub-block once and reuses the head outputs of its statistics pass;
+    /// this reference recomputes everything with whole-block forwards (capture, prune, forward again).
+    /// Both must prune the same units and produce the same weights.
+    /// </summary>
+    [Theory]
+    [MemberData(nameof(Shapes))]
+    public void Engine_matches_a_naive_capture_and_reforward_reference(string name, TinyOpt shape)
+    {
+        using var tmp = new TempDir();
+        string src = shape.Write(tmp.Sub("src"));
+        var opt = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.4 };
+        var calib = CalibIds(5);
+        var engineWeights = new List<Dictionary<string, Tensor>>();
+        using (var model = new OptModel(src, CPU, ScalarType.Float64))
+            new SnpEngine(model, opt).Run(calib, (block, _) =>
+                engineWeights.Add(block.Tensors(ScalarType.Float64).ToDictionary(t => t.Name, t => t.Tensor.clone())));
+
+        using var reference = new OptModel(src, CPU, ScalarType.Float64);
+        var hidden = calib.Select(reference.Embed).ToList();
+        long tokens = hidden.Sum(h => h.shape[0] * h.shape[1]);
+        for (int b = 0; b < reference.BlockCount; b++)
+        {
+            using var block = reference.LoadBlock(b);
+            for (int j = 0; j < 2; j++)
+            {
+                var info = block.NodeLayers[j];
+                using var acc = new GramAccumulator(info.Units, CPU);
+                foreach (var h in hidden) block.Forward(h, j, acc.Add);
+                using var gram = acc.Result("reference");
+                var (w, c) = block.Consumer(j);
+                var input = new OrderingInput(gram, w, c, block.ProducerSquaredNorms(j), info.GroupSize, tokens, opt.Damp, 0, "reference");
+                var order = Orderings.Order(Ordering.Zca, input);
+                int keep = RatioPolicy.KeepForRatio(info.Groups, opt.Amount);
+                var kept = Units(order.Take(keep), info.GroupSize);
+                var pruned = Units(order.Skip(keep), info.GroupSize);
+                var rec = Subspace.Reconstruct(gram, w, c, kept, pruned, ReconstructMode.Lstsq, opt.Damp, "reference");
+                block.Prune(j, kept, rec.Weight, rec.Bias);
+            }
+            hidden = hidden.Select(h => block.Forward(h)!).ToList();
+            foreach (var (tensorName, t) in block.Tensors(ScalarType.Float64))
+            {
+                var e = engineWeights[b][tensorName];
+                Assert.Equal(t.shape, e.shape);
+                Assert.True(RelDiff(e, t) < 1e-9, $"{name}: {tensorName} differs from the reference by {RelDiff(e, t):G3}");
+            }
+        }
+    }
+
     public static IEnumerable<object[]> Shapes => new[]
     {
         new object[] { "pre", new TinyOpt() },

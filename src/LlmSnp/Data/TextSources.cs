@@ -55,7 +55,7 @@ public static class TextSources
         catch (JsonException e) { throw new LlmSnpException($"{path}: not valid JSON ({e.Message.Split('\n')[0]})"); }
     }
 
-    static List<string> ReadJsonl(string path)
+    public static List<string> ReadJsonl(string path)
     {
         var docs = new List<string>();
         int lineNo = 0;

@@ -92,19 +92,35 @@ public sealed class TransformerBlock : IPrunableBlock
         return o.transpose(1, 2).reshape(b, t, -1);
     }
 
-    public Tensor? Forward(Tensor hidden, int captureLayer = -1, Action<Tensor>? capture = null)
+    public Tensor Activations(int layer, Tensor input)
     {
         using var scope = NewDisposeScope();
         bool pre = _s.PreLayerNorm;
-        var heads = HeadOutputs(pre ? LayerNorm(hidden, Role.Ln1W, Role.Ln1B) : hidden);
-        if (captureLayer == 0) { capture!(heads.reshape(-1, heads.shape[2])); return null; }
-        var h = hidden + F.linear(heads, _w[Role.OW], _w[Role.OB]);
-        if (!pre) h = LayerNorm(h, Role.Ln1W, Role.Ln1B);
-        var z = F.linear(pre ? LayerNorm(h, Role.Ln2W, Role.Ln2B) : h, _w[Role.Fc1W], _w[Role.Fc1B]);
-        var act = _s.Activation == Activation.Relu ? F.relu(z) : F.gelu(z);   // gelu: exact (erf)
-        if (captureLayer == 1) { capture!(act.reshape(-1, act.shape[2])); return null; }
-        h = h + F.linear(act, _w[Role.Fc2W], _w[Role.Fc2B]);
-        if (!pre) h = LayerNorm(h, Role.Ln2W, Role.Ln2B);
+        if (layer == 0) return HeadOutputs(pre ? LayerNorm(input, Role.Ln1W, Role.Ln1B) : input).MoveToOuterDisposeScope();
+        var z = F.linear(pre ? LayerNorm(input, Role.Ln2W, Role.Ln2B) : input, _w[Role.Fc1W], _w[Role.Fc1B]);
+        return (_s.Activation == Activation.Relu ? F.relu(z) : F.gelu(z)).MoveToOuterDisposeScope();   // gelu: exact (erf)
+    }
+
+    public Tensor Residual(int layer, Tensor input, Tensor activations)
+    {
+        using var scope = NewDisposeScope();
+        var (w, b) = Consumer(layer);
+        var h = input + F.linear(activations, w, b);
+        // Post-LN (OPT-350m): the norm follows each residual add.
+        if (!_s.PreLayerNorm) h = layer == 0 ? LayerNorm(h, Role.Ln1W, Role.Ln1B) : LayerNorm(h, Role.Ln2W, Role.Ln2B);
+        return h.MoveToOuterDisposeScope();
+    }
+
+    public Tensor? Forward(Tensor hidden, int captureLayer = -1, Action<Tensor>? capture = null)
+    {
+        using var scope = NewDisposeScope();
+        var h = hidden;
+        for (int j = 0; j < 2; j++)
+        {
+            var a = Activations(j, h);
+            if (captureLayer == j) { capture!(a.reshape(-1, a.shape[2])); return null; }
+            h = Residual(j, h, a);
+        }
         return h.MoveToOuterDisposeScope();
     }
 

@@ -31,6 +31,15 @@ public interface IPrunableBlock : IDisposable
     /// </summary>
     Tensor? Forward(Tensor hidden, int captureLayer = -1, Action<Tensor>? capture = null);
 
+    /// <summary>
+    /// Node layer <paramref name="layer"/>'s activations [batch, tokens, units] from the residual
+    /// stream entering its sub-block (the block input for the first node layer).
+    /// </summary>
+    Tensor Activations(int layer, Tensor input);
+
+    /// <summary>The residual stream leaving node layer <paramref name="layer"/>'s sub-block, given its input and activations.</summary>
+    Tensor Residual(int layer, Tensor input, Tensor activations);
+
     /// <summary>The consumer's weight [out, units] and bias [out] of a node layer.</summary>
     (Tensor Weight, Tensor Bias) Consumer(int layer);
 

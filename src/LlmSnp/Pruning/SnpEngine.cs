@@ -18,6 +18,8 @@ public sealed record NodeLayerReport
     public required double Lambda { get; init; }
     public required int DampingEscalations { get; init; }
     public required long ParamsRemoved { get; init; }
+    /// <summary>Kept unit indices (a head's units expanded), ascending.</summary>
+    [System.Text.Json.Serialization.JsonIgnore] public long[] KeptUnits { get; init; } = Array.Empty<long>();
 }
 
 public sealed record PruneResult
@@ -73,6 +75,7 @@ public sealed class SnpEngine
         var headsKept = new List<long[]>();
         var hidden = calibration.Select(_model.Embed).ToList();
         _tokens = hidden.Sum(h => h.shape[0] * h.shape[1]);
+        double decBefore = 0;
         for (int b = 0; b < _model.BlockCount; b++)
         {
             using var block = _model.LoadBlock(b);
@@ -82,27 +85,28 @@ public sealed class SnpEngine
             for (int j = 0; j < layers.Count; j++)
             {
                 var info = layers[j];
-                if (!_opt.Targets(info.Kind))
-                {
-                    kept[j] = info.Units;
-                    if (info.Kind == NodeKind.Heads) heads = Enumerable.Range(0, info.Groups).Select(x => (long)x).ToArray();
-                    continue;
-                }
+                kept[j] = info.Units;
+                if (info.Kind == NodeKind.Heads) heads = Enumerable.Range(0, info.Groups).Select(x => (long)x).ToArray();
+                Func<Tensor, long[]>? prune = null;
+                if (_opt.Targets(info.Kind))
+                    prune = gram =>
+                    {
+                        var s1 = Stopwatch.StartNew();
+                        var report = PruneLayer(block, j, info, gram, planned?[b][j]);
+                        decSec += s1.Elapsed.TotalSeconds;
+                        reports.Add(report);
+                        kept[j] = report.UnitsKept;
+                        if (info.Kind == NodeKind.Heads) heads = report.KeptIndices;
+                        return report.KeptUnits;
+                    };
                 var s0 = Stopwatch.StartNew();
-                using var gram = Statistics(block, j, info, hidden);
+                RunSubBlock(block, j, info, hidden, prune);
                 statSec += s0.Elapsed.TotalSeconds;
-                var s1 = Stopwatch.StartNew();
-                var report = PruneLayer(block, j, info, gram, planned?[b][j]);
-                decSec += s1.Elapsed.TotalSeconds;
-                reports.Add(report);
-                kept[j] = report.UnitsKept;
-                if (info.Kind == NodeKind.Heads) heads = report.KeptIndices;
             }
+            statSec -= decSec - decBefore;   // RunSubBlock's time includes the decomposition
+            decBefore = decSec;
             unitsKept.Add(kept);
             headsKept.Add(heads);
-            var s2 = Stopwatch.StartNew();
-            block.Advance(hidden);
-            statSec += s2.Elapsed.TotalSeconds;
             onBlockDone(block, b);
             double el = total.Elapsed.TotalSeconds, eta = el / (b + 1) * (_model.BlockCount - b - 1);
             _log?.Invoke($"block {b + 1}/{_model.BlockCount}: kept {string.Join(", ", layers.Select((l, j) => $"{(l.Kind == NodeKind.Heads ? "heads" : "mlp")} {kept[j] / l.GroupSize}/{l.Groups}"))}; elapsed {el:F1}s, ETA {eta:F1}s");
@@ -120,11 +124,51 @@ public sealed class SnpEngine
     readonly Dictionary<string, long> _paramsPerGroup = new();
     long _tokens;
 
-    Tensor Statistics(IPrunableBlock block, int layer, NodeLayerInfo info, IReadOnlyList<Tensor> hidden)
+    /// <summary>
+    /// Moves every hidden micro-batch through node layer <paramref name="j"/>'s sub-block. With
+    /// <paramref name="prune"/>, first gathers the layer's Gram over all micro-batches and lets it
+    /// prune the layer (it returns the kept units). Activations no wider than the hidden state are
+    /// kept from the statistics pass: the kept units' activations do not change when the layer is
+    /// pruned (only their consumer does), so the sub-block's producer runs once, not twice.
+    /// Wider ones (the MLP) are recomputed by the pruned block instead of held in memory.
+    /// </summary>
+    void RunSubBlock(IPrunableBlock block, int j, NodeLayerInfo info, List<Tensor> hidden, Func<Tensor, long[]>? prune)
     {
-        using var acc = new GramAccumulator(info.Units, _model.Device);
-        foreach (var h in hidden) block.Forward(h, layer, acc.Add);
-        return acc.Result(info.Name);
+        List<Tensor>? reuse = null;
+        if (prune != null)
+        {
+            bool keep = info.Units <= hidden[0].shape[^1];
+            if (keep) reuse = new List<Tensor>(hidden.Count);
+            long[] keptUnits;
+            using (var acc = new GramAccumulator(info.Units, _model.Device))
+            {
+                foreach (var h in hidden)
+                {
+                    var a = block.Activations(j, h);
+                    using (var flat = a.reshape(-1, info.Units)) acc.Add(flat);
+                    if (keep) reuse!.Add(a); else a.Dispose();
+                }
+                using var gram = acc.Result(info.Name);
+                keptUnits = prune(gram);
+            }
+            if (reuse != null && keptUnits.Length < info.Units)
+            {
+                using var idx = torch.tensor(keptUnits, device: _model.Device);
+                for (int k = 0; k < reuse.Count; k++)
+                {
+                    var sel = reuse[k].index_select(2, idx);
+                    reuse[k].Dispose();
+                    reuse[k] = sel;
+                }
+            }
+        }
+        for (int k = 0; k < hidden.Count; k++)
+        {
+            using var a = reuse?[k] ?? block.Activations(j, hidden[k]);
+            var next = block.Residual(j, hidden[k], a);
+            hidden[k].Dispose();
+            hidden[k] = next;
+        }
     }
 
     NodeLayerReport PruneLayer(IPrunableBlock block, int j, NodeLayerInfo info, Tensor gram, int? plannedGroups)
@@ -153,6 +197,7 @@ public sealed class SnpEngine
             UnitsKept = keptUnits.Length, KeptIndices = gs == 1 ? keptUnits : keptGroups,
             Error = rec.Error, RelativeError = rec.RelativeError, Lambda = rec.Damping.Lambda,
             DampingEscalations = rec.Damping.Escalations, ParamsRemoved = prunedGroups.Length * info.ParamsPerGroup,
+            KeptUnits = keptUnits,
         };
     }
 
@@ -196,14 +241,18 @@ public sealed class SnpEngine
             for (int j = 0; j < infos.Count; j++)
             {
                 var info = infos[j];
-                if (!_opt.Targets(info.Kind)) continue;
-                using var gram = Statistics(block, j, info, hidden);
-                var (w, c) = block.Consumer(j);
-                var order = OrderGroups(block, j, info, gram, w, c);
-                layers.Add((Subspace.GroupResiduals(gram, Units(order, info.GroupSize), info.GroupSize, _opt.Damp, info.Name), info.ParamsPerGroup));
-                where.Add((b, j));
+                Func<Tensor, long[]>? measure = null;
+                if (_opt.Targets(info.Kind))
+                    measure = gram =>
+                    {
+                        var (w, c) = block.Consumer(j);
+                        var order = OrderGroups(block, j, info, gram, w, c);
+                        layers.Add((Subspace.GroupResiduals(gram, Units(order, info.GroupSize), info.GroupSize, _opt.Damp, info.Name), info.ParamsPerGroup));
+                        where.Add((b, j));
+                        return Enumerable.Range(0, info.Units).Select(u => (long)u).ToArray();   // dense pass: nothing pruned
+                    };
+                RunSubBlock(block, j, info, hidden, measure);
             }
-            block.Advance(hidden);
             _log?.Invoke($"budget plan: statistics of block {b + 1}/{_model.BlockCount}");
         }
         hidden.ForEach(h => h.Dispose());
