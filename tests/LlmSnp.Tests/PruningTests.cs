@@ -285,6 +285,26 @@ public class PruningTests
         }
     }
 
+    [Theory]
+    [InlineData(40, ScalarType.Float64)]
+    [InlineData(1100, ScalarType.Float64)]   // wide: blocked lower triangle (512 + 512 + 76), mirrored
+    [InlineData(1100, ScalarType.Float32)]
+    public void Gram_accumulator_equals_the_augmented_second_moment(int units, ScalarType dtype)
+    {
+        var gen = new torch.Generator(5);
+        // Uneven micro-batches, one longer than a chunk, non-zero means.
+        var parts = new[] { 300, 9000, 17 }.Select(r => (torch.randn(new long[] { r, units }, ScalarType.Float64, generator: gen) + 0.5)).ToList();
+        using var acc = new GramAccumulator(units, CPU);
+        foreach (var p in parts) acc.Add(p.to(dtype));
+        using var g = acc.Result("test");
+        var all = torch.cat(parts.Select(p => p.to(dtype).to(ScalarType.Float64)).ToList(), 0);
+        var aug = torch.cat(new[] { torch.ones(all.shape[0], 1, ScalarType.Float64), all }, 1);
+        var expected = aug.t().mm(aug) / all.shape[0];
+        double tol = dtype == ScalarType.Float64 ? 1e-12 : 1e-6;
+        Assert.True(RelDiff(g, expected) < tol, $"relative difference {RelDiff(g, expected):G3}");
+        Assert.Equal(0.0, (g - g.t()).abs().max().item<double>());
+    }
+
     public static IEnumerable<object[]> Shapes => new[]
     {
         new object[] { "pre", new TinyOpt() },

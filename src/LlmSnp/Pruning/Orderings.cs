@@ -34,7 +34,8 @@ public static class Orderings
         int n = (int)x.Gram.shape[0] - 1, gs = x.GroupSize, groups = n / gs;
         var g = x.Gram;
         var mu = g[0, TensorIndex.Slice(1)];
-        var sigma = g.narrow(0, 1, n).narrow(1, 1, n) - mu.outer(mu);
+        // Σ = G_uu − μμᵀ built in one n² buffer (no outer-product temporary): n is 8192+ on large MLPs.
+        var sigma = g.narrow(0, 1, n).narrow(1, 1, n).clone().addr_(mu, mu, 1, -1);
         var w = x.ConsumerWeight.to(ScalarType.Float64);
         var sigmaDiag = sigma.diagonal();
         var dead = sigmaDiag <= 1e-12 * sigmaDiag.mean().clamp_min(1e-300);
@@ -57,10 +58,12 @@ public static class Orderings
             case Ordering.ZcaPrecision:
                 {
                     double eps = 1e-6 * sigmaDiag.mean().item<double>();
-                    var (evals, evecs) = torch.linalg.eigh(sigma + torch.eye(n, dtype: ScalarType.Float64, device: g.device) * eps);
+                    sigmaDiag.add_(eps);   // in place: Σ itself is not needed after the eigendecomposition
+                    var (evals, evecs) = torch.linalg.eigh(sigma);
+                    sigma.Dispose();
                     evals = evals.clamp_min(eps * 1e-3);
                     // (Σ^{-1/2})_ii and (Σ^{-1})_ii from one eigendecomposition.
-                    var v2 = evecs.square();
+                    var v2 = evecs.mul_(evecs);
                     unitScore = kind == Ordering.Zca
                         ? 1.0 / v2.mv(evals.rsqrt()).square()
                         : 1.0 / v2.mv(evals.reciprocal());

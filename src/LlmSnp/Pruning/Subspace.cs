@@ -107,8 +107,9 @@ public static class Subspace
         var wk = w.index_select(1, keptIdx);
         var damping = new Damping(0, 0);
         var n = g.shape[0] - 1;
-        var sigma = g.narrow(0, 1, n).narrow(1, 1, n) - g.narrow(0, 1, n).narrow(1, 0, 1).mm(g.narrow(0, 0, 1).narrow(1, 1, n));
-        double total = w.mm(sigma).mul(w).sum().item<double>();
+        // tr(W Σ Wᵀ) with Σ = G_uu − μμᵀ, without forming Σ (an n² temporary).
+        var wmu = w.mv(g[0].narrow(0, 1, n));
+        double total = w.mm(g.narrow(0, 1, n).narrow(1, 1, n)).mul(w).sum().item<double>() - wmu.dot(wmu).item<double>();
         if (pruned.Length == 0)
             return Done(new Reconstruction(wk.MoveToOuterDisposeScope(), c.clone().MoveToOuterDisposeScope(), 0, 0, damping));
 
