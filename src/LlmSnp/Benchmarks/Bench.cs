@@ -133,6 +133,11 @@ public sealed class MemoryMonitor : IDisposable
 
     public MemoryMonitor()
     {
+        // Free heap pages that earlier phases (GEMM peak, checkpoint generation) left with glibc,
+        // so the phase is measured as a process running only it would see it.
+        GC.Collect();
+        GC.WaitForPendingFinalizers();
+        if (OperatingSystem.IsLinux()) try { malloc_trim(UIntPtr.Zero); } catch (DllNotFoundException) { } catch (EntryPointNotFoundException) { }
         _peak = Sample();
         _thread = new Thread(() =>
         {
@@ -145,6 +150,9 @@ public sealed class MemoryMonitor : IDisposable
         }) { IsBackground = true };
         _thread.Start();
     }
+
+    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "malloc_trim")]
+    static extern int malloc_trim(UIntPtr pad);
 
     /// <summary>RssAnon from /proc/self/status, in bytes (0 where unavailable).</summary>
     public static long Sample()
