@@ -13,9 +13,9 @@ namespace LlmSnp.Tests;
 [Collection("Console")]
 public sealed class CliTests : IDisposable
 {
-    static readonly string RepoRoot = FindRepoRoot();
+    static readonly string RepoRoot = Repo.Root;
     static readonly string CliDll = Path.Combine(AppContext.BaseDirectory, "LlmSnp.Cli.dll");
-    static string Fixture(string name) => Path.Combine(RepoRoot, "tests", "fixtures", "golden-opt", name);
+    static string Fixture(string name) => Repo.Fixture(Path.Combine("golden-opt", name));
 
     readonly string _tmp;
 
@@ -28,13 +28,6 @@ public sealed class CliTests : IDisposable
     public void Dispose()
     {
         try { Directory.Delete(_tmp, true); } catch (IOException) { }
-    }
-
-    static string FindRepoRoot()
-    {
-        for (var d = new DirectoryInfo(AppContext.BaseDirectory); d != null; d = d.Parent)
-            if (File.Exists(Path.Combine(d.FullName, "LlmSnp.sln"))) return d.FullName;
-        throw new InvalidOperationException($"no LlmSnp.sln above {AppContext.BaseDirectory}");
     }
 
     sealed record CliResult(int ExitCode, string Stdout, string Stderr, string[] Args)
