@@ -12,6 +12,9 @@ using LlmSnp.Pruning;
 /// </summary>
 static class DemoCommand
 {
+    /// <summary>The bundled language model the demo prunes: the longer-trained one (tools/reference/train_opt_tiny.py).</summary>
+    const string OptModelName = "opt-tiny-c4-v2";
+
     public static Command Build(Func<ParseResult, Func<JsonObject>, int> run)
     {
         var outDir = new Option<string>("--out") { Description = "where pruned checkpoints and the report go", DefaultValueFactory = _ => "out" };
@@ -29,7 +32,7 @@ static class DemoCommand
             var sw = Stopwatch.StartNew();
             var opt = PruneJob.Run(new PruneJobOptions
             {
-                ModelDir = Path.Combine(root, "models", "opt-tiny-c4"), OutDir = Path.Combine(dest, "opt-tiny-c4-snp"), Force = true, Prune = Snp(tOpt),
+                ModelDir = Path.Combine(root, "models", OptModelName), OutDir = Path.Combine(dest, OptModelName + "-snp"), Force = true, Prune = Snp(tOpt),
                 CalibSource = TextSources.C4, CalibSamples = 64, CalibSeqLen = 512,
                 EvalDataset = TextSources.WikiText2, EvalSeqLen = 512, EvalLimit = p.GetValue(windows),
             }, Cli.Log);
@@ -41,26 +44,26 @@ static class DemoCommand
                 CalibSource = imageDir, CalibSamples = 64, EvalDataset = PruneJob.AccuracyEval, EvalImages = imageDir, EvalLimit = p.GetValue(images),
             }, Cli.Log);
             double vitSeconds = sw.Elapsed.TotalSeconds - optSeconds;
-            var report = new JsonObject { ["opt-tiny-c4"] = opt, ["vit-tiny"] = vit };
+            var report = new JsonObject { [OptModelName] = opt, ["vit-tiny"] = vit };
             string reportPath = Path.Combine(dest, "demo-report.json");
             AtomicFile.WriteAllText(reportPath, report.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
 
             var e = Console.Error;
             e.WriteLine();
             e.WriteLine("SNP: zca ordering, least-squares reconstruction, automatic per-layer ratios (variance τ)");
-            e.WriteLine($"  {"model",-12} {"τ",5} {"metric",-26} {"params before",14} {"params after",13} {"dense",9} {"pruned",9} {"time",7}");
-            Row("opt-tiny-c4", tOpt, $"WikiText-2 ppl ({opt["eval"]!["dense"]!["windows"]}×512)", opt, "perplexity", optSeconds);
+            e.WriteLine($"  {"model",-15} {"τ",5} {"metric",-26} {"params before",14} {"params after",13} {"dense",9} {"pruned",9} {"time",7}");
+            Row(OptModelName, tOpt, $"WikiText-2 ppl ({opt["eval"]!["dense"]!["windows"]}×512)", opt, "perplexity", optSeconds);
             Row("vit-tiny", tVit, $"ImageNet top-1 % ({vit["eval"]!["dense"]!["images"]} img)", vit, "top1", vitSeconds);
-            e.WriteLine($"  pruned checkpoints: {Path.Combine(dest, "opt-tiny-c4-snp")}, {Path.Combine(dest, "vit-tiny-snp")}");
+            e.WriteLine($"  pruned checkpoints: {Path.Combine(dest, OptModelName + "-snp")}, {Path.Combine(dest, "vit-tiny-snp")}");
             e.WriteLine($"  full report: {reportPath}");
             return new JsonObject
             {
                 ["report"] = reportPath,
-                ["opt-tiny-c4"] = Summary(opt, "perplexity"), ["vit-tiny"] = Summary(vit, "top1"), ["seconds"] = sw.Elapsed.TotalSeconds,
+                [OptModelName] = Summary(opt, "perplexity"), ["vit-tiny"] = Summary(vit, "top1"), ["seconds"] = sw.Elapsed.TotalSeconds,
             };
 
             void Row(string name, double tau, string metric, JsonObject r, string key, double seconds) =>
-                e.WriteLine($"  {name,-12} {tau,5} {metric,-26} {(long)r["params_before"]!,14:N0} {(long)r["params_after"]!,13:N0} {(double)r["eval"]!["dense"]![key]!,9:F2} {(double)r["eval"]!["pruned"]![key]!,9:F2} {seconds,6:F0}s");
+                e.WriteLine($"  {name,-15} {tau,5} {metric,-26} {(long)r["params_before"]!,14:N0} {(long)r["params_after"]!,13:N0} {(double)r["eval"]!["dense"]![key]!,9:F2} {(double)r["eval"]!["pruned"]![key]!,9:F2} {seconds,6:F0}s");
         }));
         return cmd;
     }

@@ -10,12 +10,17 @@ vocabulary.
 
     /usr/bin/python3 tools/reference/opt_golden.py MODEL_DIR IDS_JSON OUT_JSON
 IDS_JSON holds {"input_ids": [[...], ...]} (bos first).
+
+With --ppl, a reference perplexity instead (the product's protocol: non-overlapping windows of
+SEQLEN tokens from the start of the id stream, tail dropped, mean next-token NLL over all windows):
+    /usr/bin/python3 tools/reference/opt_golden.py MODEL_DIR --ppl IDS_JSON SEQLEN
+IDS_JSON is `llmsnp tokenize --json` output ({"ids": [...]}).
 """
 import json, struct, sys
 
 import numpy as np
 
-model_dir, ids_path, out_path = sys.argv[1:4]
+model_dir = sys.argv[1]
 cfg = json.load(open(f"{model_dir}/config.json"))
 assert cfg["do_layer_norm_before"] and cfg.get("tie_word_embeddings", True), "pre-LN, tied head only"
 with open(f"{model_dir}/model.safetensors", "rb") as f:
@@ -58,6 +63,21 @@ def forward(ids):
     return ln(x, P + "final_layer_norm") @ W[P + "embed_tokens.weight"].T
 
 
+if sys.argv[2] == "--ppl":
+    ids, seqlen = json.load(open(sys.argv[3]))["ids"], int(sys.argv[4])
+    total, n = 0.0, 0
+    for w in range(len(ids) // seqlen):
+        x = np.array(ids[w * seqlen: (w + 1) * seqlen])
+        z = forward(x)[:-1]
+        z = z - z.max(-1, keepdims=True)
+        logp = z - np.log(np.exp(z).sum(-1, keepdims=True))
+        total -= logp[np.arange(seqlen - 1), x[1:]].sum()
+        n += seqlen - 1
+    print(json.dumps({"model": model_dir, "ids": sys.argv[3], "windows": len(ids) // seqlen, "seqlen": seqlen,
+                      "perplexity": float(np.exp(total / n))}))
+    sys.exit(0)
+
+ids_path, out_path = sys.argv[2:4]
 inputs = json.load(open(ids_path))["input_ids"]
 cols = list(range(0, cfg["vocab_size"], 997))
 out = {"about": "float64 logits of model.safetensors as stored (HF OPT semantics, NumPy), one forward per sequence "
