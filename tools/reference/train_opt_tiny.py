@@ -9,7 +9,10 @@ Inputs are token ids made by the product's own tokenizer, one array per document
     ./llmsnp tokenize --file HELDOUT.jsonl --jsonl --json heldout.ids.json
 Documents equal to a held-out document are dropped from training, so held-out C4 stays unseen.
 
-Runs with Debian's python3-torch (apt install python3-torch libopenblas0-pthread):
+Runs with Debian's python3-torch (apt install python3-torch libopenblas0-pthread libjemalloc2);
+jemalloc with decay off keeps the 0.8 GB logits buffers mapped (glibc re-faults them every step,
+half the CPU time):
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libjemalloc.so.2 MALLOC_CONF=dirty_decay_ms:-1,muzzy_decay_ms:-1 \
     /usr/bin/python3 tools/reference/train_opt_tiny.py --train-ids train.ids.json \
         --heldout-ids heldout.ids.json --out DIR --minutes 100
 The learning-rate schedule follows wall time when --minutes is given (cosine to 10 % of peak), so
