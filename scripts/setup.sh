@@ -10,7 +10,15 @@ command -v dotnet >/dev/null || { say "error: the .NET SDK (dotnet) is not on PA
 command -v python3 >/dev/null || { say "error: python3 is needed to check TorchSharp's native library"; exit 1; }
 
 say "dotnet restore (NuGet packages: TorchSharp-cpu, Microsoft.ML.Tokenizers, System.CommandLine, SkiaSharp, ScottPlot, xunit)"
-dotnet restore LlmSnp.sln --verbosity quiet >&2
+# A package feed can fail for a moment (network, feed restart): retry, and show NuGet's own error lines.
+log="$(mktemp)"; trap 'rm -f "$log"' EXIT
+for attempt in 1 2 3 4; do
+  if dotnet restore LlmSnp.sln --verbosity minimal >"$log" 2>&1; then break; fi
+  grep -E "error|warn" "$log" | sort -u | head -20 >&2 || tail -20 "$log" >&2
+  if [ "$attempt" = 4 ]; then say "error: dotnet restore failed 4 times (NuGet feed: see the lines above)"; exit 1; fi
+  say "dotnet restore failed (attempt $attempt of 4); retrying in $((attempt * 15)) s"
+  sleep $((attempt * 15))
+done
 
 # TorchSharp-cpu 0.107.0's libLibTorchSharp.so asks for GLIBCXX_3.4.32 for one unused marker symbol;
 # Debian 12's libstdc++ stops at 3.4.30. Where the system library is older, mark that requirement
