@@ -16,6 +16,8 @@ public sealed record BenchOptions
     public string WorkDir { get; init; } = Path.GetTempPath();
     public bool SkipEval { get; init; }
     public bool KeepModel { get; init; }
+    /// <summary>The pruning run's ordering: zca (default) or a cheaper one where a width's eigendecomposition would take hours.</summary>
+    public Ordering Ordering { get; init; } = Ordering.Zca;
 }
 
 /// <summary>
@@ -94,7 +96,7 @@ public static class Bench
                 string outDir = dir + "-pruned";
                 var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
                 {
-                    Model = model, Options = new PruneOptions { Ordering = Ordering.Zca, Policy = RatioPolicyKind.Ratio, Amount = 0.2 },
+                    Model = model, Options = new PruneOptions { Ordering = o.Ordering, Policy = RatioPolicyKind.Ratio, Amount = 0.2 },
                     Calibration = calib, CalibrationInfo = new JsonObject { ["source"] = "random ids", ["samples"] = o.CalibSamples, ["seqlen"] = seq },
                     OutDir = outDir, SourceDir = dir, ParamsBefore = model.ParameterCount(),
                 }, log);
@@ -105,7 +107,7 @@ public static class Bench
                 double total = (double)report["seconds"]!["total"]!;
                 result["prune"] = new JsonObject
                 {
-                    ["calibration_tokens"] = tokens, ["seconds"] = report["seconds"]!.DeepClone(),
+                    ["ordering"] = Orderings.Name(o.Ordering), ["ratio"] = 0.2, ["calibration_tokens"] = tokens, ["seconds"] = report["seconds"]!.DeepClone(),
                     ["flop_bound_seconds"] = bound, ["ratio_to_bound"] = total / bound,
                     ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["peak_anon_over_file_size"] = (double)mem.PeakAnonBytes / fileBytes,
                     ["bytes_read"] = model.Checkpoint.BytesRead,
@@ -157,13 +159,22 @@ public sealed class MemoryMonitor : IDisposable
     /// <summary>RssAnon from /proc/self/status, in bytes (0 where unavailable).</summary>
     public static long Sample()
     {
-        try
+        try { return ParseRssAnon(File.ReadAllText("/proc/self/status")); }
+        catch (IOException) { return 0; }
+    }
+
+    /// <summary>
+    /// The RssAnon field of a /proc/PID/status text, in bytes (0 if absent). The kernel pads the
+    /// number after a tab to a fixed width, so from 10 GB on there is no space before it.
+    /// </summary>
+    public static long ParseRssAnon(string status)
+    {
+        foreach (var line in status.Split('\n'))
         {
-            foreach (var line in File.ReadLines("/proc/self/status"))
-                if (line.StartsWith("RssAnon:"))
-                    return long.Parse(line.Split(' ', StringSplitOptions.RemoveEmptyEntries)[1]) * 1024;
+            if (!line.StartsWith("RssAnon:")) continue;
+            var f = line["RssAnon:".Length..].Split(new[] { ' ', '\t' }, StringSplitOptions.RemoveEmptyEntries);
+            return f.Length >= 1 && long.TryParse(f[0], out long kb) ? kb * 1024 : 0;
         }
-        catch (IOException) { }
         return 0;
     }
 

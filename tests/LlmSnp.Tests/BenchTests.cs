@@ -1,0 +1,33 @@
+using LlmSnp.Benchmarks;
+using Xunit;
+
+namespace LlmSnp.Tests;
+
+public class BenchTests
+{
+    // Lines as the kernel writes them: the number is right-aligned after a tab in 8 columns,
+    // so from 10 GB (8 digits of kB) there is no space left between the tab and the number.
+    [Theory]
+    [InlineData("Name:\tdotnet\nRssAnon:\t  123456 kB\nRssFile:\t   10 kB\n", 123456L * 1024)]
+    [InlineData("RssAnon:\t15323048 kB\n", 15323048L * 1024)]
+    [InlineData("RssAnon:\t123456789 kB", 123456789L * 1024)]
+    [InlineData("Name:\tdotnet\nVmRSS:\t 100 kB\n", 0L)]
+    public void RssAnon_is_parsed_at_every_width(string status, long bytes) =>
+        Assert.Equal(bytes, MemoryMonitor.ParseRssAnon(status));
+
+    [Fact]
+    public void Touched_native_memory_shows_in_the_sample()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        const int size = 64 << 20;
+        // Native memory: the managed GC cannot decommit anything between the two samples.
+        var before = MemoryMonitor.Sample();
+        var p = System.Runtime.InteropServices.Marshal.AllocHGlobal(size);
+        try
+        {
+            for (int off = 0; off < size; off += 4096) System.Runtime.InteropServices.Marshal.WriteByte(p, off, 1);   // touch every page
+            Assert.True(MemoryMonitor.Sample() >= before + (48 << 20), "64 MB touched should show in RssAnon");
+        }
+        finally { System.Runtime.InteropServices.Marshal.FreeHGlobal(p); }
+    }
+}
