@@ -13,7 +13,7 @@ public class BenchTests
     [InlineData("RssAnon:\t123456789 kB", 123456789L * 1024)]
     [InlineData("Name:\tdotnet\nVmRSS:\t 100 kB\n", 0L)]
     public void RssAnon_is_parsed_at_every_width(string status, long bytes) =>
-        Assert.Equal(bytes, MemoryMonitor.ParseRssAnon(status));
+        Assert.Equal(bytes, MemoryMonitor.ParseRssAnon(System.Text.Encoding.ASCII.GetBytes(status)));
 
     [Fact]
     public void Touched_native_memory_shows_in_the_sample()
@@ -29,5 +29,21 @@ public class BenchTests
             Assert.True(MemoryMonitor.Sample() >= before + (48 << 20), "64 MB touched should show in RssAnon");
         }
         finally { System.Runtime.InteropServices.Marshal.FreeHGlobal(p); }
+    }
+
+    [Fact]
+    public void The_sampling_thread_sees_a_transient_peak()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        const int size = 96 << 20;
+        using var monitor = new MemoryMonitor();
+        var start = MemoryMonitor.Sample();
+        var p = System.Runtime.InteropServices.Marshal.AllocHGlobal(size);
+        for (int off = 0; off < size; off += 4096) System.Runtime.InteropServices.Marshal.WriteByte(p, off, 1);
+        Thread.Sleep(200);   // ten sampling periods
+        System.Runtime.InteropServices.Marshal.FreeHGlobal(p);   // glibc returns a block this large at once
+        Thread.Sleep(50);
+        Assert.True(MemoryMonitor.Sample() < start + (48 << 20), "the block was returned");
+        Assert.True(monitor.PeakAnonBytes >= start + (80 << 20), $"peak {monitor.PeakAnonBytes} should include the 96 MB block over {start}");
     }
 }

@@ -125,7 +125,11 @@ public static class Bench
     }
 }
 
-/// <summary>Samples the process's anonymous resident memory (RssAnon) to find its peak over a phase.</summary>
+/// <summary>
+/// Samples the process's anonymous resident memory (RssAnon) to find its peak over a phase. The
+/// sampling thread allocates no managed memory: a garbage collection it triggered could finalize a
+/// TorchSharp temporary (a Scalar) that the main thread has just handed to a native call.
+/// </summary>
 public sealed class MemoryMonitor : IDisposable
 {
     readonly Thread _thread;
@@ -143,39 +147,59 @@ public sealed class MemoryMonitor : IDisposable
         _peak = Sample();
         _thread = new Thread(() =>
         {
-            while (!_stop)
+            var buffer = new byte[8192];
+            int fd = OperatingSystem.IsLinux() ? open("/proc/self/status", 0) : -1;
+            try
             {
-                long v = Sample();
-                if (v > Interlocked.Read(ref _peak)) Interlocked.Exchange(ref _peak, v);
-                Thread.Sleep(20);
+                while (!_stop && fd >= 0)
+                {
+                    long v = ReadRssAnon(fd, buffer);
+                    if (v > Interlocked.Read(ref _peak)) Interlocked.Exchange(ref _peak, v);
+                    Thread.Sleep(20);
+                }
             }
+            finally { if (fd >= 0) close(fd); }
         }) { IsBackground = true };
         _thread.Start();
     }
 
     [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "malloc_trim")]
     static extern int malloc_trim(UIntPtr pad);
+    [System.Runtime.InteropServices.DllImport("libc", SetLastError = false)]
+    static extern int open([System.Runtime.InteropServices.MarshalAs(System.Runtime.InteropServices.UnmanagedType.LPUTF8Str)] string path, int flags);
+    [System.Runtime.InteropServices.DllImport("libc", SetLastError = false)]
+    static extern IntPtr pread(int fd, byte[] buf, UIntPtr count, IntPtr offset);
+    [System.Runtime.InteropServices.DllImport("libc", SetLastError = false)]
+    static extern int close(int fd);
 
     /// <summary>RssAnon from /proc/self/status, in bytes (0 where unavailable).</summary>
     public static long Sample()
     {
-        try { return ParseRssAnon(File.ReadAllText("/proc/self/status")); }
+        try { return ParseRssAnon(File.ReadAllBytes("/proc/self/status")); }
         catch (IOException) { return 0; }
+    }
+
+    /// <summary>RssAnon read through an open descriptor into a reused buffer (no managed allocation).</summary>
+    static long ReadRssAnon(int fd, byte[] buffer)
+    {
+        long n = (long)pread(fd, buffer, (UIntPtr)buffer.Length, IntPtr.Zero);
+        return n > 0 ? ParseRssAnon(buffer.AsSpan(0, (int)n)) : 0;
     }
 
     /// <summary>
     /// The RssAnon field of a /proc/PID/status text, in bytes (0 if absent). The kernel pads the
     /// number after a tab to a fixed width, so from 10 GB on there is no space before it.
     /// </summary>
-    public static long ParseRssAnon(string status)
+    public static long ParseRssAnon(ReadOnlySpan<byte> status)
     {
-        foreach (var line in status.Split('\n'))
-        {
-            if (!line.StartsWith("RssAnon:")) continue;
-            var f = line["RssAnon:".Length..].Split(new[] { ' ', '\t' }, StringSplitOptions.RemoveEmptyEntries);
-            return f.Length >= 1 && long.TryParse(f[0], out long kb) ? kb * 1024 : 0;
-        }
-        return 0;
+        ReadOnlySpan<byte> key = "RssAnon:"u8;
+        int at = status.IndexOf(key);
+        if (at < 0 || (at > 0 && status[at - 1] != (byte)'\n')) return 0;
+        long kb = 0;
+        int i = at + key.Length, digits = 0;
+        while (i < status.Length && (status[i] == (byte)' ' || status[i] == (byte)'\t')) i++;
+        for (; i < status.Length && status[i] >= (byte)'0' && status[i] <= (byte)'9'; i++, digits++) kb = kb * 10 + (status[i] - '0');
+        return digits > 0 ? kb * 1024 : 0;
     }
 
     public void Dispose()
