@@ -151,7 +151,9 @@ public static class HeaderFuzzer
                 label = $"{t}/{m}";
                 outcome = "hang";
                 hangs++;
-                if (hangEx.Count < MaxExamples) hangEx.Add($"case {i} [{label}]: still running after {perCaseLimit.TotalSeconds:G3} s");
+                // Stop here: the abandoned case keeps running, and TorchSharp work on two threads at once is
+                // unsafe (a collection on one can finalize a temporary Scalar the other is passing to libtorch).
+                hangEx.Add($"case {i} [{label}]: still running after {perCaseLimit.TotalSeconds:G3} s; run stopped at this case");
             }
             else
             {
@@ -184,6 +186,7 @@ public static class HeaderFuzzer
             }
             Count(byTarget, label.Split('/')[0], outcome);
             Count(byMutation, label, outcome);
+            if (!finished) { cases = i + 1; break; }
         }
         proc.Refresh();
         return new FuzzReport(cases, loaded, clean, crashes, hangs, crashEx, sw.Elapsed.TotalSeconds)
