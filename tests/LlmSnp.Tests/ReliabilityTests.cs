@@ -232,7 +232,7 @@ public sealed class ReliabilityTests : IDisposable
         string parent = _tmp.Sub("dest");
         Directory.CreateDirectory(parent);
         string outDir = Path.Combine(parent, "out");
-        string[] args = { "prune", "--model", model, "--out", outDir, "--calib", "wikitext2", "--calib-samples", "64", "--calib-seqlen", "64", "--ratio", "0.3" };
+        string[] args = { "prune", "--model", model, "--out", outDir, "--calib", "wikitext2", "--calib-samples", "256", "--calib-seqlen", "64", "--ratio", "0.3" };
         var stale = new List<string>();
 
         // First kill: the moment the temporary sibling appears (before any weight is written).
@@ -255,7 +255,8 @@ public sealed class ReliabilityTests : IDisposable
                     killed = true;
                     break;
                 }
-                await Task.Delay(2);
+                // A blocking sleep: an awaited delay can wait on a starved thread pool longer than the run lasts.
+                Thread.Sleep(1);
             }
             await p.WaitForExitAsync();
             string err = await stderr;
