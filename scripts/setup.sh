@@ -5,6 +5,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 say() { echo "[setup] $*" >&2; }
+trap 'rc=$?; say "error: setup.sh line $LINENO failed (exit $rc)"' ERR   # never end silently
 
 command -v dotnet >/dev/null || { say "error: the .NET SDK (dotnet) is not on PATH; install .NET 10 first"; exit 1; }
 command -v python3 >/dev/null || { say "error: python3 is needed to check TorchSharp's native library"; exit 1; }
@@ -25,7 +26,9 @@ done
 # weak (one byte, verified unused by any relocation); where it is new enough, leave the file alone.
 pkgs="${NUGET_PACKAGES:-$HOME/.nuget/packages}"
 native="$pkgs/torchsharp/0.107.0/runtimes/linux-x64/native/libLibTorchSharp.so"
-libstdcxx="$(ldconfig -p 2>/dev/null | awk '/libstdc\+\+\.so\.6 .*x86-64/ {print $NF; exit}')"
+# awk reads to the end: leaving early would SIGPIPE ldconfig (its 64 KB listing outgrows the pipe)
+# and, under pipefail, end this script silently (the cause of a CI failure in 1 of ~5 runs).
+libstdcxx="$(ldconfig -p 2>/dev/null | awk '/libstdc\+\+\.so\.6 .*x86-64/ && !found {print $NF; found = 1}')"
 if [ -n "$libstdcxx" ] && grep -q "GLIBCXX_3\.4\.32" "$libstdcxx"; then
   say "libstdc++ ($libstdcxx) provides GLIBCXX_3.4.32: TorchSharp loads as shipped"
 elif [ -f "$native" ]; then
