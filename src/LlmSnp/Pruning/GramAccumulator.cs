@@ -9,9 +9,6 @@ namespace LlmSnp.Pruning;
 public sealed class GramAccumulator : IDisposable
 {
     const int ChunkRows = 8192;
-    // add_(t) would make a temporary Scalar alpha per call; one that lives forever cannot be
-    // finalized by a collection on another thread while a native call still reads it.
-    static readonly Scalar One = 1.0;
     // The augmented matrix itself accumulates (Σ x xᵀ in the unit block, Σ x in row 0), so the
     // result needs no second n² buffer: for an 8192-wide MLP that is 0.5 GB less at the peak.
     Tensor? _g;
@@ -57,7 +54,7 @@ public sealed class GramAccumulator : IDisposable
                     var target = _xtx.narrow(0, _blocks[i].Start, _blocks[i].Length).narrow(1, _blocks[j].Start, _blocks[j].Length);
                     // F32 products of at most 8192 rows, summed in F64 (promoted in place, no F64 temporary).
                     if (mm == ScalarType.Float64) target.addmm_(xi.t(), xj);
-                    else target.add_(xi.t().mm(xj), One);
+                    else target.add_(xi.t().mm(xj));
                 }
             }
             _sum.add_(x.sum(0, type: ScalarType.Float64));
