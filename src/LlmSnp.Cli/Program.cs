@@ -11,6 +11,7 @@ using LlmSnp.Pruning;
 // The CLI only parses options, calls the library and prints: JSON results on stdout (and --json FILE),
 // progress and errors on stderr, one line per error, never a stack trace.
 Runtime.ConfigureThreads();
+Runtime.ConfigureHostMemory();
 return Cli.Build().Parse(args).Invoke();
 
 static class Cli

@@ -9,7 +9,35 @@ public static partial class Runtime
     [LibraryImport("libc", EntryPoint = "setenv", StringMarshalling = StringMarshalling.Utf8)]
     private static partial int SetEnv(string name, string value, int overwrite);
 
-    static bool _configured;
+    [LibraryImport("libc", EntryPoint = "mallopt")]
+    private static partial int MallOpt(int param, int value);
+
+    [LibraryImport("libc", EntryPoint = "malloc_trim")]
+    private static partial int MallocTrim(nuint pad);
+
+    static bool _configured, _hostMemoryConfigured;
+
+    /// <summary>
+    /// glibc serves tensors below its dynamic mmap threshold (up to 32 MiB) from the heap and keeps
+    /// them there when freed: a 1.3b-wide pruning run's 16 MiB per-sample activations left ~1.5 GB of
+    /// freed heap resident. From 4 MiB up, tensors are mapped and unmapped on their own, so anonymous
+    /// memory follows what is live (the same speed, measured).
+    /// </summary>
+    public static void ConfigureHostMemory()
+    {
+        if (_hostMemoryConfigured || !OperatingSystem.IsLinux()) return;
+        _hostMemoryConfigured = true;
+        const int M_MMAP_THRESHOLD = -3;
+        try { MallOpt(M_MMAP_THRESHOLD, 4 << 20); }
+        catch (DllNotFoundException) { } catch (EntryPointNotFoundException) { }   // not glibc
+    }
+
+    /// <summary>Returns freed heap pages to the system (glibc's malloc_trim), where available.</summary>
+    public static void TrimHostHeap()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        try { MallocTrim(0); } catch (DllNotFoundException) { } catch (EntryPointNotFoundException) { }
+    }
 
     /// <summary>
     /// GEMM threads: libtorch's BLAS reads MKL_NUM_THREADS/OMP_NUM_THREADS from the native

@@ -143,7 +143,7 @@ public sealed class MemoryMonitor : IDisposable
         // so the phase is measured as a process running only it would see it.
         GC.Collect();
         GC.WaitForPendingFinalizers();
-        if (OperatingSystem.IsLinux()) try { malloc_trim(UIntPtr.Zero); } catch (DllNotFoundException) { } catch (EntryPointNotFoundException) { }
+        Runtime.TrimHostHeap();
         _peak = Sample();
         _thread = new Thread(() =>
         {
@@ -163,8 +163,6 @@ public sealed class MemoryMonitor : IDisposable
         _thread.Start();
     }
 
-    [System.Runtime.InteropServices.DllImport("libc", EntryPoint = "malloc_trim")]
-    static extern int malloc_trim(UIntPtr pad);
     [System.Runtime.InteropServices.DllImport("libc", SetLastError = false)]
     static extern int open([System.Runtime.InteropServices.MarshalAs(System.Runtime.InteropServices.UnmanagedType.LPUTF8Str)] string path, int flags);
     [System.Runtime.InteropServices.DllImport("libc", SetLastError = false)]

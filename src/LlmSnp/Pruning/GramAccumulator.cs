@@ -81,7 +81,7 @@ public sealed class GramAccumulator : IDisposable
             g.div_(Count);
             g[0, 0] = 1.0;
             g.narrow(1, 0, 1).copy_(g.narrow(0, 0, 1).t());
-            if (!torch.isfinite(g).all().item<bool>())
+            if (!Subspace.AllFinite(g))
             {
                 Dispose();
                 throw new LlmSnpException($"{layer}: non-finite values in the calibration activations (NaN or Inf); the model or its inputs are broken");

@@ -34,14 +34,15 @@ public static class Orderings
         int n = (int)x.Gram.shape[0] - 1, gs = x.GroupSize, groups = n / gs;
         var g = x.Gram;
         var mu = g[0, TensorIndex.Slice(1)];
-        // Σ = G_uu − μμᵀ built in one n² buffer (no outer-product temporary): n is 8192+ on large MLPs.
-        var sigma = g.narrow(0, 1, n).narrow(1, 1, n).clone().addr_(mu, mu, 1, -1);
+        // Σ = G_uu − μμᵀ built in one n² buffer (no outer-product temporary), and only for the
+        // orderings that read more than its diagonal: n is 8192+ on large MLPs.
+        Tensor Sigma() => g.narrow(0, 1, n).narrow(1, 1, n).clone().addr_(mu, mu, 1, -1);
         var w = x.ConsumerWeight.to(ScalarType.Float64);
-        var sigmaDiag = sigma.diagonal();
+        var sigmaDiag = g.diagonal().narrow(0, 1, n) - mu.square();
         var dead = sigmaDiag <= 1e-12 * sigmaDiag.mean().clamp_min(1e-300);
         switch (kind)
         {
-            case Ordering.Id: return Greedy(PivotedCholesky(sigma, gs), groups);
+            case Ordering.Id: return Greedy(PivotedCholesky(Sigma(), gs), groups);
             case Ordering.Obs: return Greedy(ObsBackward(g, w, x.ConsumerBias.to(ScalarType.Float64), gs, x.Damp, x.Layer), groups);
             case Ordering.Random:
                 {
@@ -58,7 +59,8 @@ public static class Orderings
             case Ordering.ZcaPrecision:
                 {
                     double eps = 1e-6 * sigmaDiag.mean().item<double>();
-                    sigmaDiag.add_(eps);   // in place: Σ itself is not needed after the eigendecomposition
+                    var sigma = Sigma();
+                    sigma.diagonal().add_(eps);   // in place: Σ itself is not needed after the eigendecomposition
                     var (evals, evecs) = torch.linalg.eigh(sigma);
                     sigma.Dispose();
                     evals = evals.clamp_min(eps * 1e-3);
@@ -87,11 +89,11 @@ public static class Orderings
 
     static long[] Greedy(List<int> picks, int groups) => picks.Select(i => (long)i).ToArray();
 
-    /// <summary>`id`: greedy block-pivoted Cholesky of Σ, picking the group with the largest residual trace.</summary>
+    /// <summary>`id`: greedy block-pivoted Cholesky of Σ (overwritten), picking the group with the largest residual trace.</summary>
     static List<int> PivotedCholesky(Tensor sigma, int gs)
     {
         int n = (int)sigma.shape[0], groups = n / gs;
-        var r = sigma.clone();
+        var r = sigma;
         double eps = 1e-12 * sigma.diagonal().mean().item<double>() + 1e-300;
         var taken = torch.zeros(groups, ScalarType.Bool, sigma.device);
         var order = new List<int>(groups);

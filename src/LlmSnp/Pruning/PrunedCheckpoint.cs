@@ -90,7 +90,7 @@ public static class PrunedCheckpoint
                 foreach (var (n, t) in ts)
                     using (t)
                     {
-                        if (!torch.isfinite(t).all().item<bool>()) throw new LlmSnpException($"{n}: non-finite values; refusing to write them");
+                        if (!Subspace.AllFinite(t)) throw new LlmSnpException($"{n}: non-finite values; refusing to write them");
                         if (count) paramsAfter += t.numel();
                         w.Add(n, t);
                     }

@@ -148,6 +148,7 @@ public sealed class SnpEngine
                     using (var flat = a.reshape(-1, info.Units)) acc.Add(flat);
                     if (keep) reuse!.Add(a); else a.Dispose();
                 }
+                // prune may release the Gram early (the reconstruction does, before factoring G_KK).
                 using var gram = acc.Result(info.Name);
                 keptUnits = prune(gram);
             }
@@ -187,7 +188,7 @@ public sealed class SnpEngine
         var prunedGroups = groupOrder.Skip(keepGroups).OrderBy(x => x).ToArray();
         var keptUnits = Units(keptGroups, gs);
         var prunedUnits = Units(prunedGroups, gs);
-        var rec = Subspace.Reconstruct(gram, w, c, keptUnits, prunedUnits, _opt.Reconstruct, _opt.Damp, info.Name);
+        var rec = Subspace.Reconstruct(gram, w, c, keptUnits, prunedUnits, _opt.Reconstruct, _opt.Damp, info.Name, releaseGram: true);
         block.Prune(j, keptUnits, rec.Weight, rec.Bias);
         if (rec.Damping.Escalations > 0)
             _log?.Invoke($"{info.Name}: Gram ill-conditioned, damping raised {rec.Damping.Escalations}× to λ = {rec.Damping.Lambda:G3}");

@@ -19,31 +19,52 @@ public static class Subspace
     /// <summary>
     /// Cholesky of <paramref name="a"/> with λ = damp·mean(unit diagonal) added to the unit diagonal
     /// (index 0, the constant, is never damped); λ is raised ×10 while the factorisation fails or a
-    /// pivot falls below 1e-12 of its diagonal.
+    /// pivot falls below 1e-12 of its diagonal. With <paramref name="overwrite"/> the damping is added
+    /// to <paramref name="a"/> itself (it is left holding a + λ·I_units), saving an n² copy.
     /// </summary>
-    public static (Tensor L, Damping Damping) DampedCholesky(Tensor a, double damp, string layer)
+    public static (Tensor L, Damping Damping) DampedCholesky(Tensor a, double damp, string layer, bool overwrite = false)
     {
         using var scope = NewDisposeScope();
         long n = a.shape[0];
-        var unitDiag = a.diagonal().narrow(0, 1, n - 1);
-        double meanDiag = n > 1 ? unitDiag.mean().item<double>() : 1.0;
+        var diag0 = a.diagonal().clone();
+        double meanDiag = n > 1 ? diag0.narrow(0, 1, n - 1).mean().item<double>() : 1.0;
         if (meanDiag <= 0) meanDiag = 1.0;
         var mask = torch.ones(n, ScalarType.Float64, a.device);
         mask[0] = 0.0;
+        var m = overwrite ? a : a.clone();
         double lambda = damp * meanDiag;
         for (int attempt = 0; attempt <= MaxEscalations; attempt++)
         {
-            var m = a + torch.diag(mask * lambda);
+            // In place on the diagonal: no dense diag(λ) and no second n² sum.
+            m.diagonal().copy_(diag0 + mask * lambda);
             var (l, info) = torch.linalg.cholesky_ex(m);
             if (info.item<int>() == 0)
             {
                 var pivots = l.diagonal().square() / m.diagonal().clamp_min(double.Epsilon);
-                if (pivots.min().item<double>() >= PivotFloor && torch.isfinite(l).all().item<bool>())
+                if (pivots.min().item<double>() >= PivotFloor && AllFinite(l))
                     return (l.MoveToOuterDisposeScope(), new Damping(lambda, attempt));
             }
+            l.Dispose();
             lambda = lambda == 0 ? PivotFloor * 10 * meanDiag : lambda * 10;
         }
         throw new LlmSnpException($"{layer}: Gram matrix could not be factorised even with damping raised {MaxEscalations} times (λ = {lambda:G3})");
+    }
+
+    /// <summary>
+    /// Whether every element is finite, checked a band of rows at a time: torch.isfinite of an n² F64
+    /// matrix allocates an n² |x| temporary (0.5 GB for an 8192-wide MLP's Gram).
+    /// </summary>
+    public static bool AllFinite(Tensor t)
+    {
+        const long BandElements = 1 << 22;
+        long n = t.numel();
+        if (t.dim() == 0 || n <= BandElements)
+            using (var f = torch.isfinite(t)) return f.all().item<bool>();
+        long rows = t.shape[0], band = Math.Max(1, BandElements / (n / rows));
+        for (long i = 0; i < rows; i += band)
+            using (var f = torch.isfinite(t.narrow(0, i, Math.Min(band, rows - i))))
+                if (!f.all().item<bool>()) return false;
+        return true;
     }
 
     /// <summary>
@@ -54,7 +75,7 @@ public static class Subspace
     {
         using var scope = NewDisposeScope();
         var gp = Permute(g, order);
-        var (c, damping) = DampedCholesky(gp, damp, layer);
+        var (c, damping) = DampedCholesky(gp, damp, layer, overwrite: true);
         var cd = c.diagonal();
         var l = c / cd.unsqueeze(0);
         return (l.MoveToOuterDisposeScope(), cd.square().MoveToOuterDisposeScope(), damping);
@@ -68,7 +89,8 @@ public static class Subspace
     {
         using var scope = NewDisposeScope();
         var gp = Permute(g, unitOrder);
-        var (c, _) = DampedCholesky(gp, damp, layer);
+        var (c, _) = DampedCholesky(gp, damp, layer, overwrite: true);
+        gp.Dispose();
         int groups = unitOrder.Length / groupSize;
         var cu = c.narrow(0, 1, unitOrder.Length).narrow(1, 1, unitOrder.Length);
         // Row r's entries within its own diagonal block: the block of rows r and the same columns.
@@ -83,7 +105,25 @@ public static class Subspace
         var idx = new long[units.Length + 1];
         for (int i = 0; i < units.Length; i++) idx[i + 1] = units[i] + 1;
         using var t = torch.tensor(idx, device: g.device);
-        return g.index_select(0, t).index_select(1, t);
+        return Submatrix(g, t, t);
+    }
+
+    /// <summary>
+    /// m[rows][:, cols], gathered a band of rows at a time: one index_select over all rows would first
+    /// build a rows × n temporary, and 2-D advanced indexing expands int64 indices to the result's shape.
+    /// </summary>
+    static Tensor Submatrix(Tensor m, Tensor rows, Tensor cols)
+    {
+        const long Band = 512;
+        long r = rows.shape[0];
+        var result = torch.empty(r, cols.shape[0], m.dtype, m.device);
+        for (long i = 0; i < r; i += Band)
+        {
+            using var scope = NewDisposeScope();
+            long len = Math.Min(Band, r - i);
+            result.narrow(0, i, len).copy_(m.index_select(0, rows.narrow(0, i, len)).index_select(1, cols));
+        }
+        return result;
     }
 
     public sealed record Reconstruction(Tensor Weight, Tensor Bias, double Error, double RelativeError, Damping Damping);
@@ -92,9 +132,11 @@ public static class Subspace
     /// Folds the pruned units into the consumer (snp.md §5). <paramref name="kept"/> and
     /// <paramref name="pruned"/> are unit indices; the new weight's columns follow <paramref name="kept"/>.
     /// The reported error is measured against the undamped G: it is the mean over calibration
-    /// tokens of ‖y − ŷ‖², whatever damping the solve needed.
+    /// tokens of ‖y − ŷ‖², whatever damping the solve needed. With <paramref name="releaseGram"/>,
+    /// G is disposed as soon as its kept/pruned blocks are gathered, so the n² Gram and the
+    /// |K|² factor are never resident together (the peak of a wide MLP).
     /// </summary>
-    public static Reconstruction Reconstruct(Tensor g, Tensor w, Tensor c, long[] kept, long[] pruned, ReconstructMode mode, double damp, string layer)
+    public static Reconstruction Reconstruct(Tensor g, Tensor w, Tensor c, long[] kept, long[] pruned, ReconstructMode mode, double damp, string layer, bool releaseGram = false)
     {
         using var scope = NewDisposeScope();
         var dev = g.device;
@@ -107,47 +149,64 @@ public static class Subspace
         var wk = w.index_select(1, keptIdx);
         var damping = new Damping(0, 0);
         var n = g.shape[0] - 1;
-        // tr(W Σ Wᵀ) with Σ = G_uu − μμᵀ, without forming Σ (an n² temporary).
-        var wmu = w.mv(g[0].narrow(0, 1, n));
-        double total = w.mm(g.narrow(0, 1, n).narrow(1, 1, n)).mul(w).sum().item<double>() - wmu.dot(wmu).item<double>();
+        double total, g00;
+        // Views of G live in this inner scope only: any view left alive would keep G's storage when it is released.
+        using (NewDisposeScope())
+        {
+            // tr(W Σ Wᵀ) with Σ = G_uu − μμᵀ, without forming Σ: W·G[1:, :] reads G's rows in place.
+            var wmu = w.mv(g[0].narrow(0, 1, n));
+            total = w.mm(g.narrow(0, 1, n)).narrow(1, 1, n).mul_(w).sum().item<double>() - wmu.dot(wmu).item<double>();
+            g00 = g[0, 0].item<double>();
+        }
         if (pruned.Length == 0)
+        {
+            if (releaseGram) g.Dispose();
             return Done(new Reconstruction(wk.MoveToOuterDisposeScope(), c.clone().MoveToOuterDisposeScope(), 0, 0, damping));
+        }
 
         var pIdx = torch.tensor(pAug, device: dev);
         var prunedIdx = torch.tensor(pruned, device: dev);
         var wp = w.index_select(1, prunedIdx);
-        var gkk = g.index_select(0, kIdx).index_select(1, kIdx);
-        var gkp = g.index_select(0, kIdx).index_select(1, pIdx);
-        var gpp = g.index_select(0, pIdx).index_select(1, pIdx);
-        Tensor b;   // [|K|, |P|]: x_P ≈ Bᵀ x_K
+        var gkk = mode == ReconstructMode.Lstsq ? Submatrix(g, kIdx, kIdx) : null;
+        var gkp = Submatrix(g, kIdx, pIdx);
+        var gpp = Submatrix(g, pIdx, pIdx);
+        if (releaseGram) g.Dispose();
+        Tensor b, m;   // b [|K|, |P|]: x_P ≈ Bᵀ x_K;  m: residual second moment of x_P − Bᵀx_K under the true G
         switch (mode)
         {
             case ReconstructMode.Lstsq:
-                var (lk, dk) = DampedCholesky(gkk, damp, layer);
-                damping = dk;
-                b = torch.cholesky_solve(gkp, lk);
-                break;
-            case ReconstructMode.Bias:
-                b = torch.zeros(kAug.Length, pruned.Length, ScalarType.Float64, dev);
-                b[0] = gkp[0];   // the constant row carries μ_P
-                break;
+                {
+                    // Factor G_KK + Λ in place (Λ = λ on the unit diagonal): G_KK itself is not needed again,
+                    // since with B = (G_KK + Λ)⁻¹ G_KP, Bᵀ G_KK B = Bᵀ G_KP − λ B_uᵀ B_u.
+                    var (lk, dk) = DampedCholesky(gkk!, damp, layer, overwrite: true);
+                    gkk!.Dispose();
+                    damping = dk;
+                    b = torch.cholesky_solve(gkp, lk);
+                    lk.Dispose();
+                    var bu = b.narrow(0, 1, kept.Length);
+                    m = gpp - gkp.t().mm(b);
+                    if (dk.Lambda != 0) m.sub_(bu.t().mm(bu).mul_(dk.Lambda));
+                    break;
+                }
             default:
-                b = torch.zeros(kAug.Length, pruned.Length, ScalarType.Float64, dev);
-                break;
+                {
+                    // B is zero but for the constant row (μ_P under Bias): x_P − Bᵀx_K = x_P − b₀.
+                    b = torch.zeros(kAug.Length, pruned.Length, ScalarType.Float64, dev);
+                    if (mode == ReconstructMode.Bias) b[0] = gkp[0];   // the constant row carries μ_P
+                    var b0 = b[0];
+                    m = gpp - torch.outer(b0, gkp[0]) - torch.outer(gkp[0], b0) + torch.outer(b0, b0).mul_(g00);
+                    break;
+                }
         }
-        var b0 = b[0];
-        var a = b.narrow(0, 1, kept.Length);
-        var wNew = wk + wp.mm(a.t());
-        var cNew = c + wp.mv(b0);
-        // Residual second moment of x_P − Bᵀx_K under the true G.
-        var m = gpp - b.t().mm(gkp) - gkp.t().mm(b) + b.t().mm(gkk).mm(b);
+        var wNew = wk + wp.mm(b.narrow(0, 1, kept.Length).t());
+        var cNew = c + wp.mv(b[0]);
         double err = wp.mm(m).mul(wp).sum().item<double>();
         double rel = total > 0 ? err / total : 0;
         return Done(new Reconstruction(wNew.MoveToOuterDisposeScope(), cNew.MoveToOuterDisposeScope(), err, rel, damping));
 
         Reconstruction Done(Reconstruction r)
         {
-            if (!torch.isfinite(r.Weight).all().item<bool>() || !torch.isfinite(r.Bias).all().item<bool>())
+            if (!AllFinite(r.Weight) || !AllFinite(r.Bias))
                 throw new LlmSnpException($"{layer}: reconstruction produced non-finite weights");
             return r;
         }
