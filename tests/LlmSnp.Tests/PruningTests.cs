@@ -390,4 +390,39 @@ public class PruningTests
         r1.Remove("seconds"); r2.Remove("seconds");
         Assert.Equal(r1.ToJsonString(), r2.ToJsonString());
     }
+
+    [Fact]
+    public void Banded_finite_check_finds_a_bad_value_anywhere()
+    {
+        // 2100² F64 spans several bands of the check; the transposed view has non-contiguous rows.
+        using var m = torch.randn(2100, 2100, ScalarType.Float64);
+        Assert.True(Subspace.AllFinite(m));
+        Assert.True(Subspace.AllFinite(m.t()));
+        foreach (var (r, c, v) in new[] { (2099, 2099, double.NaN), (1500, 3, double.PositiveInfinity), (0, 0, double.NegativeInfinity) })
+        {
+            using var bad = m.clone();
+            bad[r, c] = v;
+            Assert.False(Subspace.AllFinite(bad), $"{v} at ({r}, {c})");
+            Assert.False(Subspace.AllFinite(bad.t()), $"{v} at ({c}, {r}) of the transpose");
+        }
+        Assert.False(Subspace.AllFinite(torch.tensor(double.NaN)));
+    }
+
+    [Fact]
+    public void Releasing_the_gram_during_reconstruction_changes_nothing_but_frees_it()
+    {
+        using var tmp = new TempDir();
+        using var model = new OptModel(new TinyOpt().Write(tmp.Sub("m")), CPU, ScalarType.Float64);
+        using var block = model.LoadBlock(0);
+        var (_, gram) = Capture(block, 1, RandomHidden(5));
+        var order = Orderings.Order(Ordering.Zca, Input(block, 1, gram));
+        var kept = order.Take(30).OrderBy(x => x).ToArray();
+        var pruned = order.Skip(30).OrderBy(x => x).ToArray();
+        var (w, c) = block.Consumer(1);
+        var kept1 = Subspace.Reconstruct(gram, w, c, kept, pruned, ReconstructMode.Lstsq, 0.01, "test");
+        var released = Subspace.Reconstruct(gram, w, c, kept, pruned, ReconstructMode.Lstsq, 0.01, "test", releaseGram: true);
+        Assert.True(gram.IsInvalid, "the Gram was released");
+        Assert.True(kept1.Weight.allclose(released.Weight, 0, 0) && kept1.Bias.allclose(released.Bias, 0, 0));
+        Assert.Equal(kept1.Error, released.Error);
+    }
 }
