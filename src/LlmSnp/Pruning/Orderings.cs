@@ -60,7 +60,7 @@ public static class Orderings
                 {
                     double eps = 1e-6 * sigmaDiag.mean().item<double>();
                     var sigma = Sigma();
-                    sigma.diagonal().add_(eps);   // in place: Σ itself is not needed after the eigendecomposition
+                    using (var d = sigma.diagonal()) d.add_(eps);   // in place: Σ itself is not needed after the eigendecomposition
                     var (evals, evecs) = torch.linalg.eigh(sigma);
                     sigma.Dispose();
                     evals = evals.clamp_min(eps * 1e-3);

@@ -32,9 +32,11 @@ public static class Subspace
         var mask = torch.ones(n, ScalarType.Float64, a.device);
         mask[0] = 0.0;
         var m = overwrite ? a : a.clone();
-        double lambda = damp * meanDiag;
+        double lambda = damp * meanDiag, tried = lambda;
         for (int attempt = 0; attempt <= MaxEscalations; attempt++)
         {
+            // Each attempt in its own scope: a rejected factor (and the views of it) is freed before the next.
+            using var attemptScope = NewDisposeScope();
             // In place on the diagonal: no dense diag(λ) and no second n² sum.
             m.diagonal().copy_(diag0 + mask * lambda);
             var (l, info) = torch.linalg.cholesky_ex(m);
@@ -42,12 +44,12 @@ public static class Subspace
             {
                 var pivots = l.diagonal().square() / m.diagonal().clamp_min(double.Epsilon);
                 if (pivots.min().item<double>() >= PivotFloor && AllFinite(l))
-                    return (l.MoveToOuterDisposeScope(), new Damping(lambda, attempt));
+                    return (l.MoveToOuterDisposeScope().MoveToOuterDisposeScope(), new Damping(lambda, attempt));
             }
-            l.Dispose();
+            tried = lambda;
             lambda = lambda == 0 ? PivotFloor * 10 * meanDiag : lambda * 10;
         }
-        throw new LlmSnpException($"{layer}: Gram matrix could not be factorised even with damping raised {MaxEscalations} times (λ = {lambda:G3})");
+        throw new LlmSnpException($"{layer}: Gram matrix could not be factorised even with damping raised {MaxEscalations} times (λ = {tried:G3})");
     }
 
     /// <summary>
@@ -57,13 +59,12 @@ public static class Subspace
     public static bool AllFinite(Tensor t)
     {
         const long BandElements = 1 << 22;
+        using var scope = NewDisposeScope();
         long n = t.numel();
-        if (t.dim() == 0 || n <= BandElements)
-            using (var f = torch.isfinite(t)) return f.all().item<bool>();
+        if (t.dim() == 0 || n <= BandElements) return torch.isfinite(t).all().item<bool>();
         long rows = t.shape[0], band = Math.Max(1, BandElements / (n / rows));
         for (long i = 0; i < rows; i += band)
-            using (var f = torch.isfinite(t.narrow(0, i, Math.Min(band, rows - i))))
-                if (!f.all().item<bool>()) return false;
+            if (!torch.isfinite(t.narrow(0, i, Math.Min(band, rows - i))).all().item<bool>()) return false;
         return true;
     }
 
