@@ -40,7 +40,7 @@ static class Cli
     static Command EvalCommand()
     {
         var model = ModelOption();
-        var dataset = new Option<string>("--dataset") { Description = "wikitext2, c4 (bundled sample) or a file (.json rows, .jsonl docs, text)", DefaultValueFactory = _ => "wikitext2" };
+        var dataset = new Option<string>("--dataset") { Description = "wikitext2, c4 (bundled sample), tinystories (bundled eval part) or a file (.json rows, .jsonl docs, text)", DefaultValueFactory = _ => "wikitext2" };
         var seqlen = new Option<int?>("--seqlen") { Description = "window length (default: 2048 or the model's max positions)" };
         var maxWindows = new Option<int?>("--max-windows") { Description = "evaluate only the first N windows" };
         var ppl = new Command("ppl", "perplexity with the published protocol (non-overlapping windows, tail dropped)") { model, dataset, seqlen, maxWindows, Device, DType, Json };
@@ -58,12 +58,14 @@ static class Cli
 
     static Command TokenizeCommand()
     {
-        var model = new Option<string?>("--model") { Description = "model directory whose tokenizer to use (default: the bundled OPT tokenizer)" };
+        var model = new Option<string?>("--model") { Description = "model directory whose tokenizer to use: vocab.json + merges.txt, tokenizer.model or tokenizer.json (default: the bundled OPT tokenizer)" };
         var text = new Option<string?>("--text") { Description = "text to encode" };
         var file = new Option<string?>("--file") { Description = "file to encode" };
         var rows = new Option<bool>("--rows-json") { Description = "the file is a JSON array of rows, joined with \"\\n\\n\"" };
         var jsonl = new Option<bool>("--jsonl") { Description = "the file is JSON lines of {\"text\": ...}; one id array per document (a training corpus)" };
-        var cmd = new Command("tokenize", "encode text with the OPT tokenizer (bos prepended)") { model, text, file, rows, jsonl, Json };
+        // Without --model: the bundled OPT tokenizer, said so in the help; with it: the model's own, or an error.
+        static ITextTokenizer Tokenizer(string? modelDir) => modelDir == null ? OptTokenizer.Bundled() : TextTokenizers.ForModel(modelDir);
+        var cmd = new Command("tokenize", "encode text with a model's tokenizer (default: the bundled OPT tokenizer), bos prepended as the model does") { model, text, file, rows, jsonl, Json };
         cmd.SetAction(p => Run(p, () =>
         {
             string? t = p.GetValue(text), f = p.GetValue(file);
@@ -72,7 +74,7 @@ static class Cli
             {
                 if (f == null) throw new LlmSnpException("tokenize: --jsonl needs --file");
                 if (!File.Exists(f)) throw new LlmSnpException($"{f}: file not found");
-                var tok = OptTokenizer.ForModel(p.GetValue(model));
+                var tok = Tokenizer(p.GetValue(model));
                 var docs = TextSources.ReadJsonl(f).Select(d => tok.Encode(d)).ToList();
                 return new JsonObject
                 {
@@ -82,7 +84,7 @@ static class Cli
             }
             string input = t ?? (p.GetValue(rows) ? string.Join("\n\n", TextSources.ReadRows(f!))
                 : File.Exists(f) ? File.ReadAllText(f!) : throw new LlmSnpException($"{f}: file not found"));
-            var ids = OptTokenizer.ForModel(p.GetValue(model)).Encode(input);
+            var ids = Tokenizer(p.GetValue(model)).Encode(input);
             return new JsonObject { ["count"] = ids.Length, ["ids"] = new JsonArray(ids.Select(i => (JsonNode)i).ToArray()) };
         }));
         return cmd;
@@ -220,17 +222,17 @@ sealed class PruneCliOptions
 {
     readonly Option<string> _out = new("--out") { Description = "output directory (written atomically)", Required = true };
     readonly Option<string> _ordering = new("--ordering") { Description = "zca, zca-precision, id, obs, variance, weight-norm, fluctuation, wanda-sp, magnitude, random", DefaultValueFactory = _ => "zca" };
-    readonly Option<string> _reconstruct = new("--reconstruct") { Description = "lstsq, bias or none", DefaultValueFactory = _ => "lstsq" };
+    readonly Option<string> _reconstruct = new("--reconstruct") { Description = "lstsq (with the mean term where the consumer has a bias, else without), lstsq-nobias, lstsq-bias (adds a bias where there is none), bias (means only) or none", DefaultValueFactory = _ => "lstsq" };
     readonly Option<double?> _ratio = new("--ratio") { Description = "uniform fraction of units removed per layer" };
     readonly Option<double?> _variance = new("--variance") { Description = "τ: keep the smallest prefix holding this fraction of residual variance (automatic per-layer ratios)" };
     readonly Option<double?> _budget = new("--budget") { Description = "fraction of prunable parameters to remove (τ found by bisection)" };
     readonly Option<string> _targets = new("--targets") { Description = "mlp, heads or mlp,heads", DefaultValueFactory = _ => "mlp,heads" };
-    readonly Option<string> _calib = new("--calib") { Description = "calibration data: c4 (bundled sample), wikitext2 or a text file; a labelled image folder for image models", DefaultValueFactory = _ => "c4" };
+    readonly Option<string> _calib = new("--calib") { Description = "calibration data: c4 (bundled sample), wikitext2, tinystories (bundled calibration part) or a text file; a labelled image folder for image models", DefaultValueFactory = _ => "c4" };
     readonly Option<int> _samples = new("--calib-samples") { Description = "calibration windows (text) or images", DefaultValueFactory = _ => 128 };
     readonly Option<int?> _calibLen = new("--calib-seqlen") { Description = "calibration window length (default: 2048 or max positions)" };
     readonly Option<int> _seed = new("--seed") { Description = "seed for calibration sampling and the random ordering", DefaultValueFactory = _ => 0 };
     readonly Option<double> _damp = new("--damp") { Description = "damping, relative to the mean unit diagonal of G", DefaultValueFactory = _ => 0.01 };
-    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned: perplexity on wikitext2, c4 or a text file; 'accuracy' (with --images) for image models" };
+    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned: perplexity on wikitext2, c4, tinystories or a text file; 'accuracy' (with --images) for image models" };
     readonly Option<int?> _evalLen = new("--eval-seqlen") { Description = "evaluation window length" };
     readonly Option<int?> _evalWindows = new("--eval-limit", "--eval-max-windows") { Description = "evaluate only the first N windows (text) or images" };
     readonly Option<string?> _images = new("--images") { Description = "labelled image folder for --eval accuracy (image models)" };
@@ -252,11 +254,8 @@ sealed class PruneCliOptions
         var targets = p.GetValue(_targets)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
         foreach (var t in targets)
             if (t is not ("mlp" or "heads")) throw new LlmSnpException($"--targets: unknown target '{t}' (mlp, heads)");
-        var reconstruct = p.GetValue(_reconstruct) switch
-        {
-            "lstsq" => ReconstructMode.Lstsq, "bias" => ReconstructMode.Bias, "none" => ReconstructMode.None,
-            var s => throw new LlmSnpException($"--reconstruct: unknown mode '{s}' (lstsq, bias, none)"),
-        };
+        var reconstruct = ReconstructModes.Names.TryGetValue(p.GetValue(_reconstruct)!, out var r) ? r
+            : throw new LlmSnpException($"--reconstruct: unknown mode '{p.GetValue(_reconstruct)}' ({string.Join(", ", ReconstructModes.Names.Keys)})");
         return new PruneJobOptions
         {
             ModelDir = modelDir, OutDir = p.GetValue(_out)!,

@@ -31,7 +31,7 @@ public class PruningTests
     static OrderingInput Input(IPrunableBlock block, int j, Tensor gram, double damp = 1e-10)
     {
         var (w, c) = block.Consumer(j);
-        return new OrderingInput(gram, w, c, block.ProducerSquaredNorms(j), block.NodeLayers[j].GroupSize, 96, damp, 7, "test");
+        return new OrderingInput(gram, w, c!, block.ProducerSquaredNorms(j), block.NodeLayers[j].GroupSize, 96, damp, 7, "test");
     }
 
     static long[] Units(IEnumerable<long> groups, int gs) => groups.SelectMany(g => Enumerable.Range(0, gs).Select(u => g * gs + u)).OrderBy(x => x).ToArray();
@@ -133,9 +133,9 @@ public class PruningTests
         var beta = torch.linalg.lstsq(xk, xp).Solution;   // [1+|K|, |P|]
         var wp = w.index_select(1, torch.tensor(pruned));
         var wDirect = w.index_select(1, torch.tensor(kept)) + wp.mm(beta.narrow(0, 1, kept.Length).t());
-        var cDirect = c + wp.mv(beta[0]);
+        var cDirect = c! + wp.mv(beta[0]);
         Assert.True(RelDiff(e[0].Weight, wDirect) < 1e-8);
-        Assert.True(RelDiff(e[0].Bias, cDirect) < 1e-8);
+        Assert.True(RelDiff(e[0].Bias!, cDirect) < 1e-8);
     }
 
     [Fact]
@@ -225,7 +225,7 @@ public class PruningTests
         var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
         {
             Model = m2, Options = opt, Calibration = calib, CalibrationInfo = new JsonObject(), OutDir = outDir,
-            SourceDir = modelDir, ParamsBefore = m2.ParameterCount(), ExportPadded = padded, PaddedConfig = m2.PaddedConfig,
+            SourceDir = modelDir, ParamsBefore = m2.ParameterCount(), ExportPadded = padded,
         });
         return (probeLogits, report);
     }
@@ -267,7 +267,7 @@ public class PruningTests
                 foreach (var h in hidden) block.Forward(h, j, acc.Add);
                 using var gram = acc.Result("reference");
                 var (w, c) = block.Consumer(j);
-                var input = new OrderingInput(gram, w, c, block.ProducerSquaredNorms(j), info.GroupSize, tokens, opt.Damp, 0, "reference");
+                var input = new OrderingInput(gram, w, c!, block.ProducerSquaredNorms(j), info.GroupSize, tokens, opt.Damp, 0, "reference");
                 var order = Orderings.Order(Ordering.Zca, input);
                 int keep = RatioPolicy.KeepForRatio(info.Groups, opt.Amount);
                 var kept = Units(order.Take(keep), info.GroupSize);

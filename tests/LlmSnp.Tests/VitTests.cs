@@ -149,7 +149,7 @@ public class VitTests
             PrunedCheckpoint.Write(new PrunedCheckpoint.Request
             {
                 Model = model, Options = opt, Calibration = calib, CalibrationInfo = new JsonObject(), OutDir = tmp.Sub("out"),
-                SourceDir = src, ParamsBefore = model.ParameterCount(), ExportPadded = true, PaddedConfig = model.PaddedConfig,
+                SourceDir = src, ParamsBefore = model.ParameterCount(), ExportPadded = true,
             });
         foreach (var dir in new[] { tmp.Sub("out"), Path.Combine(tmp.Sub("out"), "padded") })
         {

@@ -18,7 +18,7 @@ public sealed class CalibrationSet
     /// <summary>Token ids [N, L].</summary>
     public required Tensor Ids { get; init; }
 
-    public static CalibrationSet Sample(OptTokenizer tok, string source, int samples, int seqLen, int seed)
+    public static CalibrationSet Sample(ITextTokenizer tok, string source, int samples, int seqLen, int seed)
     {
         if (samples < 1) throw new LlmSnpException($"--calib-samples must be at least 1 (got {samples})");
         if (seqLen < 2) throw new LlmSnpException($"--calib-seqlen must be at least 2 (got {seqLen})");

@@ -5,22 +5,21 @@ namespace LlmSnp.Data;
 /// <summary>
 /// OPT's tokenizer: GPT-2 byte-level BPE with fairseq ids, `&lt;/s&gt;` (id 2) prepended, nothing appended.
 /// </summary>
-public sealed class OptTokenizer
+public sealed class OptTokenizer : ITextTokenizer
 {
     // GPT-2's pre-tokenizer; byte-level BPE without it produces wrong ids.
     const string Gpt2Pattern = @"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+";
     public const int BosId = 2;
     readonly BpeTokenizer _bpe;
 
-    OptTokenizer(BpeTokenizer bpe) { _bpe = bpe; }
+    public string Description { get; }
+    int? ITextTokenizer.BosId => BosId;
+    int? ITextTokenizer.EosId => BosId;   // OPT ends a sequence with the same </s>
 
-    /// <summary>The model directory's tokenizer files if it has them, else the bundled OPT tokenizer.</summary>
-    public static OptTokenizer ForModel(string? modelDir)
-    {
-        string dir = modelDir != null && File.Exists(Path.Combine(modelDir, "vocab.json")) && File.Exists(Path.Combine(modelDir, "merges.txt"))
-            ? modelDir : RepoPaths.OptTokenizer;
-        return Load(dir);
-    }
+    OptTokenizer(BpeTokenizer bpe, string description) { _bpe = bpe; Description = description; }
+
+    /// <summary>The bundled OPT tokenizer (`tokenize` without --model).</summary>
+    public static OptTokenizer Bundled() => Load(RepoPaths.OptTokenizer);
 
     public static OptTokenizer Load(string dir)
     {
@@ -43,7 +42,7 @@ public sealed class OptTokenizer
         }
         // An unknown BOS token is silently encoded as id 0: check it is really </s> = 2.
         if (bpe.EncodeToIds("a") is not [BosId, _]) throw new LlmSnpException($"{vocab}: '</s>' is not id {BosId}");
-        return new OptTokenizer(bpe);
+        return new OptTokenizer(bpe, $"{dir} (byte-level BPE)");
     }
 
     /// <summary>Ids with the leading bos.</summary>

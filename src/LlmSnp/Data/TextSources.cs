@@ -12,27 +12,35 @@ public static class TextSources
 {
     public const string WikiText2 = "wikitext2";
     public const string C4 = "c4";
+    /// <summary>TinyStories validation text in two disjoint parts: `eval.txt` is evaluated, `calib.txt` calibrates.</summary>
+    public const string TinyStories = "tinystories";
 
     public static string WikiText2Path => Path.Combine(RepoPaths.EvalData, "wikitext2-test.json");
     public static string C4Path => Path.Combine(RepoPaths.EvalData, "c4-train-first1000.jsonl");
+    public static string TinyStoriesEvalPath => Path.Combine(RepoPaths.EvalData, "tinystories", "eval.txt");
+    public static string TinyStoriesCalibPath => Path.Combine(RepoPaths.EvalData, "tinystories", "calib.txt");
+
+    /// <summary>Whether calibrating on one source and evaluating on the other would measure on calibration text.</summary>
+    public static bool Overlap(string calib, string eval) => calib == eval && calib != TinyStories;
 
     /// <summary>A readable name for reports.</summary>
     public static string Describe(string source) => source switch
     {
         WikiText2 => "WikiText-2 raw test",
         C4 => "C4 sample (train shard 0, first 1000 docs; stand-in for C4 validation)",
+        TinyStories => "TinyStories validation (eval.txt to evaluate, calib.txt to calibrate)",
         _ => Path.GetFileName(source),
     };
 
     /// <summary>The evaluation text as the published protocol joins it: rows with "\n\n", documents with " ".</summary>
     public static string EvaluationText(string source)
     {
-        var (docs, joiner) = Load(source);
+        var (docs, joiner) = Load(source == TinyStories ? TinyStoriesEvalPath : source);
         return string.Join(joiner, docs);
     }
 
     /// <summary>The documents (or rows) of a source, for calibration sampling.</summary>
-    public static IReadOnlyList<string> Documents(string source) => Load(source).Docs;
+    public static IReadOnlyList<string> Documents(string source) => Load(source == TinyStories ? TinyStoriesCalibPath : source).Docs;
 
     static (List<string> Docs, string Joiner) Load(string source)
     {

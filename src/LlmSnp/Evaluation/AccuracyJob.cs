@@ -2,6 +2,7 @@ using System.Diagnostics;
 using System.Text.Json.Nodes;
 using LlmSnp.Data.Images;
 using LlmSnp.Models;
+using LlmSnp.Pruning;
 using static TorchSharp.torch;
 
 namespace LlmSnp.Evaluation;
@@ -11,7 +12,7 @@ public static class AccuracyJob
 {
     public static JsonObject Run(string modelDir, string imagesDir, int? limit, int batch, Device device, ScalarType dtype, Action<string>? log)
     {
-        using var model = new VitModel(modelDir, device, dtype);
+        using var model = ModelFamilies.OpenImageClassifier(modelDir, device, dtype, "eval accuracy");
         var set = ImageSet.Load(imagesDir).Images;
         var chosen = limit is int l ? set.Take(l).ToList() : set.ToList();
         var sw = Stopwatch.StartNew();
@@ -29,7 +30,7 @@ public static class AccuracyJob
     }
 
     /// <summary>Top-1 and top-5 (%), blocks streamed once over all images.</summary>
-    public static (double Top1, double Top5) Measure(VitModel model, ImageBatch images, int batch)
+    public static (double Top1, double Top5) Measure(IImageClassifier model, ImageBatch images, int batch)
     {
         var metric = new AccuracyMetric(images.Pixels, images.Labels, batch);
         double top1 = StreamedMetrics.Dense(model, metric);

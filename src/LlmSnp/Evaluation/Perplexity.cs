@@ -1,5 +1,5 @@
 using System.Diagnostics;
-using LlmSnp.Models;
+using LlmSnp.Pruning;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
 
@@ -20,17 +20,25 @@ public static class Perplexity
     /// <summary>Hidden states kept per group of windows (bytes); bounds memory for long texts.</summary>
     public const long GroupHiddenBytes = 1L << 30;
 
-    public static PerplexityResult Evaluate(OptModel model, IReadOnlyList<int> ids, int seqLen, int? maxWindows, string dataset, Action<string>? log = null)
+    /// <summary>The width of the residual stream, from one embedded token.</summary>
+    static long HiddenWidth(ILanguageModel model)
+    {
+        using var one = torch.zeros(1, 1, ScalarType.Int64);
+        using var h = model.Embed(one.to(model.Device));
+        return h.shape[^1];
+    }
+
+    public static PerplexityResult Evaluate(ILanguageModel model, IReadOnlyList<int> ids, int seqLen, int? maxWindows, string dataset, Action<string>? log = null)
     {
         if (seqLen < 2) throw new LlmSnpException($"--seqlen must be at least 2 (got {seqLen})");
-        if (seqLen > model.Config.MaxPositions)
-            throw new LlmSnpException($"--seqlen {seqLen} exceeds the model's max_position_embeddings ({model.Config.MaxPositions})");
+        if (seqLen > model.MaxPositions)
+            throw new LlmSnpException($"--seqlen {seqLen} exceeds the model's max_position_embeddings ({model.MaxPositions})");
         int windows = ids.Count / seqLen;
         if (maxWindows is int mw) windows = Math.Min(windows, mw);
         if (windows == 0) throw new LlmSnpException($"{dataset}: {ids.Count} tokens is less than one window of {seqLen}");
         var sw = Stopwatch.StartNew();
         // Groups of windows bound the hidden states held at once; each block is read once per group.
-        int perGroup = (int)Math.Clamp(GroupHiddenBytes / ((long)seqLen * model.Config.Hidden * 4), 1, windows);
+        int perGroup = (int)Math.Clamp(GroupHiddenBytes / ((long)seqLen * HiddenWidth(model) * 4), 1, windows);
         var nll = new List<double>(windows);
         for (int g0 = 0; g0 < windows; g0 += perGroup)
         {

@@ -1,6 +1,7 @@
 using System.Text.Json.Nodes;
 using LlmSnp.Data;
 using LlmSnp.Models;
+using LlmSnp.Pruning;
 using static TorchSharp.torch;
 
 namespace LlmSnp.Evaluation;
@@ -10,22 +11,22 @@ public static class PerplexityJob
 {
     public static JsonObject Run(string modelDir, string dataset, int? seqLen, int? maxWindows, Device device, ScalarType dtype, Action<string>? log)
     {
-        using var model = new OptModel(modelDir, device, dtype);
-        var ids = Tokenize(modelDir, dataset, log);
+        using var model = ModelFamilies.OpenLanguageModel(modelDir, device, dtype, "eval ppl");
+        var ids = Tokenize(model, dataset, log);
         return Measure(model, ids, dataset, seqLen, maxWindows, log);
     }
 
-    public static int[] Tokenize(string modelDir, string dataset, Action<string>? log)
+    public static int[] Tokenize(ILanguageModel model, string dataset, Action<string>? log)
     {
-        var tok = OptTokenizer.ForModel(modelDir);
+        var tok = model.Tokenizer();
         var ids = tok.Encode(TextSources.EvaluationText(dataset));
         log?.Invoke($"{TextSources.Describe(dataset)}: {ids.Length} tokens");
         return ids;
     }
 
-    public static JsonObject Measure(OptModel model, int[] ids, string dataset, int? seqLen, int? maxWindows, Action<string>? log)
+    public static JsonObject Measure(ILanguageModel model, int[] ids, string dataset, int? seqLen, int? maxWindows, Action<string>? log)
     {
-        int len = seqLen ?? Math.Min(2048, model.Config.MaxPositions);
+        int len = seqLen ?? Math.Min(2048, model.MaxPositions);
         var r = Perplexity.Evaluate(model, ids, len, maxWindows, dataset, log);
         return new JsonObject
         {

@@ -1,4 +1,3 @@
-using LlmSnp.Models;
 using LlmSnp.Pruning;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;
@@ -70,7 +69,6 @@ public sealed class PerplexityMetric : IStreamedMetric
 
     public double Finish(IPrunableModel model, List<Tensor> hidden)
     {
-        var opt = (OptModel)model;
         int seq = _windows[0].Length, w = 0;
         var nll = new double[_windows.Length];
         foreach (var h in hidden)
@@ -78,7 +76,7 @@ public sealed class PerplexityMetric : IStreamedMetric
             for (int j = 0; j < h.shape[0]; j++, w++)
             {
                 using var scope = NewDisposeScope();
-                var logits = opt.Head(h[j].unsqueeze(0)).squeeze(0).to(ScalarType.Float32);
+                var logits = model.Head(h[j].unsqueeze(0)).squeeze(0).to(ScalarType.Float32);
                 var target = torch.tensor(_windows[w], device: model.Device).narrow(0, 1, seq - 1);
                 // Softmax in F32 whatever the weights' dtype (the protocol).
                 nll[w] = F.cross_entropy(logits.narrow(0, 0, seq - 1), target).to(ScalarType.Float64).item<double>();
@@ -118,12 +116,12 @@ public sealed class AccuracyMetric : IStreamedMetric
 
     public double Finish(IPrunableModel model, List<Tensor> hidden)
     {
-        var vit = (VitModel)model;
         long correct = 0, correct5 = 0, i = 0;
         foreach (var h in hidden)
         {
             using var scope = NewDisposeScope();
-            var (_, indices) = vit.Head(h).topk(5, 1);
+            var logits = model.Head(h);
+            var (_, indices) = logits.topk(Math.Min(5, (int)logits.shape[1]), 1);
             var top = indices.cpu();
             var labels = torch.tensor(_labels.Skip((int)i).Take((int)top.shape[0]).ToArray()).unsqueeze(1);
             var hits = top.eq(labels);

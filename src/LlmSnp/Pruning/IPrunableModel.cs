@@ -4,8 +4,9 @@ using static TorchSharp.torch;
 namespace LlmSnp.Pruning;
 
 /// <summary>
-/// A set of units whose outputs feed one linear consumer y = W a + c (snp.md §1).
-/// Heads are groups of <see cref="GroupSize"/> consecutive units kept or removed whole.
+/// A set of units whose outputs feed one linear consumer y = W a (+ c) (snp.md §1). Units come in
+/// groups of <see cref="GroupSize"/> kept or removed whole: a head (or a K/V group of query heads)
+/// of an attention layer, one neuron of an MLP.
 /// </summary>
 public sealed record NodeLayerInfo(string Name, NodeKind Kind, int Units, int GroupSize, long ParamsPerGroup)
 {
@@ -40,14 +41,20 @@ public interface IPrunableBlock : IDisposable
     /// <summary>The residual stream leaving node layer <paramref name="layer"/>'s sub-block, given its input and activations.</summary>
     Tensor Residual(int layer, Tensor input, Tensor activations);
 
-    /// <summary>The consumer's weight [out, units] and bias [out] of a node layer.</summary>
-    (Tensor Weight, Tensor Bias) Consumer(int layer);
+    /// <summary>The consumer's weight [out, units] and bias [out] of a node layer; null where it has no bias.</summary>
+    (Tensor Weight, Tensor? Bias) Consumer(int layer);
 
     /// <summary>Per unit: squared L2 norm of its producer rows and biases (for the magnitude baseline).</summary>
     Tensor ProducerSquaredNorms(int layer);
 
-    /// <summary>Keeps the given units (ascending original indices) and installs the new consumer.</summary>
-    void Prune(int layer, long[] keptUnits, Tensor consumerWeight, Tensor consumerBias);
+    /// <summary>
+    /// Keeps the given units (ascending indices into the current units, whole groups) and installs the
+    /// new consumer; a bias given to a consumer that had none is added to the block.
+    /// </summary>
+    void Prune(int layer, long[] keptUnits, Tensor consumerWeight, Tensor? consumerBias);
+
+    /// <summary>Original indices of the groups a node layer keeps (heads / K/V groups, or neurons).</summary>
+    long[] KeptGroups(int layer);
 
     /// <summary>The block's current tensors under the checkpoint's own names, in the stored dtype.</summary>
     IEnumerable<(string Name, Tensor Tensor)> Tensors(ScalarType dtype);
@@ -56,10 +63,15 @@ public interface IPrunableBlock : IDisposable
     IEnumerable<(string Name, Tensor Tensor)> PaddedTensors(ScalarType dtype);
 }
 
-/// <summary>A model family as the pruning engine sees it: streamed block by block.</summary>
+/// <summary>What one pruned block kept: per node layer the original group indices, and whether its consumer now has a bias.</summary>
+public sealed record KeptBlock(IReadOnlyList<long[]> Groups, IReadOnlyList<bool> ConsumerBias);
+
+/// <summary>A model family as the pruning engine and the jobs see it: streamed block by block.</summary>
 public interface IPrunableModel : IDisposable
 {
+    /// <summary>The family's name in reports (opt, vit, llama).</summary>
     string Family { get; }
+    string ModelDir { get; }
     int BlockCount { get; }
     Device Device { get; }
     ScalarType ComputeDType { get; }
@@ -71,14 +83,44 @@ public interface IPrunableModel : IDisposable
 
     IPrunableBlock LoadBlock(int index);
 
+    /// <summary>Hidden states after the last block → logits ([batch, tokens, vocab] or [batch, classes]).</summary>
+    Tensor Head(Tensor hidden);
+
+    /// <summary>Parameters of the model as configured (per-layer widths honoured).</summary>
+    long ParameterCount();
+
     /// <summary>Tensors outside the blocks (embeddings, final norm, head), unchanged by pruning.</summary>
     IEnumerable<(string Name, Tensor Tensor)> OuterTensors(ScalarType dtype);
 
-    /// <summary>config.json of the pruned model: unitsKept[block][nodeLayer] is the kept unit count.</summary>
-    JsonObject PrunedConfig(IReadOnlyList<int[]> unitsKept, IReadOnlyList<long[]> headsKeptIndices, ScalarType dtype);
+    /// <summary>config.json of the pruned model.</summary>
+    JsonObject PrunedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype);
+
+    /// <summary>config.json of the zero-padded export: the original shapes, loadable by stock tools.</summary>
+    JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype);
 
     /// <summary>Files besides the weights and config that a checkpoint carries (tokenizer, preprocessor).</summary>
     IEnumerable<string> CompanionFiles();
+
+    /// <summary>SHA-256 of every weight file, for provenance.</summary>
+    IReadOnlyDictionary<string, string> SourceHashes();
+
+    /// <summary>`llmsnp inspect`: the family's own description of the checkpoint (fields, per-layer widths).</summary>
+    JsonObject Describe();
+}
+
+/// <summary>A language model: token ids in, next-token logits out.</summary>
+public interface ILanguageModel : IPrunableModel
+{
+    int MaxPositions { get; }
+    int VocabSize { get; }
+    /// <summary>The checkpoint's own tokenizer; one clear error if it has none.</summary>
+    Data.ITextTokenizer Tokenizer();
+}
+
+/// <summary>An image classifier: preprocessed pixels in, class logits out.</summary>
+public interface IImageClassifier : IPrunableModel
+{
+    int Classes { get; }
 }
 
 public static class PrunableBlockExtensions

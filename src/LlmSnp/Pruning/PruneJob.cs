@@ -29,7 +29,7 @@ public sealed record PruneJobOptions
     public ScalarType DType { get; init; } = ScalarType.Float32;
 }
 
-/// <summary>`llmsnp prune` for language models: calibrate, prune, write, and optionally evaluate dense and pruned.</summary>
+/// <summary>`llmsnp prune`: calibrate, prune, write, and optionally evaluate dense and pruned.</summary>
 public static class PruneJob
 {
     public const string AccuracyEval = "accuracy";
@@ -37,39 +37,32 @@ public static class PruneJob
     public static JsonObject Run(PruneJobOptions o, Action<string>? log)
     {
         o.Prune.Validate();
-        var type = ConfigFile.Load(o.ModelDir).ModelType;
-        return type switch
-        {
-            "opt" => RunOpt(o, log),
-            "vit" or "deit" => RunVit(o, log),
-            _ => throw new LlmSnpException($"{Path.Combine(o.ModelDir, "config.json")}: model_type '{type}' is not supported (opt, vit, deit)"),
-        };
+        return ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
     }
 
-    static JsonObject RunOpt(PruneJobOptions o, Action<string>? log)
+    static JsonObject RunText(PruneJobOptions o, Action<string>? log)
     {
-        if (o.EvalDataset == AccuracyEval) throw new LlmSnpException("--eval accuracy is for image models; use --eval wikitext2, c4 or a text file");
-        using var model = new OptModel(o.ModelDir, o.Device, o.DType);
-        int calibLen = o.CalibSeqLen ?? Math.Min(2048, model.Config.MaxPositions);
-        if (calibLen > model.Config.MaxPositions)
-            throw new LlmSnpException($"--calib-seqlen {calibLen} exceeds the model's max_position_embeddings ({model.Config.MaxPositions})");
+        if (o.EvalDataset == AccuracyEval) throw new LlmSnpException("--eval accuracy is for image models; use --eval wikitext2, c4, tinystories or a text file");
+        using var model = ModelFamilies.OpenLanguageModel(o.ModelDir, o.Device, o.DType, "prune");
+        int calibLen = o.CalibSeqLen ?? Math.Min(2048, model.MaxPositions);
+        if (calibLen > model.MaxPositions)
+            throw new LlmSnpException($"--calib-seqlen {calibLen} exceeds the model's max_position_embeddings ({model.MaxPositions})");
         int? evalLen = o.EvalSeqLen;
-        if (evalLen > model.Config.MaxPositions)
-            throw new LlmSnpException($"--eval-seqlen {evalLen} exceeds the model's max_position_embeddings ({model.Config.MaxPositions})");
-        if (o.EvalDataset == TextSources.WikiText2 && o.CalibSource == TextSources.WikiText2)
-            log?.Invoke("warning: calibrating and evaluating on the same WikiText-2 test text");
+        if (evalLen > model.MaxPositions)
+            throw new LlmSnpException($"--eval-seqlen {evalLen} exceeds the model's max_position_embeddings ({model.MaxPositions})");
+        if (o.EvalDataset != null && TextSources.Overlap(o.CalibSource, o.EvalDataset))
+            log?.Invoke($"warning: calibrating and evaluating on the same text ({TextSources.Describe(o.CalibSource)})");
 
         int[]? evalIds = null;
         JsonObject? dense = null;
         if (o.EvalDataset != null)
         {
-            evalIds = PerplexityJob.Tokenize(o.ModelDir, o.EvalDataset, log);
+            evalIds = PerplexityJob.Tokenize(model, o.EvalDataset, log);
             log?.Invoke("evaluating the dense model");
             dense = PerplexityJob.Measure(model, evalIds, o.EvalDataset, evalLen, o.EvalLimit, log);
         }
 
-        var tok = OptTokenizer.ForModel(o.ModelDir);
-        var calib = CalibrationSet.Sample(tok, o.CalibSource, o.CalibSamples, calibLen, o.Prune.Seed);
+        var calib = CalibrationSet.Sample(model.Tokenizer(), o.CalibSource, o.CalibSamples, calibLen, o.Prune.Seed);
         log?.Invoke($"calibration: {o.CalibSamples} windows × {calibLen} tokens from {TextSources.Describe(o.CalibSource)}");
         int micro = Math.Max(1, 4096 / calibLen);
         var batches = Enumerable.Range(0, (o.CalibSamples + micro - 1) / micro)
@@ -81,36 +74,35 @@ public static class PruneJob
             ["windows"] = new JsonArray(calib.Windows.Select(w => (JsonNode)new JsonArray(w.Document, w.Offset)).ToArray()),
             ["windows_format"] = "[document index, token offset]",
         };
-        var report = Write(o, model, model.Checkpoint, model.ParameterCount(), batches, calibInfo, model.PaddedConfig, log);
+        var report = Write(o, model, batches, calibInfo, log);
         batches.ForEach(b => b.Dispose());
         calib.Ids.Dispose();
         report["output"] = o.OutDir;
         if (evalIds != null)
         {
             log?.Invoke("evaluating the pruned model");
-            using var pruned = new OptModel(o.OutDir, o.Device, o.DType);
+            using var pruned = ModelFamilies.OpenLanguageModel(o.OutDir, o.Device, o.DType);
             var after = PerplexityJob.Measure(pruned, evalIds, o.EvalDataset!, evalLen, o.EvalLimit, log);
             report["eval"] = new JsonObject { ["dense"] = dense, ["pruned"] = after };
         }
         return report;
     }
 
-    static JsonObject Write(PruneJobOptions o, IPrunableModel model, Checkpoint.CheckpointReader ckpt, long paramsBefore, IReadOnlyList<Tensor> batches,
-        JsonObject calibInfo, Func<ScalarType, JsonObject> paddedConfig, Action<string>? log) =>
+    static JsonObject Write(PruneJobOptions o, IPrunableModel model, IReadOnlyList<Tensor> batches, JsonObject calibInfo, Action<string>? log) =>
         PrunedCheckpoint.Write(new PrunedCheckpoint.Request
         {
             Model = model, Options = o.Prune, Calibration = batches, CalibrationInfo = calibInfo,
-            OutDir = o.OutDir, SourceDir = o.ModelDir, ParamsBefore = paramsBefore,
-            Force = o.Force, ExportPadded = o.ExportPadded, PaddedConfig = paddedConfig, SourceHashes = ckpt.Sha256,
+            OutDir = o.OutDir, SourceDir = o.ModelDir, ParamsBefore = model.ParameterCount(),
+            Force = o.Force, ExportPadded = o.ExportPadded,
         }, log);
 
     /// <summary>Image models: calibration images from a labelled folder, evaluation on images never used to calibrate.</summary>
-    static JsonObject RunVit(PruneJobOptions o, Action<string>? log)
+    static JsonObject RunImage(PruneJobOptions o, Action<string>? log)
     {
         if (o.EvalDataset != null && o.EvalDataset != AccuracyEval) throw new LlmSnpException($"--eval {o.EvalDataset}: image models are evaluated with --eval accuracy --images DIR");
         if (o.EvalDataset == AccuracyEval && o.EvalImages == null) throw new LlmSnpException("--eval accuracy needs --images DIR");
-        if (o.CalibSource is TextSources.C4 or TextSources.WikiText2) throw new LlmSnpException($"--calib {o.CalibSource}: image models calibrate on a labelled image folder (--calib DIR)");
-        using var model = new VitModel(o.ModelDir, o.Device, o.DType);
+        if (o.CalibSource is TextSources.C4 or TextSources.WikiText2 or TextSources.TinyStories) throw new LlmSnpException($"--calib {o.CalibSource}: image models calibrate on a labelled image folder (--calib DIR)");
+        using var model = ModelFamilies.OpenImageClassifier(o.ModelDir, o.Device, o.DType, "prune");
         var cfg = PreprocessConfig.Load(o.ModelDir);
         var all = ImageSet.Load(o.CalibSource).Images;
         var (calibImages, _) = ImageInputs.Split(all, Math.Min(o.CalibSamples, all.Count - 1), o.Prune.Seed);
@@ -135,12 +127,12 @@ public static class PruneJob
                 ["source"] = o.CalibSource, ["samples"] = calib.Labels.Length, ["seed"] = o.Prune.Seed, ["skipped"] = calib.Skipped,
                 ["images"] = new JsonArray(calib.Files.Select(f => (JsonNode)Path.GetFileName(f)).ToArray()),
             };
-            var report = Write(o, model, model.Checkpoint, model.ParameterCount(), batches, calibInfo, model.PaddedConfig, log);
+            var report = Write(o, model, batches, calibInfo, log);
             report["output"] = o.OutDir;
             if (evalImages != null)
             {
                 log?.Invoke("evaluating the pruned model");
-                using var pruned = new VitModel(o.OutDir, o.Device, o.DType);
+                using var pruned = ModelFamilies.OpenImageClassifier(o.OutDir, o.Device, o.DType);
                 report["eval"] = new JsonObject { ["dense"] = dense, ["pruned"] = AccuracyReport(pruned, evalImages, o.ImageBatch) };
             }
             return report;
@@ -148,7 +140,7 @@ public static class PruneJob
         finally { evalImages?.Dispose(); }
     }
 
-    static JsonObject AccuracyReport(VitModel model, ImageBatch images, int batch)
+    static JsonObject AccuracyReport(IImageClassifier model, ImageBatch images, int batch)
     {
         var sw = System.Diagnostics.Stopwatch.StartNew();
         var (top1, top5) = AccuracyJob.Measure(model, images, batch);

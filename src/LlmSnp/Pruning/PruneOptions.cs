@@ -35,6 +35,20 @@ public sealed record PruneOptions
     public string PolicyName => Policy switch { RatioPolicyKind.Ratio => "ratio", RatioPolicyKind.Variance => "variance", _ => "budget" };
 }
 
+public static class ReconstructModes
+{
+    public static readonly IReadOnlyDictionary<string, ReconstructMode> Names = new Dictionary<string, ReconstructMode>
+    {
+        ["lstsq"] = ReconstructMode.Lstsq, ["lstsq-nobias"] = ReconstructMode.LstsqNoBias, ["lstsq-bias"] = ReconstructMode.LstsqBias,
+        ["bias"] = ReconstructMode.Bias, ["none"] = ReconstructMode.None,
+    };
+
+    public static string Name(ReconstructMode m) => Names.First(kv => kv.Value == m).Key;
+
+    public static ReconstructMode Parse(string s) =>
+        Names.TryGetValue(s, out var m) ? m : throw new LlmSnpException($"unknown reconstruction '{s}' ({string.Join(", ", Names.Keys)})");
+}
+
 /// <summary>How many groups a node layer keeps (snp.md §6). Floors: at least one group.</summary>
 public static class RatioPolicy
 {

@@ -30,9 +30,6 @@ public static class PrunedCheckpoint
         public bool Force { get; init; }
         public bool ExportPadded { get; init; }
         public long ShardBytes { get; init; } = 2L << 30;
-        /// <summary>Writes the padded form's config (the family knows its stock layout).</summary>
-        public Func<ScalarType, JsonObject>? PaddedConfig { get; init; }
-        public Func<IReadOnlyDictionary<string, string>>? SourceHashes { get; init; }
     }
 
     /// <summary>Prunes and writes; returns the report that was written as pruning_config.json.</summary>
@@ -79,7 +76,7 @@ public static class PrunedCheckpoint
         var sw = Stopwatch.StartNew();
         var model = req.Model;
         var dtype = model.StoredDType;
-        var hashes = req.SourceHashes?.Invoke();
+        var hashes = model.SourceHashes();
         long paramsAfter = 0;
         JsonObject report;
         using (var writer = new SafeTensorsWriter(dir, req.ShardBytes))
@@ -106,9 +103,9 @@ public static class PrunedCheckpoint
             var files = writer.Finish();
             padded?.Finish();
             double writeSeconds = sw.Elapsed.TotalSeconds - result.StatisticsSeconds - result.DecompositionSeconds - result.PlanSeconds;
-            AtomicFile.WriteAllText(Path.Combine(dir, "config.json"), model.PrunedConfig(result.UnitsKept, result.HeadsKept, dtype).ToJsonString(Indented));
+            AtomicFile.WriteAllText(Path.Combine(dir, "config.json"), model.PrunedConfig(result.Kept, dtype).ToJsonString(Indented));
             if (padded != null)
-                AtomicFile.WriteAllText(Path.Combine(dir, PaddedDir, "config.json"), (req.PaddedConfig?.Invoke(dtype) ?? throw new InvalidOperationException("no padded config")).ToJsonString(Indented));
+                AtomicFile.WriteAllText(Path.Combine(dir, PaddedDir, "config.json"), model.PaddedConfig(result.Kept, dtype).ToJsonString(Indented));
             foreach (var f in model.CompanionFiles())
             {
                 File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
@@ -133,6 +130,7 @@ public static class PrunedCheckpoint
                 [l.Kind == "heads" ? "kept_heads" : "kept_neurons"] = new JsonArray(l.KeptIndices.Select(i => (JsonNode)i).ToArray()),
                 ["error"] = l.Error, ["relative_error"] = l.RelativeError,
                 ["damping_lambda"] = l.Lambda, ["damping_escalations"] = l.DampingEscalations,
+                ["reconstruct_constant"] = l.Constant,
                 ["params_removed"] = l.ParamsRemoved,
             });
         var sourceHashes = new JsonObject();
@@ -147,7 +145,7 @@ public static class PrunedCheckpoint
             ["options"] = new JsonObject
             {
                 ["ordering"] = Orderings.Name(o.Ordering),
-                ["reconstruct"] = o.Reconstruct.ToString().ToLowerInvariant(),
+                ["reconstruct"] = ReconstructModes.Name(o.Reconstruct),
                 ["policy"] = o.PolicyName,
                 [o.PolicyName] = o.Amount,
                 ["targets"] = string.Join(",", new[] { o.PruneMlp ? "mlp" : null, o.PruneHeads ? "heads" : null }.Where(x => x != null)),

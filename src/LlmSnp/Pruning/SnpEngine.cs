@@ -18,6 +18,8 @@ public sealed record NodeLayerReport
     public required double Lambda { get; init; }
     public required int DampingEscalations { get; init; }
     public required long ParamsRemoved { get; init; }
+    /// <summary>Whether the reconstruction solved with the constant unit (a centred fit that sets the consumer's bias).</summary>
+    public required bool Constant { get; init; }
     /// <summary>Kept unit indices (a head's units expanded), ascending.</summary>
     [System.Text.Json.Serialization.JsonIgnore] public long[] KeptUnits { get; init; } = Array.Empty<long>();
 }
@@ -25,9 +27,8 @@ public sealed record NodeLayerReport
 public sealed record PruneResult
 {
     public required IReadOnlyList<NodeLayerReport> Layers { get; init; }
-    /// <summary>unitsKept[block][nodeLayer].</summary>
-    public required IReadOnlyList<int[]> UnitsKept { get; init; }
-    public required IReadOnlyList<long[]> HeadsKept { get; init; }
+    /// <summary>Per block: what each node layer kept (original group indices) and which consumers have a bias.</summary>
+    public required IReadOnlyList<KeptBlock> Kept { get; init; }
     public double? Tau { get; init; }
     public long PrunableParams { get; init; }
     public long ParamsRemoved { get; init; }
@@ -71,8 +72,7 @@ public sealed class SnpEngine
         var total = Stopwatch.StartNew();
         double statSec = 0, decSec = 0;
         var reports = new List<NodeLayerReport>();
-        var unitsKept = new List<int[]>();
-        var headsKept = new List<long[]>();
+        var keptBlocks = new List<KeptBlock>();
         var hidden = calibration.Select(_model.Embed).ToList();
         _tokens = hidden.Sum(h => h.shape[0] * h.shape[1]);
         double decBefore = 0;
@@ -80,13 +80,9 @@ public sealed class SnpEngine
         {
             using var block = _model.LoadBlock(b);
             var layers = block.NodeLayers;
-            var kept = new int[layers.Count];
-            long[] heads = Array.Empty<long>();
             for (int j = 0; j < layers.Count; j++)
             {
                 var info = layers[j];
-                kept[j] = info.Units;
-                if (info.Kind == NodeKind.Heads) heads = Enumerable.Range(0, info.Groups).Select(x => (long)x).ToArray();
                 Func<Tensor, long[]>? prune = null;
                 if (_opt.Targets(info.Kind))
                     prune = gram =>
@@ -95,8 +91,6 @@ public sealed class SnpEngine
                         var report = PruneLayer(block, j, info, gram, planned?[b][j]);
                         decSec += s1.Elapsed.TotalSeconds;
                         reports.Add(report);
-                        kept[j] = report.UnitsKept;
-                        if (info.Kind == NodeKind.Heads) heads = report.KeptIndices;
                         return report.KeptUnits;
                     };
                 var s0 = Stopwatch.StartNew();
@@ -105,17 +99,17 @@ public sealed class SnpEngine
             }
             statSec -= decSec - decBefore;   // RunSubBlock's time includes the decomposition
             decBefore = decSec;
-            unitsKept.Add(kept);
-            headsKept.Add(heads);
+            var kept = new KeptBlock(layers.Select((_, j) => block.KeptGroups(j)).ToArray(), layers.Select((_, j) => block.Consumer(j).Bias is not null).ToArray());
+            keptBlocks.Add(kept);
             onBlockDone(block, b);
             double el = total.Elapsed.TotalSeconds, eta = el / (b + 1) * (_model.BlockCount - b - 1);
-            _log?.Invoke($"block {b + 1}/{_model.BlockCount}: kept {string.Join(", ", layers.Select((l, j) => $"{(l.Kind == NodeKind.Heads ? "heads" : "mlp")} {kept[j] / l.GroupSize}/{l.Groups}"))}; elapsed {el:F1}s, ETA {eta:F1}s");
+            _log?.Invoke($"block {b + 1}/{_model.BlockCount}: kept {string.Join(", ", layers.Select((l, j) => $"{(l.Kind == NodeKind.Heads ? "heads" : "mlp")} {kept.Groups[j].Length}/{l.Groups}"))}; elapsed {el:F1}s, ETA {eta:F1}s");
         }
         hidden.ForEach(h => h.Dispose());
         long prunable = reports.Sum(r => (long)(r.Units / r.GroupSize) * _paramsPerGroup[r.Name]);
         return new PruneResult
         {
-            Layers = reports, UnitsKept = unitsKept, HeadsKept = headsKept, Tau = tau,
+            Layers = reports, Kept = keptBlocks, Tau = tau,
             PrunableParams = prunable, ParamsRemoved = reports.Sum(r => r.ParamsRemoved),
             StatisticsSeconds = statSec, DecompositionSeconds = decSec, PlanSeconds = planSeconds,
         };
@@ -198,14 +192,16 @@ public sealed class SnpEngine
             UnitsKept = keptUnits.Length, KeptIndices = gs == 1 ? keptUnits : keptGroups,
             Error = rec.Error, RelativeError = rec.RelativeError, Lambda = rec.Damping.Lambda,
             DampingEscalations = rec.Damping.Escalations, ParamsRemoved = prunedGroups.Length * info.ParamsPerGroup,
-            KeptUnits = keptUnits,
+            Constant = rec.Constant, KeptUnits = keptUnits,
         };
     }
 
-    long[] OrderGroups(IPrunableBlock block, int j, NodeLayerInfo info, Tensor gram, Tensor w, Tensor c)
+    long[] OrderGroups(IPrunableBlock block, int j, NodeLayerInfo info, Tensor gram, Tensor w, Tensor? c)
     {
         using var norms = block.ProducerSquaredNorms(j);
-        var input = new OrderingInput(gram, w, c, norms, info.GroupSize, _tokens, _opt.Damp, HashSeed(_opt.Seed, info.Name), info.Name);
+        // A consumer without a bias is one whose bias is zero (obs keeps the constant column either way).
+        using var bias = c is null ? torch.zeros(w.shape[0], w.dtype, w.device) : null;
+        var input = new OrderingInput(gram, w, c ?? bias!, norms, info.GroupSize, _tokens, _opt.Damp, HashSeed(_opt.Seed, info.Name), info.Name);
         return Orderings.Order(_opt.Ordering, input);
     }
 

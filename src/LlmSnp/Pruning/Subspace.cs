@@ -2,7 +2,13 @@ using static TorchSharp.torch;
 
 namespace LlmSnp.Pruning;
 
-public enum ReconstructMode { Lstsq, Bias, None }
+/// <summary>
+/// How pruned units are folded into the consumer (snp.md §5). `Lstsq` solves with the constant unit (the
+/// mean term) where the consumer has a bias to hold it, and without (uncentred second moment) where it
+/// has none; `LstsqNoBias` / `LstsqBias` force either form (the latter adds a bias); `Bias` folds only the
+/// means (FLAP); `None` drops the units.
+/// </summary>
+public enum ReconstructMode { Lstsq, LstsqNoBias, LstsqBias, Bias, None }
 
 /// <summary>A damped factorisation: the damping finally used and how often it was raised.</summary>
 public sealed record Damping(double Lambda, int Escalations);
@@ -22,15 +28,16 @@ public static class Subspace
     /// pivot falls below 1e-12 of its diagonal. With <paramref name="overwrite"/> the damping is added
     /// to <paramref name="a"/> itself (it is left holding a + λ·I_units), saving an n² copy.
     /// </summary>
-    public static (Tensor L, Damping Damping) DampedCholesky(Tensor a, double damp, string layer, bool overwrite = false)
+    public static (Tensor L, Damping Damping) DampedCholesky(Tensor a, double damp, string layer, bool overwrite = false, bool constantFirst = true)
     {
         using var scope = NewDisposeScope();
         long n = a.shape[0];
         var diag0 = a.diagonal().clone();
-        double meanDiag = n > 1 ? diag0.narrow(0, 1, n - 1).mean().item<double>() : 1.0;
+        int first = constantFirst ? 1 : 0;
+        double meanDiag = n > first ? diag0.narrow(0, first, n - first).mean().item<double>() : 1.0;
         if (meanDiag <= 0) meanDiag = 1.0;
         var mask = torch.ones(n, ScalarType.Float64, a.device);
-        mask[0] = 0.0;
+        if (constantFirst) mask[0] = 0.0;
         var m = overwrite ? a : a.clone();
         double lambda = damp * meanDiag, tried = lambda;
         for (int attempt = 0; attempt <= MaxEscalations; attempt++)
@@ -127,23 +134,36 @@ public static class Subspace
         return result;
     }
 
-    public sealed record Reconstruction(Tensor Weight, Tensor Bias, double Error, double RelativeError, Damping Damping);
+    public sealed record Reconstruction(Tensor Weight, Tensor? Bias, double Error, double RelativeError, Damping Damping, bool Constant);
+
+    /// <summary>Whether a reconstruction solves with the constant unit (and so gives the consumer a bias).</summary>
+    public static bool UsesConstant(ReconstructMode mode, bool consumerHasBias) => mode switch
+    {
+        ReconstructMode.LstsqNoBias => false,
+        ReconstructMode.LstsqBias or ReconstructMode.Bias => true,
+        _ => consumerHasBias,
+    };
 
     /// <summary>
     /// Folds the pruned units into the consumer (snp.md §5). <paramref name="kept"/> and
     /// <paramref name="pruned"/> are unit indices; the new weight's columns follow <paramref name="kept"/>.
-    /// The reported error is measured against the undamped G: it is the mean over calibration
-    /// tokens of ‖y − ŷ‖², whatever damping the solve needed. With <paramref name="releaseGram"/>,
+    /// With the constant unit (see <see cref="UsesConstant"/>) the solve is centred and the consumer's bias
+    /// (zero where it had none) absorbs the mean term; without it, the uncentred least squares leaves the
+    /// bias as it was. The reported error is measured against the undamped G: it is the mean over
+    /// calibration tokens of ‖y − ŷ‖², whatever damping the solve needed. With <paramref name="releaseGram"/>,
     /// G is disposed as soon as its kept/pruned blocks are gathered, so the n² Gram and the
     /// |K|² factor are never resident together (the peak of a wide MLP).
     /// </summary>
-    public static Reconstruction Reconstruct(Tensor g, Tensor w, Tensor c, long[] kept, long[] pruned, ReconstructMode mode, double damp, string layer, bool releaseGram = false)
+    public static Reconstruction Reconstruct(Tensor g, Tensor w, Tensor? c, long[] kept, long[] pruned, ReconstructMode mode, double damp, string layer, bool releaseGram = false)
     {
         using var scope = NewDisposeScope();
         var dev = g.device;
-        w = w.to(ScalarType.Float64); c = c.to(ScalarType.Float64);
-        var kAug = new long[kept.Length + 1];
-        for (int i = 0; i < kept.Length; i++) kAug[i + 1] = kept[i] + 1;
+        bool constant = UsesConstant(mode, c is not null);
+        w = w.to(ScalarType.Float64);
+        var c64 = c?.to(ScalarType.Float64) ?? (constant ? torch.zeros(w.shape[0], ScalarType.Float64, dev) : null);
+        int off = constant ? 1 : 0;
+        var kAug = new long[kept.Length + off];
+        for (int i = 0; i < kept.Length; i++) kAug[i + off] = kept[i] + 1;
         var pAug = pruned.Select(p => p + 1).ToArray();
         var kIdx = torch.tensor(kAug, device: dev);
         var keptIdx = torch.tensor(kept, device: dev);
@@ -162,52 +182,52 @@ public static class Subspace
         if (pruned.Length == 0)
         {
             if (releaseGram) g.Dispose();
-            return Done(new Reconstruction(wk.MoveToOuterDisposeScope(), c.clone().MoveToOuterDisposeScope(), 0, 0, damping));
+            return Done(new Reconstruction(wk.MoveToOuterDisposeScope(), c64?.clone().MoveToOuterDisposeScope(), 0, 0, damping, constant));
         }
 
         var pIdx = torch.tensor(pAug, device: dev);
         var prunedIdx = torch.tensor(pruned, device: dev);
         var wp = w.index_select(1, prunedIdx);
-        var gkk = mode == ReconstructMode.Lstsq ? Submatrix(g, kIdx, kIdx) : null;
+        bool lstsq = mode is ReconstructMode.Lstsq or ReconstructMode.LstsqNoBias or ReconstructMode.LstsqBias;
+        var gkk = lstsq ? Submatrix(g, kIdx, kIdx) : null;
         var gkp = Submatrix(g, kIdx, pIdx);
         var gpp = Submatrix(g, pIdx, pIdx);
         if (releaseGram) g.Dispose();
-        Tensor b, m;   // b [|K|, |P|]: x_P ≈ Bᵀ x_K;  m: residual second moment of x_P − Bᵀx_K under the true G
-        switch (mode)
+        Tensor b, m;   // b [|K| (+1), |P|]: x_P ≈ Bᵀ x_K;  m: residual second moment of x_P − Bᵀx_K under the true G
+        if (lstsq)
         {
-            case ReconstructMode.Lstsq:
-                {
-                    // Factor G_KK + Λ in place (Λ = λ on the unit diagonal): G_KK itself is not needed again,
-                    // since with B = (G_KK + Λ)⁻¹ G_KP, Bᵀ G_KK B = Bᵀ G_KP − λ B_uᵀ B_u.
-                    var (lk, dk) = DampedCholesky(gkk!, damp, layer, overwrite: true);
-                    gkk!.Dispose();
-                    damping = dk;
-                    b = torch.cholesky_solve(gkp, lk);
-                    lk.Dispose();
-                    var bu = b.narrow(0, 1, kept.Length);
-                    m = gpp - gkp.t().mm(b);
-                    if (dk.Lambda != 0) m.sub_(bu.t().mm(bu).mul_(dk.Lambda));
-                    break;
-                }
-            default:
-                {
-                    // B is zero but for the constant row (μ_P under Bias): x_P − Bᵀx_K = x_P − b₀.
-                    b = torch.zeros(kAug.Length, pruned.Length, ScalarType.Float64, dev);
-                    if (mode == ReconstructMode.Bias) b[0] = gkp[0];   // the constant row carries μ_P
-                    var b0 = b[0];
-                    m = gpp - torch.outer(b0, gkp[0]) - torch.outer(gkp[0], b0) + torch.outer(b0, b0).mul_(g00);
-                    break;
-                }
+            // Factor G_KK + Λ in place (Λ = λ on the unit diagonal): G_KK itself is not needed again,
+            // since with B = (G_KK + Λ)⁻¹ G_KP, Bᵀ G_KK B = Bᵀ G_KP − λ B_uᵀ B_u.
+            var (lk, dk) = DampedCholesky(gkk!, damp, layer, overwrite: true, constantFirst: constant);
+            gkk!.Dispose();
+            damping = dk;
+            b = torch.cholesky_solve(gkp, lk);
+            lk.Dispose();
+            var bu = b.narrow(0, off, kept.Length);
+            m = gpp - gkp.t().mm(b);
+            if (dk.Lambda != 0) m.sub_(bu.t().mm(bu).mul_(dk.Lambda));
         }
-        var wNew = wk + wp.mm(b.narrow(0, 1, kept.Length).t());
-        var cNew = c + wp.mv(b[0]);
+        else
+        {
+            // B is zero but for the constant row (μ_P under Bias): x_P − Bᵀx_K = x_P − b₀.
+            b = torch.zeros(kAug.Length, pruned.Length, ScalarType.Float64, dev);
+            if (mode == ReconstructMode.Bias) b[0] = gkp[0];   // the constant row carries μ_P
+            if (constant)
+            {
+                var b0 = b[0];
+                m = gpp - torch.outer(b0, gkp[0]) - torch.outer(gkp[0], b0) + torch.outer(b0, b0).mul_(g00);
+            }
+            else m = gpp;
+        }
+        var wNew = wk + wp.mm(b.narrow(0, off, kept.Length).t());
+        var cNew = constant ? c64! + wp.mv(b[0]) : c64;
         double err = wp.mm(m).mul(wp).sum().item<double>();
         double rel = total > 0 ? err / total : 0;
-        return Done(new Reconstruction(wNew.MoveToOuterDisposeScope(), cNew.MoveToOuterDisposeScope(), err, rel, damping));
+        return Done(new Reconstruction(wNew.MoveToOuterDisposeScope(), cNew?.MoveToOuterDisposeScope(), err, rel, damping, constant));
 
         Reconstruction Done(Reconstruction r)
         {
-            if (!AllFinite(r.Weight) || !AllFinite(r.Bias))
+            if (!AllFinite(r.Weight) || (r.Bias is not null && !AllFinite(r.Bias)))
                 throw new LlmSnpException($"{layer}: reconstruction produced non-finite weights");
             return r;
         }

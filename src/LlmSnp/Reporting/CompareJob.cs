@@ -30,19 +30,15 @@ public sealed record CompareOptions
 
 public static class CompareJob
 {
-    public static JsonObject Run(CompareOptions o, Action<string>? log) => ConfigFile.Load(o.ModelDir).ModelType switch
-    {
-        "opt" => RunOpt(o, log),
-        "vit" or "deit" => RunVit(o, log),
-        var t => throw new LlmSnpException($"{Path.Combine(o.ModelDir, "config.json")}: model_type '{t}' is not supported (opt, vit, deit)"),
-    };
+    public static JsonObject Run(CompareOptions o, Action<string>? log) =>
+        ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
 
     /// <summary>Image models: top-1 on the images of the folder that were not drawn for calibration.</summary>
-    public static JsonObject RunVit(CompareOptions o, Action<string>? log)
+    public static JsonObject RunImage(CompareOptions o, Action<string>? log)
     {
         if (o.Images == null) throw new LlmSnpException("compare on an image model needs --images DIR (labelled images; calibration images are drawn from it and never evaluated)");
         long paramsBefore;
-        using (var probe = new VitModel(o.ModelDir)) paramsBefore = probe.ParameterCount();
+        using (var probe = ModelFamilies.OpenImageClassifier(o.ModelDir, use: "compare")) paramsBefore = probe.ParameterCount();
         var cfg = Data.Images.PreprocessConfig.Load(o.ModelDir);
         var all = Data.Images.ImageSet.Load(o.Images).Images;
         var (calibSet, rest) = ImageInputs.Split(all, o.CalibSamples, o.Seed);
@@ -52,7 +48,7 @@ public static class CompareJob
         var metric = new AccuracyMetric(eval.Pixels, eval.Labels);
         var (dense, rows) = Comparison.Run(new Comparison.Request
         {
-            OpenModel = () => new VitModel(o.ModelDir), Calibration = ImageInputs.MicroBatches(calib.Pixels, 32), Metric = metric,
+            OpenModel = () => ModelFamilies.Open(o.ModelDir), Calibration = ImageInputs.MicroBatches(calib.Pixels, 32), Metric = metric,
             Methods = o.Methods, Ratios = o.Ratios, TargetSets = o.TargetSets, ParamsBefore = paramsBefore, Damp = o.Damp, Seed = o.Seed,
         }, log);
         var provenance = new JsonObject
@@ -67,14 +63,14 @@ public static class CompareJob
     }
 
     /// <summary>Language models: perplexity on the evaluation text, calibration from a different text.</summary>
-    public static JsonObject RunOpt(CompareOptions o, Action<string>? log)
+    public static JsonObject RunText(CompareOptions o, Action<string>? log)
     {
-        if (o.Calib == o.Eval) throw new LlmSnpException($"--calib and --eval are both '{o.Calib}': calibration and evaluation text must not overlap");
-        int maxPos, hidden;
+        if (TextSources.Overlap(o.Calib, o.Eval)) throw new LlmSnpException($"--calib and --eval are both '{o.Calib}': calibration and evaluation text must not overlap");
+        int maxPos;
         long paramsBefore;
-        using (var probe = new OptModel(o.ModelDir)) { maxPos = probe.Config.MaxPositions; hidden = probe.Config.Hidden; paramsBefore = probe.ParameterCount(); }
+        ITextTokenizer tok;
+        using (var probe = ModelFamilies.OpenLanguageModel(o.ModelDir, use: "compare")) { maxPos = probe.MaxPositions; paramsBefore = probe.ParameterCount(); tok = probe.Tokenizer(); }
         int calibLen = o.CalibSeqLen ?? Math.Min(2048, maxPos), evalLen = o.EvalSeqLen ?? Math.Min(2048, maxPos);
-        var tok = OptTokenizer.ForModel(o.ModelDir);
         var calib = CalibrationSet.Sample(tok, o.Calib, o.CalibSamples, calibLen, o.Seed);
         int micro = Math.Max(1, 4096 / calibLen);
         var batches = Enumerable.Range(0, (o.CalibSamples + micro - 1) / micro)
@@ -82,7 +78,7 @@ public static class CompareJob
         var metric = new PerplexityMetric(tok.Encode(TextSources.EvaluationText(o.Eval)), evalLen, o.EvalLimit);
         var (dense, rows) = Comparison.Run(new Comparison.Request
         {
-            OpenModel = () => new OptModel(o.ModelDir), Calibration = batches, Metric = metric, Methods = o.Methods,
+            OpenModel = () => ModelFamilies.Open(o.ModelDir), Calibration = batches, Metric = metric, Methods = o.Methods,
             Ratios = o.Ratios, TargetSets = o.TargetSets, ParamsBefore = paramsBefore, Damp = o.Damp, Seed = o.Seed,
         }, log);
         var provenance = new JsonObject

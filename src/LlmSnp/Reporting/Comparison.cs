@@ -41,11 +41,7 @@ public sealed record Method(string Label, Ordering Ordering, ReconstructMode Rec
         return new Method(s, ordering, rec, policy);
     }
 
-    public static ReconstructMode ParseReconstruct(string s) => s switch
-    {
-        "lstsq" => ReconstructMode.Lstsq, "bias" => ReconstructMode.Bias, "none" => ReconstructMode.None,
-        _ => throw new LlmSnpException($"unknown reconstruction '{s}' (lstsq, bias, none)"),
-    };
+    public static ReconstructMode ParseReconstruct(string s) => ReconstructModes.Parse(s);
 }
 
 public sealed record ComparisonRow(string Targets, string Method, string Ordering, string Reconstruct, string Policy,
@@ -91,7 +87,7 @@ public static class Comparison
                     var result = new SnpEngine(model, opt).Run(req.Calibration, (block, _) => block.Advance(hidden));
                     double metric = req.Metric.Finish(model, hidden);
                     double frac = result.PrunableParams > 0 ? (double)result.ParamsRemoved / result.PrunableParams : 0;
-                    rows.Add(new ComparisonRow(targets, method.Label, Orderings.Name(method.Ordering), method.Reconstruct.ToString().ToLowerInvariant(),
+                    rows.Add(new ComparisonRow(targets, method.Label, Orderings.Name(method.Ordering), ReconstructModes.Name(method.Reconstruct),
                         method.Policy == RatioPolicyKind.Budget ? "variance" : "ratio", ratio, frac, req.ParamsBefore - result.ParamsRemoved, metric, sw.Elapsed.TotalSeconds));
                     log?.Invoke($"{targets,-9} {method.Label,-30} r={ratio:F2} removed {frac:P1}: {req.Metric.Name} {metric:F3} ({sw.Elapsed.TotalSeconds:F1}s)");
                 }

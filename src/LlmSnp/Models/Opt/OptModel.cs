@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using LlmSnp.Checkpoint;
+using LlmSnp.Data;
 using LlmSnp.Pruning;
 using TorchSharp;
 using static TorchSharp.torch;
@@ -11,7 +12,7 @@ namespace LlmSnp.Models;
 /// OPT (HF `modeling_opt` semantics, models.md §2), streamed: the embeddings and head stay loaded,
 /// each decoder block is read from the checkpoint when it is needed and released after.
 /// </summary>
-public sealed class OptModel : IPrunableModel
+public sealed class OptModel : ILanguageModel
 {
     public const double LayerNormEps = 1e-5;
     public string Family => "opt";
@@ -113,27 +114,14 @@ public sealed class OptModel : IPrunableModel
         return logits.MoveToOuterDisposeScope();
     }
 
-    /// <summary>OPT's names for the block roles (models.md §2).</summary>
-    static readonly (Role Role, string Name)[] BlockNames =
-    {
-        (Role.QW, "self_attn.q_proj.weight"), (Role.QB, "self_attn.q_proj.bias"), (Role.KW, "self_attn.k_proj.weight"), (Role.KB, "self_attn.k_proj.bias"),
-        (Role.VW, "self_attn.v_proj.weight"), (Role.VB, "self_attn.v_proj.bias"), (Role.OW, "self_attn.out_proj.weight"), (Role.OB, "self_attn.out_proj.bias"),
-        (Role.Ln1W, "self_attn_layer_norm.weight"), (Role.Ln1B, "self_attn_layer_norm.bias"),
-        (Role.Fc1W, "fc1.weight"), (Role.Fc1B, "fc1.bias"), (Role.Fc2W, "fc2.weight"), (Role.Fc2B, "fc2.bias"),
-        (Role.Ln2W, "final_layer_norm.weight"), (Role.Ln2B, "final_layer_norm.bias"),
-    };
-
     /// <summary>Reads decoder layer i onto the device (the only block resident while it is in use).</summary>
-    public TransformerBlock LoadBlock(int i)
+    public OptBlock LoadBlock(int i)
     {
         var c = Config;
-        long a = (long)c.HeadsPerLayer[i] * c.HeadDim, f = c.FfnDims[i], h = c.Hidden;
-        var shapes = TransformerBlock.Shapes(a, f, h);
+        var shapes = OptBlock.Shapes((long)c.HeadsPerLayer[i] * c.HeadDim, c.FfnDims[i], c.Hidden);
         string prefix = $"{Prefix}layers.{i}.";
-        var w = TransformerBlock.ReadRoles(w => { foreach (var (role, name) in BlockNames) w[role] = Read(prefix + name, shapes[role]); });
-        var spec = new BlockSpec(c.Hidden, c.HeadDim, c.PreLayerNorm, Causal: true, Activation.Relu, LayerNormEps);
-        return new TransformerBlock(spec, ($"layers.{i}.self_attn", $"layers.{i}.fc1"), w,
-            roles => BlockNames.Select(rn => (prefix + rn.Name, roles[rn.Role])));
+        var w = PrunableBlock.ReadAll(w => { for (int k = 0; k < OptBlock.Names.Length; k++) w[prefix + OptBlock.Names[k]] = Read(prefix + OptBlock.Names[k], shapes[k]); });
+        return new OptBlock(prefix, c.Hidden, c.HeadDim, c.PreLayerNorm, i, w);
     }
 
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
@@ -166,18 +154,17 @@ public sealed class OptModel : IPrunableModel
         if (_lmHead is not null) yield return ("lm_head.weight", _lmHead.to(dtype));
     }
 
-    public JsonObject PrunedConfig(IReadOnlyList<int[]> unitsKept, IReadOnlyList<long[]> headsKeptIndices, ScalarType dtype)
+    public JsonObject PrunedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
     {
         var cfg = (JsonObject)Config.File.Json.DeepClone();
         cfg["pruned"] = true;
-        cfg["ffn_dims"] = new JsonArray(unitsKept.Select(u => (JsonNode)u[1]).ToArray());
-        cfg["num_heads_per_layer"] = new JsonArray(unitsKept.Select(u => (JsonNode)(u[0] / Config.HeadDim)).ToArray());
+        cfg["ffn_dims"] = new JsonArray(kept.Select(k => (JsonNode)k.Groups[1].Length).ToArray());
+        cfg["num_heads_per_layer"] = new JsonArray(kept.Select(k => (JsonNode)k.Groups[0].Length).ToArray());
         cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
         return cfg;
     }
 
-    /// <summary>config.json of the zero-padded export: the original shapes, loadable by stock tools.</summary>
-    public JsonObject PaddedConfig(ScalarType dtype)
+    public JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
     {
         var cfg = (JsonObject)Config.File.Json.DeepClone();
         foreach (var k in new[] { "pruned", "ffn_dims", "num_heads_per_layer" }) cfg.Remove(k);
@@ -201,7 +188,36 @@ public sealed class OptModel : IPrunableModel
         return n;
     }
 
-    public long BlockParameters(int heads, int ffn) => TransformerBlock.ParameterCount((long)heads * Config.HeadDim, ffn, Config.Hidden);
+    public long BlockParameters(int heads, int ffn) => OptBlock.ParameterCount((long)heads * Config.HeadDim, ffn, Config.Hidden);
+
+    public int MaxPositions => Config.MaxPositions;
+    public int VocabSize => Config.VocabSize;
+
+    public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
+
+    public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
+
+    public JsonObject Describe()
+    {
+        var c = Config;
+        return new JsonObject
+        {
+            ["family"] = Family,
+            ["dtype"] = SafeDTypes.ConfigName(StoredDType),
+            ["parameters"] = ParameterCount(),
+            ["pruned"] = c.Pruned,
+            ["layers"] = c.Layers, ["hidden_size"] = c.Hidden, ["head_dim"] = c.HeadDim,
+            ["vocab_size"] = c.VocabSize, ["max_position_embeddings"] = c.MaxPositions,
+            ["layer_norm"] = c.PreLayerNorm ? "pre" : "post",
+            ["word_embed_proj_dim"] = c.WordEmbedProjDim, ["tie_word_embeddings"] = c.TieWordEmbeddings,
+            ["tensor_prefix"] = Prefix,
+            ["per_layer"] = new JsonArray(Enumerable.Range(0, c.Layers).Select(i => (JsonNode)new JsonObject
+            {
+                ["heads"] = c.HeadsPerLayer[i], ["ffn_dim"] = c.FfnDims[i],
+                ["parameters"] = BlockParameters(c.HeadsPerLayer[i], c.FfnDims[i]),
+            }).ToArray()),
+        };
+    }
 
     public void Dispose()
     {

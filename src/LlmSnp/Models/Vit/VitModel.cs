@@ -64,7 +64,7 @@ public sealed class VitConfig
 /// ViT / DeiT image classifiers in HF (`vit.`, `deit.`) or timm layout (fused qkv), streamed block
 /// by block like OPT. DeiT distilled models average the class and distillation heads.
 /// </summary>
-public sealed class VitModel : IPrunableModel
+public sealed class VitModel : IImageClassifier
 {
     public string Family => "vit";
     public VitConfig Config { get; }
@@ -182,57 +182,33 @@ public sealed class VitModel : IPrunableModel
         return logits.MoveToOuterDisposeScope();
     }
 
-    static readonly (Role Role, string Name)[] HfBlockNames =
-    {
-        (Role.Ln1W, "layernorm_before.weight"), (Role.Ln1B, "layernorm_before.bias"),
-        (Role.QW, "attention.attention.query.weight"), (Role.QB, "attention.attention.query.bias"),
-        (Role.KW, "attention.attention.key.weight"), (Role.KB, "attention.attention.key.bias"),
-        (Role.VW, "attention.attention.value.weight"), (Role.VB, "attention.attention.value.bias"),
-        (Role.OW, "attention.output.dense.weight"), (Role.OB, "attention.output.dense.bias"),
-        (Role.Ln2W, "layernorm_after.weight"), (Role.Ln2B, "layernorm_after.bias"),
-        (Role.Fc1W, "intermediate.dense.weight"), (Role.Fc1B, "intermediate.dense.bias"),
-        (Role.Fc2W, "output.dense.weight"), (Role.Fc2B, "output.dense.bias"),
-    };
-
-    static readonly (Role Role, string Name)[] TimmBlockNames =
-    {
-        (Role.Ln1W, "norm1.weight"), (Role.Ln1B, "norm1.bias"), (Role.OW, "attn.proj.weight"), (Role.OB, "attn.proj.bias"),
-        (Role.Ln2W, "norm2.weight"), (Role.Ln2B, "norm2.bias"), (Role.Fc1W, "mlp.fc1.weight"), (Role.Fc1B, "mlp.fc1.bias"),
-        (Role.Fc2W, "mlp.fc2.weight"), (Role.Fc2B, "mlp.fc2.bias"),
-    };
-
-    public TransformerBlock LoadBlock(int i)
+    public VitBlock LoadBlock(int i)
     {
         var c = Config;
-        long a = (long)c.HeadsPerLayer[i] * c.HeadDim, f = c.IntermediateSizes[i], h = c.Hidden;
-        var shapes = TransformerBlock.Shapes(a, f, h);
+        long a = (long)c.HeadsPerLayer[i] * c.HeadDim, h = c.Hidden;
+        var shapes = VitBlock.Shapes(a, c.IntermediateSizes[i], h);
         string prefix = Timm ? $"blocks.{i}." : $"{_p}encoder.layer.{i}.";
-        var names = Timm ? TimmBlockNames : HfBlockNames;
-        var w = TransformerBlock.ReadRoles(w =>
+        var names = VitBlock.LocalNames(Timm);
+        var w = PrunableBlock.ReadAll(w =>
         {
-            foreach (var (role, name) in names) w[role] = Read(prefix + name, shapes[role]);
             if (Timm)
             {
                 // Fused qkv [3a, h]: q, k, v stacked in that order.
                 using var qkv = Read(prefix + "attn.qkv.weight", 3 * a, h);
                 using var qkvB = Read(prefix + "attn.qkv.bias", 3 * a);
                 var ws = qkv.chunk(3, 0); var bs = qkvB.chunk(3, 0);
-                (w[Role.QW], w[Role.KW], w[Role.VW]) = (ws[0].contiguous(), ws[1].contiguous(), ws[2].contiguous());
-                (w[Role.QB], w[Role.KB], w[Role.VB]) = (bs[0].contiguous(), bs[1].contiguous(), bs[2].contiguous());
+                for (int k = 0; k < 3; k++)
+                {
+                    w[prefix + names[2 + 2 * k]] = ws[k].contiguous();
+                    w[prefix + names[3 + 2 * k]] = bs[k].contiguous();
+                }
             }
+            for (int k = 0; k < names.Length; k++)
+                if (!names[k].StartsWith(VitBlock.QkvPart)) w[prefix + names[k]] = Read(prefix + names[k], shapes[k]);
         });
-        var spec = new BlockSpec(c.Hidden, c.HeadDim, PreLayerNorm: true, Causal: false, Activation.Gelu, c.LayerNormEps);
-        string layerName = Timm ? $"blocks.{i}" : $"encoder.layer.{i}";
-        return new TransformerBlock(spec, ($"{layerName}.attention", $"{layerName}.mlp"), w, roles =>
-        {
-            var named = names.Select(rn => (prefix + rn.Name, roles[rn.Role])).ToList();
-            if (Timm)
-            {
-                named.Add((prefix + "attn.qkv.weight", torch.cat(new[] { roles[Role.QW], roles[Role.KW], roles[Role.VW] }, 0)));
-                named.Add((prefix + "attn.qkv.bias", torch.cat(new[] { roles[Role.QB], roles[Role.KB], roles[Role.VB] }, 0)));
-            }
-            return named;
-        });
+        // Write order is the checkpoint's: the layout's names in table order.
+        var ordered = names.ToDictionary(n => prefix + n, n => w[prefix + n], StringComparer.Ordinal);
+        return new VitBlock(prefix, Timm, c.Hidden, c.HeadDim, c.LayerNormEps, Timm ? $"blocks.{i}" : $"encoder.layer.{i}", ordered);
     }
 
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
@@ -250,17 +226,17 @@ public sealed class VitModel : IPrunableModel
     public IEnumerable<(string Name, Tensor Tensor)> OuterTensors(ScalarType dtype) =>
         _outer.Select(kv => (kv.Key, kv.Value.to(dtype)));
 
-    public JsonObject PrunedConfig(IReadOnlyList<int[]> unitsKept, IReadOnlyList<long[]> headsKeptIndices, ScalarType dtype)
+    public JsonObject PrunedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
     {
         var cfg = (JsonObject)Config.File.Json.DeepClone();
         cfg["pruned"] = true;
-        cfg["intermediate_sizes"] = new JsonArray(unitsKept.Select(u => (JsonNode)u[1]).ToArray());
-        cfg["num_heads_per_layer"] = new JsonArray(unitsKept.Select(u => (JsonNode)(u[0] / Config.HeadDim)).ToArray());
+        cfg["intermediate_sizes"] = new JsonArray(kept.Select(k => (JsonNode)k.Groups[1].Length).ToArray());
+        cfg["num_heads_per_layer"] = new JsonArray(kept.Select(k => (JsonNode)k.Groups[0].Length).ToArray());
         // Stock transformers re-applies pruned_heads on load, so a heads-only pruned ViT loads as is.
         var pruned = new JsonObject();
-        for (int l = 0; l < headsKeptIndices.Count; l++)
+        for (int l = 0; l < kept.Count; l++)
         {
-            var removed = Enumerable.Range(0, Config.Heads).Where(h => !headsKeptIndices[l].Contains(h)).ToArray();
+            var removed = Enumerable.Range(0, Config.Heads).Where(h => !kept[l].Groups[0].Contains(h)).ToArray();
             if (removed.Length > 0) pruned[l.ToString()] = new JsonArray(removed.Select(h => (JsonNode)h).ToArray());
         }
         cfg["pruned_heads"] = pruned;
@@ -268,7 +244,7 @@ public sealed class VitModel : IPrunableModel
         return cfg;
     }
 
-    public JsonObject PaddedConfig(ScalarType dtype)
+    public JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
     {
         var cfg = (JsonObject)Config.File.Json.DeepClone();
         foreach (var k in new[] { "pruned", "intermediate_sizes", "num_heads_per_layer", "pruned_heads" }) cfg.Remove(k);
@@ -286,7 +262,32 @@ public sealed class VitModel : IPrunableModel
         return n;
     }
 
-    public long BlockParameters(int heads, int mlp) => TransformerBlock.ParameterCount((long)heads * Config.HeadDim, mlp, Config.Hidden);
+    public long BlockParameters(int heads, int mlp) => VitBlock.ParameterCount((long)heads * Config.HeadDim, mlp, Config.Hidden);
+
+    public int Classes => (int)Outer(OuterRole.HeadW).shape[0];
+
+    public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
+
+    public JsonObject Describe()
+    {
+        var c = Config;
+        return new JsonObject
+        {
+            ["family"] = c.ModelType,
+            ["layout"] = Timm ? "timm" : "hf",
+            ["distilled"] = Distilled,
+            ["dtype"] = SafeDTypes.ConfigName(StoredDType),
+            ["parameters"] = ParameterCount(),
+            ["pruned"] = c.Pruned,
+            ["layers"] = c.Layers, ["hidden_size"] = c.Hidden, ["head_dim"] = c.HeadDim,
+            ["image_size"] = c.ImageSize, ["patch_size"] = c.PatchSize, ["layer_norm_eps"] = c.LayerNormEps,
+            ["per_layer"] = new JsonArray(Enumerable.Range(0, c.Layers).Select(i => (JsonNode)new JsonObject
+            {
+                ["heads"] = c.HeadsPerLayer[i], ["intermediate_size"] = c.IntermediateSizes[i],
+                ["parameters"] = BlockParameters(c.HeadsPerLayer[i], c.IntermediateSizes[i]),
+            }).ToArray()),
+        };
+    }
 
     public void Dispose()
     {

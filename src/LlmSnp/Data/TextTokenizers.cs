@@ -1,0 +1,103 @@
+using System.Text.Json;
+using Microsoft.ML.Tokenizers;
+
+namespace LlmSnp.Data;
+
+/// <summary>A checkpoint's tokenizer: text → ids as the model was trained (bos prepended where the model's tokenizer does).</summary>
+public interface ITextTokenizer
+{
+    /// <summary>What was loaded, for reports: the file and its kind.</summary>
+    string Description { get; }
+    int? BosId { get; }
+    int? EosId { get; }
+    int[] Encode(string text);
+    string Decode(IEnumerable<int> ids);
+}
+
+/// <summary>
+/// Finds a checkpoint's own tokenizer: `vocab.json` + `merges.txt` (OPT's byte-level BPE),
+/// `tokenizer.model` (SentencePiece, Llama 2 / Mistral) or `tokenizer.json` (HF tokenizers, Llama 3 /
+/// Qwen2). A directory with none is an error: another model's tokenizer would give wrong ids silently.
+/// </summary>
+public static class TextTokenizers
+{
+    public static ITextTokenizer ForModel(string modelDir)
+    {
+        string F(string name) => Path.Combine(modelDir, name);
+        if (File.Exists(F("vocab.json")) && File.Exists(F("merges.txt"))) return OptTokenizer.Load(modelDir);
+        if (File.Exists(F("tokenizer.model"))) return SentencePieceTokenizer.Load(F("tokenizer.model"), AddBos(modelDir));
+        if (File.Exists(F("tokenizer.json"))) return HfTokenizer.Load(F("tokenizer.json"));
+        throw new LlmSnpException($"{modelDir}: no tokenizer (vocab.json + merges.txt, tokenizer.model or tokenizer.json)");
+    }
+
+    /// <summary>tokenizer_config.json's add_bos_token (HF LlamaTokenizer default: true).</summary>
+    static bool AddBos(string modelDir)
+    {
+        string path = Path.Combine(modelDir, "tokenizer_config.json");
+        if (!File.Exists(path)) return true;
+        try
+        {
+            using var doc = JsonDocument.Parse(File.ReadAllBytes(path));
+            return doc.RootElement.ValueKind != JsonValueKind.Object || !doc.RootElement.TryGetProperty("add_bos_token", out var v)
+                || v.ValueKind != JsonValueKind.False;
+        }
+        catch (JsonException e) { throw new LlmSnpException($"{path}: not valid JSON ({e.Message.Split('\n')[0]})"); }
+    }
+}
+
+/// <summary>SentencePiece `tokenizer.model` through Microsoft.ML.Tokenizers' LlamaTokenizer (verified id-exact against SentencePiece).</summary>
+public sealed class SentencePieceTokenizer : ITextTokenizer
+{
+    readonly LlamaTokenizer _sp;
+    public string Description { get; }
+    public int? BosId => _sp.BeginningOfSentenceId;
+    public int? EosId => _sp.EndOfSentenceId;
+
+    SentencePieceTokenizer(LlamaTokenizer sp, string description) { _sp = sp; Description = description; }
+
+    public static SentencePieceTokenizer Load(string path, bool addBos)
+    {
+        try
+        {
+            using var s = File.OpenRead(path);
+            return new SentencePieceTokenizer(LlamaTokenizer.Create(s, addBeginOfSentence: addBos, addEndOfSentence: false), $"{path} (SentencePiece)");
+        }
+        catch (Exception e) when (e is ArgumentException or FormatException or InvalidOperationException or IOException
+            or NotSupportedException or Google.Protobuf.InvalidProtocolBufferException)
+        {
+            throw new LlmSnpException($"{path}: cannot load the SentencePiece model ({e.Message.Split('\n')[0]})");
+        }
+    }
+
+    // SentencePiece itself does no pre-tokenization; its normaliser (whitespace, dummy prefix) applies.
+    public int[] Encode(string text) => _sp.EncodeToIds(text, considerPreTokenization: false, considerNormalization: true).ToArray();
+
+    public string Decode(IEnumerable<int> ids) => _sp.Decode(ids) ?? "";
+}
+
+/// <summary>A HF `tokenizer.json` through the HF tokenizers library itself (Tokenizers.DotNet binding).</summary>
+public sealed class HfTokenizer : ITextTokenizer, IDisposable
+{
+    readonly Tokenizers.DotNet.Tokenizer _tok;
+    public string Description { get; }
+    public int? BosId { get; }
+    public int? EosId => null;
+
+    HfTokenizer(Tokenizers.DotNet.Tokenizer tok, string description, int? bos) { _tok = tok; Description = description; BosId = bos; }
+
+    public static HfTokenizer Load(string path)
+    {
+        Tokenizers.DotNet.Tokenizer tok;
+        try { tok = new Tokenizers.DotNet.Tokenizer(path); }
+        catch (Tokenizers.DotNet.TokenizerException e) { throw new LlmSnpException($"{path}: cannot load the tokenizer ({e.Message.Split('\n')[0]})"); }
+        // The post-processor decides what is prepended: the first id of an empty text is the bos, if any.
+        var empty = tok.Encode("");
+        return new HfTokenizer(tok, $"{path} (HF tokenizers)", empty.Length > 0 ? (int)empty[0] : null);
+    }
+
+    public int[] Encode(string text) => _tok.Encode(text).Select(i => (int)i).ToArray();
+
+    public string Decode(IEnumerable<int> ids) => _tok.Decode(ids.Select(i => (uint)i).ToArray());
+
+    public void Dispose() => _tok.Dispose();
+}

@@ -1,0 +1,135 @@
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
+
+namespace LlmSnp.Models;
+
+/// <summary>
+/// One Llama / Mistral / Qwen2 decoder layer (HF `LlamaDecoderLayer`): RMSNorm, attention with
+/// rotate-half RoPE and grouped K/V heads, RMSNorm, SwiGLU MLP `down(silu(gate(x)) · up(x))`.
+/// Node layers: the K/V groups (the query heads that share a K/V head, with it: the input of `o_proj`)
+/// and the MLP neurons (row j of gate and up, column j of down).
+/// </summary>
+public sealed class LlamaBlock : PrunableBlock
+{
+    readonly string _p;
+    readonly int _headDim, _queriesPerKv;
+    readonly double _eps;
+    readonly Rope _rope;
+    readonly int? _window;
+
+    public LlamaBlock(string prefix, int index, int headDim, int queriesPerKv, double eps, Rope rope, int? slidingWindow, Dictionary<string, Tensor> tensors)
+        : base(tensors, new[]
+        {
+            new UnitMap($"layers.{index}.self_attn", NodeKind.Heads, queriesPerKv * headDim,
+                new[] { P(prefix, "self_attn.q_proj"), P(prefix, "self_attn.k_proj"), P(prefix, "self_attn.v_proj") },
+                prefix + "self_attn.o_proj.weight", prefix + "self_attn.o_proj.bias"),
+            new UnitMap($"layers.{index}.mlp", NodeKind.Mlp, 1, new[] { P(prefix, "mlp.gate_proj"), P(prefix, "mlp.up_proj") },
+                prefix + "mlp.down_proj.weight", prefix + "mlp.down_proj.bias"),
+        })
+    {
+        _p = prefix; _headDim = headDim; _queriesPerKv = queriesPerKv; _eps = eps; _rope = rope; _window = slidingWindow;
+    }
+
+    static Producer P(string prefix, string linear) => new(prefix + linear + ".weight", prefix + linear + ".bias");
+
+    Tensor T(string name) => W[_p + name];
+
+    Tensor Linear(Tensor x, string linear) => F.linear(x, T(linear + ".weight"), Optional(_p + linear + ".bias"));
+
+    /// <summary>RMSNorm as HF computes it: in float32 at least, cast back before the weight.</summary>
+    public static Tensor RmsNorm(Tensor x, Tensor weight, double eps)
+    {
+        var dtype = x.dtype;
+        var xf = dtype is ScalarType.Float16 or ScalarType.BFloat16 ? x.to(ScalarType.Float32) : x;
+        var normed = xf * torch.rsqrt(xf.pow(2).mean(new long[] { -1 }, keepdim: true) + eps);
+        return weight * normed.to(dtype);
+    }
+
+    public override Tensor Activations(int layer, Tensor input)
+    {
+        using var scope = NewDisposeScope();
+        if (layer == 0) return SelfAttention(RmsNorm(input, T("input_layernorm.weight"), _eps)).MoveToOuterDisposeScope();
+        var x = RmsNorm(input, T("post_attention_layernorm.weight"), _eps);
+        return (F.silu(Linear(x, "mlp.gate_proj")) * Linear(x, "mlp.up_proj")).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Per-head outputs softmax(QKᵀ/√d)V concatenated [batch, tokens, heads·d]; query head h reads K/V head h ÷ (heads / kv_heads).</summary>
+    Tensor SelfAttention(Tensor x)
+    {
+        long b = x.shape[0], t = x.shape[1];
+        Tensor Heads(string linear) => Linear(x, linear).view(b, t, -1, _headDim).transpose(1, 2);
+        var (q, k) = _rope.Apply(Heads("self_attn.q_proj"), Heads("self_attn.k_proj"));
+        var v = Heads("self_attn.v_proj");
+        if (_queriesPerKv > 1)
+        {
+            k = k.repeat_interleave(_queriesPerKv, 1);
+            v = v.repeat_interleave(_queriesPerKv, 1);
+        }
+        // Mistral's window applies only when the sequence is longer than it.
+        var mask = _window is int w && w < t ? Rope.SlidingWindowMask(t, w, x.device) : null;
+        var o = F.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
+        return o.transpose(1, 2).reshape(b, t, -1);
+    }
+
+    public override Tensor Residual(int layer, Tensor input, Tensor activations)
+    {
+        using var scope = NewDisposeScope();
+        var (w, bias) = Consumer(layer);
+        return (input + F.linear(activations, w, bias)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>HF's `attention_bias` / `mlp_bias` flag a bias on every projection of the set: add the producers' as zeros.</summary>
+    protected override void OnConsumerBiasAdded(int layer)
+    {
+        foreach (var linear in layer == 0 ? new[] { "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj" } : new[] { "mlp.gate_proj", "mlp.up_proj" })
+            AddZeroBias(_p + linear + ".weight", _p + linear + ".bias");
+    }
+}
+
+/// <summary>Rotary position embeddings, rotate-half form (HF `apply_rotary_pos_emb`), positions from 0.</summary>
+public sealed class Rope : IDisposable
+{
+    readonly Tensor _cos, _sin;   // [maxPositions, headDim], compute dtype
+
+    public Rope(double[] inverseFrequencies, int maxPositions, ScalarType dtype, Device device)
+    {
+        using var scope = NewDisposeScope();
+        var inv = torch.tensor(inverseFrequencies, ScalarType.Float64);
+        var pos = torch.arange(maxPositions, ScalarType.Float64);
+        var freqs = torch.outer(pos, inv);
+        var emb = torch.cat(new[] { freqs, freqs }, 1);
+        _cos = emb.cos().to(dtype, device).DetachFromDisposeScope();
+        _sin = emb.sin().to(dtype, device).DetachFromDisposeScope();
+    }
+
+    /// <summary>q [b, heads, t, d], k [b, kv_heads, t, d] rotated by their positions 0..t-1.</summary>
+    public (Tensor Q, Tensor K) Apply(Tensor q, Tensor k)
+    {
+        long t = q.shape[2];
+        if (t > _cos.shape[0]) throw new LlmSnpException($"sequence of {t} tokens exceeds max_position_embeddings {_cos.shape[0]}");
+        var cos = _cos.narrow(0, 0, t);
+        var sin = _sin.narrow(0, 0, t);
+        return (q * cos + RotateHalf(q) * sin, k * cos + RotateHalf(k) * sin);
+    }
+
+    static Tensor RotateHalf(Tensor x)
+    {
+        long half = x.shape[^1] / 2;
+        return torch.cat(new[] { -x.narrow(-1, half, half), x.narrow(-1, 0, half) }, -1);
+    }
+
+    /// <summary>Causal attention limited to the last <paramref name="window"/> positions (true = attend).</summary>
+    public static Tensor SlidingWindowMask(long t, int window, Device device)
+    {
+        var i = torch.arange(t, device: device).unsqueeze(1);
+        var j = torch.arange(t, device: device).unsqueeze(0);
+        return (j <= i).logical_and(i - j < window);
+    }
+
+    public void Dispose()
+    {
+        _cos.Dispose();
+        _sin.Dispose();
+    }
+}

@@ -1,0 +1,51 @@
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Models;
+
+public enum Modality { Text, Image }
+
+/// <summary>A model family: the `model_type`s it reads and how to open one. The only place that knows the concrete models.</summary>
+public sealed record ModelFamily(string Name, IReadOnlyList<string> ModelTypes, Modality Modality, Func<string, Device, ScalarType, IPrunableModel> Open);
+
+/// <summary>The registry: `model_type` → family. Jobs open models through it and never name a family.</summary>
+public static class ModelFamilies
+{
+    public static readonly IReadOnlyList<ModelFamily> All = new ModelFamily[]
+    {
+        new("opt", new[] { "opt" }, Modality.Text, (d, dev, dt) => new OptModel(d, dev, dt)),
+        new("llama", LlamaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new LlamaModel(d, dev, dt)),
+        new("vit", new[] { "vit", "deit" }, Modality.Image, (d, dev, dt) => new VitModel(d, dev, dt)),
+    };
+
+    static string Supported => string.Join(", ", All.SelectMany(f => f.ModelTypes));
+
+    /// <summary>The family of a checkpoint directory, from its config.json's model_type.</summary>
+    public static ModelFamily Of(string modelDir)
+    {
+        var cfg = ConfigFile.Load(modelDir);
+        string type = cfg.ModelType;
+        return All.FirstOrDefault(f => f.ModelTypes.Contains(type))
+            ?? throw new LlmSnpException($"{cfg.Path}: model_type '{type}' is not supported (supported: {Supported})");
+    }
+
+    public static IPrunableModel Open(string modelDir, Device? device = null, ScalarType dtype = ScalarType.Float32) =>
+        Of(modelDir).Open(modelDir, device ?? CPU, dtype);
+
+    /// <summary>Opens a language model, or one clear error naming what the checkpoint is instead.</summary>
+    public static ILanguageModel OpenLanguageModel(string modelDir, Device? device = null, ScalarType dtype = ScalarType.Float32, string use = "this command")
+    {
+        var family = Of(modelDir);
+        if (family.Modality != Modality.Text)
+            throw new LlmSnpException($"{modelDir}: a {family.Name} image classifier; {use} needs a language model");
+        return (ILanguageModel)family.Open(modelDir, device ?? CPU, dtype);
+    }
+
+    public static IImageClassifier OpenImageClassifier(string modelDir, Device? device = null, ScalarType dtype = ScalarType.Float32, string use = "this command")
+    {
+        var family = Of(modelDir);
+        if (family.Modality != Modality.Image)
+            throw new LlmSnpException($"{modelDir}: a {family.Name} language model; {use} needs an image classifier");
+        return (IImageClassifier)family.Open(modelDir, device ?? CPU, dtype);
+    }
+}

@@ -1,0 +1,210 @@
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Models;
+
+/// <summary>A producer of a node layer: a weight whose rows (and a bias whose entries) belong to its units' groups.</summary>
+public sealed record Producer(string Weight, string? Bias);
+
+/// <summary>
+/// Where a node layer's units lie in its block's tensors: each producer holds rows for every group
+/// (rows ÷ groups of them per group, in group order: a K/V projection has one head's rows per group,
+/// the query projection all the group's heads), and the consumer one column per unit.
+/// </summary>
+public sealed record UnitMap(string Name, NodeKind Kind, int GroupSize, IReadOnlyList<Producer> Producers, string ConsumerWeight, string ConsumerBias);
+
+/// <summary>
+/// The pruning surgery every family's block shares, on the block's tensors under their checkpoint
+/// names: a family's block file holds only its forward (<see cref="Activations"/>, <see cref="Residual"/>)
+/// and its <see cref="UnitMap"/>s. The consumer bias is optional (LLaMA has none) and is added when a
+/// reconstruction gives one.
+/// </summary>
+public abstract class PrunableBlock : IPrunableBlock
+{
+    /// <summary>The block's tensors by full checkpoint name, in the order they are written.</summary>
+    protected readonly Dictionary<string, Tensor> W;
+    readonly IReadOnlyList<UnitMap> _maps;
+    readonly int[] _origGroups;
+    readonly long[][] _keptGroups;   // original indices, per node layer
+    readonly Dictionary<string, (int Dim, int Layer, long PerGroup)> _pruned = new(StringComparer.Ordinal);
+
+    /// <param name="tensors">Name → tensor (taken over: the block disposes them).</param>
+    protected PrunableBlock(Dictionary<string, Tensor> tensors, IReadOnlyList<UnitMap> maps)
+    {
+        W = tensors; _maps = maps;
+        _origGroups = new int[maps.Count];
+        _keptGroups = new long[maps.Count][];
+        for (int j = 0; j < maps.Count; j++)
+        {
+            var m = maps[j];
+            int units = (int)W[m.ConsumerWeight].shape[1];
+            if (units % m.GroupSize != 0) throw new LlmSnpException($"{m.ConsumerWeight}: {units} columns is not a whole number of groups of {m.GroupSize}");
+            int groups = units / m.GroupSize;
+            _origGroups[j] = groups;
+            _keptGroups[j] = Enumerable.Range(0, groups).Select(g => (long)g).ToArray();
+            foreach (var p in m.Producers)
+                foreach (var name in new[] { p.Weight, p.Bias })
+                    if (name != null && W.TryGetValue(name, out var t)) _pruned[name] = (0, j, t.shape[0] / groups);
+            _pruned[m.ConsumerWeight] = (1, j, m.GroupSize);
+        }
+    }
+
+    /// <summary>Parameters one group of a node layer owns: its producer rows and biases, its consumer columns.</summary>
+    long ParamsPerGroup(int j)
+    {
+        var m = _maps[j];
+        int groups = Groups(j);
+        long n = W[m.ConsumerWeight].shape[0] * m.GroupSize;
+        foreach (var p in m.Producers)
+        {
+            n += W[p.Weight].numel() / groups;
+            if (p.Bias != null && W.TryGetValue(p.Bias, out var b)) n += b.numel() / groups;
+        }
+        return n;
+    }
+
+    int Groups(int j) => (int)W[_maps[j].ConsumerWeight].shape[1] / _maps[j].GroupSize;
+
+    public IReadOnlyList<NodeLayerInfo> NodeLayers =>
+        _maps.Select((m, j) => new NodeLayerInfo(m.Name, m.Kind, (int)W[m.ConsumerWeight].shape[1], m.GroupSize, ParamsPerGroup(j))).ToArray();
+
+    public abstract Tensor Activations(int layer, Tensor input);
+
+    public abstract Tensor Residual(int layer, Tensor input, Tensor activations);
+
+    public Tensor? Forward(Tensor hidden, int captureLayer = -1, Action<Tensor>? capture = null)
+    {
+        using var scope = NewDisposeScope();
+        var h = hidden;
+        for (int j = 0; j < _maps.Count; j++)
+        {
+            var a = Activations(j, h);
+            if (captureLayer == j) { capture!(a.reshape(-1, a.shape[2])); return null; }
+            h = Residual(j, h, a);
+        }
+        return h.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The tensor of that name, or null where the block has none (an absent bias).</summary>
+    protected Tensor? Optional(string name) => W.TryGetValue(name, out var t) ? t : null;
+
+    public (Tensor Weight, Tensor? Bias) Consumer(int layer) => (W[_maps[layer].ConsumerWeight], Optional(_maps[layer].ConsumerBias));
+
+    public Tensor ProducerSquaredNorms(int layer)
+    {
+        using var scope = NewDisposeScope();
+        var m = _maps[layer];
+        int groups = Groups(layer);
+        Tensor? r = null;
+        foreach (var p in m.Producers)
+        {
+            var rows = W[p.Weight].square().sum(1);
+            if (p.Bias != null && Optional(p.Bias) is Tensor b) rows = rows + b.square();
+            // A producer with fewer rows per group than units (a shared K/V head) spreads its norm evenly over the group's units.
+            if (rows.shape[0] != groups * m.GroupSize)
+                rows = rows.reshape(groups, -1).sum(1).div(m.GroupSize).repeat_interleave(m.GroupSize);
+            r = r is null ? rows : r + rows;
+        }
+        return r!.MoveToOuterDisposeScope();
+    }
+
+    public void Prune(int layer, long[] keptUnits, Tensor consumerWeight, Tensor? consumerBias)
+    {
+        var m = _maps[layer];
+        var reference = W[m.ConsumerWeight];
+        var (device, dtype) = (reference.device, reference.dtype);
+        int gs = m.GroupSize, groups = Groups(layer);
+        var keptGroups = keptUnits.Where(u => u % gs == 0).Select(u => u / gs).ToArray();
+        foreach (var p in m.Producers)
+            foreach (var name in new[] { p.Weight, p.Bias })
+            {
+                if (name == null || Optional(name) is not Tensor t) continue;
+                long perGroup = t.shape[0] / groups;
+                // Rows of the kept groups; for one row per unit these are the kept units themselves.
+                var rows = perGroup == gs ? keptUnits : Rows(keptGroups, perGroup);
+                using var idx = torch.tensor(rows, device: device);
+                Replace(name, t.index_select(0, idx));
+            }
+        Replace(m.ConsumerWeight, consumerWeight.to(dtype, device));
+        if (consumerBias is not null)
+        {
+            if (!W.ContainsKey(m.ConsumerBias)) OnConsumerBiasAdded(layer);
+            Replace(m.ConsumerBias, consumerBias.to(dtype, device));
+        }
+        _keptGroups[layer] = keptGroups.Select(g => _keptGroups[layer][g]).ToArray();
+    }
+
+    /// <summary>A family whose config flags a bias for a set of tensors at once adds the others here (zero).</summary>
+    protected virtual void OnConsumerBiasAdded(int layer) { }
+
+    protected void AddZeroBias(string weightName, string biasName)
+    {
+        if (W.ContainsKey(biasName)) return;
+        var w = W[weightName];
+        W[biasName] = torch.zeros(w.shape[0], w.dtype, w.device).DetachFromDisposeScope();
+        if (_pruned.TryGetValue(weightName, out var at)) _pruned[biasName] = at;
+    }
+
+    public long[] KeptGroups(int layer) => _keptGroups[layer];
+
+    static long[] Rows(long[] groups, long perGroup) =>
+        groups.SelectMany(g => Enumerable.Range(0, (int)perGroup).Select(r => g * perGroup + r)).ToArray();
+
+    void Replace(string name, Tensor t)
+    {
+        var old = Optional(name);
+        W[name] = t.contiguous().DetachFromDisposeScope();
+        if (old is not null && !ReferenceEquals(old, W[name])) old.Dispose();
+    }
+
+    /// <summary>The family's checkpoint names for the block's tensors (a layout that fuses tensors overrides this).</summary>
+    protected virtual IEnumerable<(string Name, Tensor Tensor)> ToCheckpoint(IReadOnlyDictionary<string, Tensor> tensors) =>
+        tensors.Select(kv => (kv.Key, kv.Value));
+
+    public IEnumerable<(string Name, Tensor Tensor)> Tensors(ScalarType dtype) =>
+        ToCheckpoint(W.ToDictionary(kv => kv.Key, kv => kv.Value.to(dtype)));
+
+    public IEnumerable<(string Name, Tensor Tensor)> PaddedTensors(ScalarType dtype)
+    {
+        var padded = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        foreach (var (name, t) in W)
+        {
+            Tensor p = t;
+            if (_pruned.TryGetValue(name, out var at))
+                p = ZeroPad(t, at.Dim, _origGroups[at.Layer] * at.PerGroup, Rows(_keptGroups[at.Layer], at.PerGroup));
+            padded[name] = p.to(dtype);
+        }
+        return ToCheckpoint(padded);
+    }
+
+    static Tensor ZeroPad(Tensor t, int dim, long full, long[] kept)
+    {
+        var shape = t.shape.ToArray();
+        shape[dim] = full;
+        var z = torch.zeros(shape, t.dtype, t.device);
+        using var idx = torch.tensor(kept, device: t.device);
+        return z.index_copy_(dim, idx, t);
+    }
+
+    /// <summary>Reads a block's tensors; on failure releases whatever was already read.</summary>
+    public static Dictionary<string, Tensor> ReadAll(Action<Dictionary<string, Tensor>> fill)
+    {
+        var w = new Dictionary<string, Tensor>(StringComparer.Ordinal);
+        try
+        {
+            fill(w);
+            return w;
+        }
+        catch
+        {
+            foreach (var t in w.Values) t.Dispose();
+            throw;
+        }
+    }
+
+    public void Dispose()
+    {
+        foreach (var t in W.Values) t.Dispose();
+        W.Clear();
+    }
+}
