@@ -105,6 +105,7 @@ public sealed class CliTests : IDisposable
         Directory.CreateDirectory(dir);
         foreach (var f in Directory.GetFiles(Fixture(name)))
             if (withWeights || !f.EndsWith(".safetensors")) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));
+        TinyOpt.CopyTokenizer(dir);   // a checkpoint carries its own tokenizer
         if (editConfig != null)
         {
             string cfgPath = Path.Combine(dir, "config.json");
@@ -208,7 +209,7 @@ public sealed class CliTests : IDisposable
         Assert.True(ids.Length >= 32, $"test text has only {ids.Length} tokens");
         string rows = RowsFile(InVocabText);
 
-        var o = Succeeds(Run("eval", "ppl", "--model", Fixture("opt-tiny-pre"), "--dataset", rows, "--seqlen", "16"));
+        var o = Succeeds(Run("eval", "ppl", "--model", CopyFixture("opt-tiny-pre"), "--dataset", rows, "--seqlen", "16"));
         double ppl = o["perplexity"]!.GetValue<double>();
         Assert.True(double.IsFinite(ppl) && ppl > 1, $"perplexity {ppl}");
         Assert.Equal(ids.Length / 16, o["windows"]!.GetValue<int>());
@@ -226,7 +227,7 @@ public sealed class CliTests : IDisposable
         var ids = OptTokenizer.Bundled().Encode(text);
         Assert.Contains(ids, i => i >= 512);
         string rows = RowsFile(text);
-        var r = Run("eval", "ppl", "--model", Fixture("opt-tiny-pre"), "--dataset", rows, "--seqlen", "16");
+        var r = Run("eval", "ppl", "--model", CopyFixture("opt-tiny-pre"), "--dataset", rows, "--seqlen", "16");
         FailsAfterProgress(r, "512");
     }
 
@@ -234,9 +235,9 @@ public sealed class CliTests : IDisposable
     public void EvalPpl_Errors()
     {
         string rows = RowsFile(InVocabText);
-        FailsAfterProgress(Run("eval", "ppl", "--model", Fixture("opt-tiny-pre"), "--dataset", rows, "--seqlen", "1000"), "1000", "max_position_embeddings");
+        FailsAfterProgress(Run("eval", "ppl", "--model", CopyFixture("opt-tiny-pre"), "--dataset", rows, "--seqlen", "1000"), "1000", "max_position_embeddings");
         FailsCleanly(Run("eval", "ppl", "--model", Path.Combine(_tmp, "nowhere"), "--dataset", rows), "nowhere");
-        FailsAfterProgress(Run("eval", "ppl", "--model", Fixture("opt-tiny-pre"), "--dataset", Path.Combine(_tmp, "absent.json")), "absent.json");
+        FailsAfterProgress(Run("eval", "ppl", "--model", CopyFixture("opt-tiny-pre"), "--dataset", Path.Combine(_tmp, "absent.json")), "absent.json");
     }
 
     // ---------------------------------------------------------------- --model errors
@@ -308,7 +309,7 @@ public sealed class CliTests : IDisposable
         string parent = Path.Combine(_tmp, "prune-" + Guid.NewGuid().ToString("N")[..8]);
         Directory.CreateDirectory(parent);
         string outDir = Path.Combine(parent, "out");
-        var args = new List<string> { "prune", "--model", Fixture("opt-tiny-pre"), "--out", outDir, "--calib-samples", "2" };
+        var args = new List<string> { "prune", "--model", CopyFixture("opt-tiny-pre"), "--out", outDir, "--calib-samples", "2" };
         args.AddRange(extra);
         FailsCleanly(Run(args.ToArray()), mentions);
         Assert.False(Directory.Exists(outDir), $"{outDir} was created");
@@ -329,7 +330,7 @@ public sealed class CliTests : IDisposable
     {
         string outDir = Path.Combine(_tmp, "prune-oov", "out");
         Directory.CreateDirectory(Path.GetDirectoryName(outDir)!);
-        var r = Run("prune", "--model", Fixture("opt-tiny-pre"), "--out", outDir, "--ratio", "0.1", "--calib-samples", "2", "--calib-seqlen", "16");
+        var r = Run("prune", "--model", CopyFixture("opt-tiny-pre"), "--out", outDir, "--ratio", "0.1", "--calib-samples", "2", "--calib-seqlen", "16");
         FailsAfterProgress(r, "512");
         Assert.False(Directory.Exists(outDir));
     }

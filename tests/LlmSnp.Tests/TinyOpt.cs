@@ -76,8 +76,16 @@ public sealed record TinyOpt
             ["torch_dtype"] = SafeDTypes.ConfigName(DType), ["bos_token_id"] = 2, ["eos_token_id"] = 2, ["pad_token_id"] = 1,
         };
         File.WriteAllText(Path.Combine(dir, "config.json"), cfg.ToJsonString());
+        CopyTokenizer(dir);
         foreach (var v in t.Values) v.Dispose();
         return dir;
+    }
+
+    /// <summary>The bundled OPT tokenizer files, so the checkpoint carries its own tokenizer as a real one does.</summary>
+    public static void CopyTokenizer(string dir)
+    {
+        foreach (var f in new[] { "vocab.json", "merges.txt" })
+            File.Copy(Path.Combine(Repo.Root, "tokenizers", "opt", f), Path.Combine(dir, f), overwrite: true);
     }
 }
 
