@@ -7,13 +7,15 @@ using LlmSnp.Data;
 using LlmSnp.Pruning;
 
 /// <summary>
-/// `llmsnp demo`: the README's main job. Prunes the bundled trained OPT and ViT with SNP's
+/// `llmsnp demo`: the README's main job. Prunes the bundled trained OPT, LLaMA and ViT with SNP's
 /// automatic per-layer ratios, measures dense and pruned in the same run, prints a summary table.
 /// </summary>
 static class DemoCommand
 {
     /// <summary>The bundled language model the demo prunes: the longer-trained one (tools/reference/train_opt_tiny.py).</summary>
     const string OptModelName = "opt-tiny-c4-v2";
+    /// <summary>The real pretrained LLaMA-architecture model (grouped-query attention), models/stories260k/PROVENANCE.md.</summary>
+    const string LlamaModelName = "stories260k";
 
     public static Command Build(Func<ParseResult, Func<JsonObject>, int> run)
     {
@@ -21,13 +23,14 @@ static class DemoCommand
         // ViT-tiny is small and dense: a τ that costs OPT nothing costs it many points, so each model has its own.
         var tauOpt = new Option<double>("--variance-opt") { Description = "τ of the automatic per-layer ratios for the OPT", DefaultValueFactory = _ => 0.95 };
         var tauVit = new Option<double>("--variance-vit") { Description = "τ of the automatic per-layer ratios for the ViT", DefaultValueFactory = _ => 0.99 };
+        var tauLlama = new Option<double>("--variance-llama") { Description = "τ of the automatic per-layer ratios for stories260K", DefaultValueFactory = _ => 0.99 };
         var windows = new Option<int?>("--eval-windows") { Description = "WikiText-2 windows of 512 tokens to evaluate (default: all 561)" };
         var images = new Option<int>("--eval-images") { Description = "ImageNet images to evaluate (never the calibration ones)", DefaultValueFactory = _ => 500 };
-        var cmd = new Command("demo", "prune the bundled OPT and ViT (SNP, automatic ratios), evaluate dense and pruned, print a summary") { outDir, tauOpt, tauVit, windows, images };
+        var cmd = new Command("demo", "prune the bundled OPT, LLaMA (stories260K) and ViT (SNP, automatic ratios), evaluate dense and pruned, print a summary") { outDir, tauOpt, tauVit, tauLlama, windows, images };
         cmd.SetAction(p => run(p, () =>
         {
             string root = RepoPaths.Root, dest = p.GetValue(outDir)!;
-            double tOpt = p.GetValue(tauOpt), tVit = p.GetValue(tauVit);
+            double tOpt = p.GetValue(tauOpt), tVit = p.GetValue(tauVit), tLlama = p.GetValue(tauLlama);
             PruneOptions Snp(double tau) => new() { Ordering = Ordering.Zca, Reconstruct = ReconstructMode.Lstsq, Policy = RatioPolicyKind.Variance, Amount = tau };
             var sw = Stopwatch.StartNew();
             var opt = PruneJob.Run(new PruneJobOptions
@@ -37,14 +40,21 @@ static class DemoCommand
                 EvalDataset = TextSources.WikiText2, EvalSeqLen = 512, EvalLimit = p.GetValue(windows),
             }, Cli.Log);
             double optSeconds = sw.Elapsed.TotalSeconds;
+            var llama = PruneJob.Run(new PruneJobOptions
+            {
+                ModelDir = Path.Combine(root, "models", LlamaModelName), OutDir = Path.Combine(dest, LlamaModelName + "-snp"), Force = true, Prune = Snp(tLlama),
+                CalibSource = TextSources.TinyStories, CalibSamples = 128, CalibSeqLen = 512,
+                EvalDataset = TextSources.TinyStories, EvalSeqLen = 512,
+            }, Cli.Log);
+            double llamaSeconds = sw.Elapsed.TotalSeconds - optSeconds;
             string imageDir = Path.Combine(root, "eval", "data", "imagenet-val");
             var vit = PruneJob.Run(new PruneJobOptions
             {
                 ModelDir = Path.Combine(root, "models", "vit-tiny"), OutDir = Path.Combine(dest, "vit-tiny-snp"), Force = true, Prune = Snp(tVit),
                 CalibSource = imageDir, CalibSamples = 64, EvalDataset = PruneJob.AccuracyEval, EvalImages = imageDir, EvalLimit = p.GetValue(images),
             }, Cli.Log);
-            double vitSeconds = sw.Elapsed.TotalSeconds - optSeconds;
-            var report = new JsonObject { [OptModelName] = opt, ["vit-tiny"] = vit };
+            double vitSeconds = sw.Elapsed.TotalSeconds - optSeconds - llamaSeconds;
+            var report = new JsonObject { [OptModelName] = opt, [LlamaModelName] = llama, ["vit-tiny"] = vit };
             string reportPath = Path.Combine(dest, "demo-report.json");
             AtomicFile.WriteAllText(reportPath, report.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
 
@@ -53,13 +63,14 @@ static class DemoCommand
             e.WriteLine("SNP: zca ordering, least-squares reconstruction, automatic per-layer ratios (variance τ)");
             e.WriteLine($"  {"model",-15} {"τ",5} {"metric",-26} {"params before",14} {"params after",13} {"dense",9} {"pruned",9} {"time",7}");
             Row(OptModelName, tOpt, $"WikiText-2 ppl ({opt["eval"]!["dense"]!["windows"]}×512)", opt, "perplexity", optSeconds);
+            Row(LlamaModelName, tLlama, $"TinyStories ppl ({llama["eval"]!["dense"]!["windows"]}×512)", llama, "perplexity", llamaSeconds);
             Row("vit-tiny", tVit, $"ImageNet top-1 % ({vit["eval"]!["dense"]!["images"]} img)", vit, "top1", vitSeconds);
-            e.WriteLine($"  pruned checkpoints: {Path.Combine(dest, OptModelName + "-snp")}, {Path.Combine(dest, "vit-tiny-snp")}");
+            e.WriteLine($"  pruned checkpoints: {string.Join(", ", new[] { OptModelName, LlamaModelName, "vit-tiny" }.Select(n => Path.Combine(dest, n + "-snp")))}");
             e.WriteLine($"  full report: {reportPath}");
             return new JsonObject
             {
                 ["report"] = reportPath,
-                [OptModelName] = Summary(opt, "perplexity"), ["vit-tiny"] = Summary(vit, "top1"), ["seconds"] = sw.Elapsed.TotalSeconds,
+                [OptModelName] = Summary(opt, "perplexity"), [LlamaModelName] = Summary(llama, "perplexity"), ["vit-tiny"] = Summary(vit, "top1"), ["seconds"] = sw.Elapsed.TotalSeconds,
             };
 
             void Row(string name, double tau, string metric, JsonObject r, string key, double seconds) =>
