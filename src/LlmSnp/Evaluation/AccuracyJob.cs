@@ -12,7 +12,7 @@ public static class AccuracyJob
     public static JsonObject Run(string modelDir, string imagesDir, int? limit, int batch, Device device, ScalarType dtype, Action<string>? log)
     {
         using var model = new VitModel(modelDir, device, dtype);
-        var set = ImageSet.Load(imagesDir).Images;
+        var set = ImageSet.Load(imagesDir, Classes(model)).Images;
         var chosen = limit is int l ? set.Take(l).ToList() : set.ToList();
         var sw = Stopwatch.StartNew();
         using var images = ImageInputs.Load(chosen, PreprocessConfig.Load(modelDir), log);
@@ -28,9 +28,21 @@ public static class AccuracyJob
         };
     }
 
+    /// <summary>The classifier's output count (its weight's rows), read through the model's own head.</summary>
+    public static long Classes(VitModel model)
+    {
+        using var scope = NewDisposeScope();
+        return model.Head(zeros(1, 2, model.Config.Hidden, model.ComputeDType, model.Device)).shape[1];
+    }
+
     /// <summary>Top-1 and top-5 (%), blocks streamed once over all images.</summary>
     public static (double Top1, double Top5) Measure(VitModel model, ImageBatch images, int batch)
     {
+        // A label the classifier cannot output would only ever count as a miss: refuse it, naming its line.
+        long classes = Classes(model);
+        for (int i = 0; i < images.Labels.Length; i++)
+            if (images.Labels[i] >= classes)
+                throw new LlmSnpException(ImageSet.ClassError(images.Sources?[i] ?? images.Files[i], images.Labels[i], classes));
         var metric = new AccuracyMetric(images.Pixels, images.Labels, batch);
         double top1 = StreamedMetrics.Dense(model, metric);
         return (top1, metric.LastTop5);
