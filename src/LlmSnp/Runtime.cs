@@ -15,7 +15,23 @@ public static partial class Runtime
     [LibraryImport("libc", EntryPoint = "malloc_trim")]
     private static partial int MallocTrim(nuint pad);
 
+    [LibraryImport("libc", EntryPoint = "signal")]
+    private static partial nint Signal(int signum, nint handler);
+
     static bool _configured, _hostMemoryConfigured;
+
+    /// <summary>
+    /// Ignores SIGXFSZ (Linux: 25), whose default action kills the process without a word when a
+    /// write passes RLIMIT_FSIZE: ignored, the write fails with EFBIG, an IOException that the
+    /// writer reports and cleans up after.
+    /// </summary>
+    public static void IgnoreFileSizeSignal()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        const int SIGXFSZ = 25;
+        try { Signal(SIGXFSZ, 1 /* SIG_IGN */); }
+        catch (DllNotFoundException) { } catch (EntryPointNotFoundException) { }
+    }
 
     /// <summary>
     /// glibc serves tensors below its dynamic mmap threshold (up to 32 MiB) from the heap and keeps

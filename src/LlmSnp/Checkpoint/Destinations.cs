@@ -69,7 +69,13 @@ public static class Destinations
         }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException)
         {
-            throw new LlmSnpException($"{option} {path}: cannot write in {dir} ({e.Message})");
+            string why = e switch
+            {
+                UnauthorizedAccessException => "permission denied",
+                FileNotFoundException or DirectoryNotFoundException => "the file system refuses new files there",
+                _ => e.Message.Replace($" : '{probe}'", "").Replace($"'{probe}'", "a new file"),
+            };
+            throw new LlmSnpException($"{option} {path}: cannot create files in {dir} ({why})");
         }
         finally { try { File.Delete(probe); } catch (Exception e) when (e is IOException or UnauthorizedAccessException) { } }
     }
