@@ -34,7 +34,7 @@ static class Signals
         // The work goes on in other threads until exit: keep its progress lines from following the error line.
         Console.SetError(TextWriter.Null);
         Console.SetOut(TextWriter.Null);
-        Environment.Exit(c.Signal == PosixSignal.SIGINT ? 130 : 143);
+        Runtime.ExitNow(c.Signal == PosixSignal.SIGINT ? 130 : 143);
     }
 
     sealed class Registrations(PosixSignalRegistration[] regs) : IDisposable

@@ -18,7 +18,24 @@ public static partial class Runtime
     [LibraryImport("libc", EntryPoint = "signal")]
     private static partial nint Signal(int signum, nint handler);
 
+    [LibraryImport("libc", EntryPoint = "_exit")]
+    private static partial void UnderscoreExit(int status);
+
     static bool _configured, _hostMemoryConfigured;
+
+    /// <summary>
+    /// Ends the process at once (libc _exit) where libc is available. For a signal handler: a normal
+    /// exit runs libtorch's static destructors while the main thread is still inside libtorch (SIGSEGV, measured).
+    /// </summary>
+    public static void ExitNow(int code)
+    {
+        if (OperatingSystem.IsLinux())
+        {
+            try { UnderscoreExit(code); }
+            catch (DllNotFoundException) { } catch (EntryPointNotFoundException) { }
+        }
+        Environment.Exit(code);
+    }
 
     /// <summary>
     /// Ignores SIGXFSZ (Linux: 25), whose default action kills the process without a word when a

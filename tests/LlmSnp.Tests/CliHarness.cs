@@ -1,5 +1,4 @@
 using System.Diagnostics;
-using System.Runtime.InteropServices;
 
 namespace LlmSnp.Tests;
 
@@ -77,7 +76,4 @@ static class CliHarness
         foreach (var m in mentions) Assert.True(line.Contains(m), $"the error should mention '{m}'\n{r}");
         return line;
     }
-
-    [DllImport("libc", EntryPoint = "kill")]
-    public static extern int Kill(int pid, int signal);
 }
