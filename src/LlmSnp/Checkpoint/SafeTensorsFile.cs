@@ -40,19 +40,13 @@ public sealed class SafeTensorsFile : IDisposable
     public static SafeTensorsFile Open(string path)
     {
         if (Directory.Exists(path)) throw new LlmSnpException($"{path}: is a directory, not a safetensors file");
-        if (!File.Exists(path))
-        {
-            // File.Exists follows symbolic links: a link whose target is gone lands here too.
-            string? target = null;
-            try { target = new FileInfo(path).LinkTarget; }
-            catch (Exception e) when (e is ArgumentException or IOException or UnauthorizedAccessException) { }   // a name no file can have
-            throw new LlmSnpException(target != null ? $"{path}: broken symbolic link (target {target} not found)" : $"{path}: file not found");
-        }
+        if (!File.Exists(path)) throw Missing(path);
         // Everything is measured and mapped through one open handle: it follows symbolic links (the
         // HF hub cache links snapshots/<rev>/*.safetensors to blobs/<hash>), whereas FileInfo.Length
         // measures the link itself, and the file cannot be swapped between the checks and the map.
         FileStream fs;
         try { fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1); }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException) { throw Missing(path); }
         catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new LlmSnpException($"{path}: cannot open ({e.Message})", e); }
         bool handedOver = false;
         try
@@ -79,6 +73,15 @@ public sealed class SafeTensorsFile : IDisposable
             return new SafeTensorsFile(path, tensors, metadata, map, view, dataStart);
         }
         finally { if (!handedOver) fs.Dispose(); }
+    }
+
+    /// <summary>File.Exists is true for a symbolic link whose target is gone (a hub-cache blob deleted): say which it is.</summary>
+    static LlmSnpException Missing(string path)
+    {
+        string? target = null;
+        try { target = new FileInfo(path).LinkTarget; }
+        catch (Exception e) when (e is ArgumentException or IOException or UnauthorizedAccessException) { }   // a name no file can have
+        return new LlmSnpException(target != null ? $"{path}: broken symbolic link (target {target} not found)" : $"{path}: file not found");
     }
 
     static (Dictionary<string, TensorEntry>, Dictionary<string, string>) ParseHeader(string path, byte[] header, long bufferLength)

@@ -5,6 +5,10 @@ public sealed record LabelledImage(string Path, int Label, string? Synset)
 {
     /// <summary>Where the label came from, "labels.tsv:LINE", for errors found later (a class the model lacks).</summary>
     public string? Source { get; init; }
+
+    // Where a label was read is provenance, not part of what the image is.
+    public bool Equals(LabelledImage? o) => o is not null && Path == o.Path && Label == o.Label && Synset == o.Synset;
+    public override int GetHashCode() => HashCode.Combine(Path, Label, Synset);
 }
 
 /// <summary>
