@@ -12,7 +12,8 @@ using LlmSnp.Pruning;
 // progress and errors on stderr, one line per error, never a stack trace.
 Runtime.ConfigureThreads();
 Runtime.ConfigureHostMemory();
-return Cli.Build().Parse(args).Invoke();
+using var signals = Signals.Install();
+return OptionChecks.Invoke(Cli.Build(), args);
 
 static class Cli
 {
@@ -192,6 +193,7 @@ static class Cli
     {
         try
         {
+            OptionChecks.CheckDestinations(p);
             var result = body();
             string text = result.ToJsonString(Indented);
             if (p.GetValue(Json) is string path) AtomicFile.WriteAllText(path, text + "\n");

@@ -15,7 +15,40 @@ public static partial class Runtime
     [LibraryImport("libc", EntryPoint = "malloc_trim")]
     private static partial int MallocTrim(nuint pad);
 
+    [LibraryImport("libc", EntryPoint = "signal")]
+    private static partial nint Signal(int signum, nint handler);
+
+    [LibraryImport("libc", EntryPoint = "_exit")]
+    private static partial void UnderscoreExit(int status);
+
     static bool _configured, _hostMemoryConfigured;
+
+    /// <summary>
+    /// Ends the process at once (libc _exit) where libc is available. For a signal handler: a normal
+    /// exit runs libtorch's static destructors while the main thread is still inside libtorch (SIGSEGV, measured).
+    /// </summary>
+    public static void ExitNow(int code)
+    {
+        if (OperatingSystem.IsLinux())
+        {
+            try { UnderscoreExit(code); }
+            catch (DllNotFoundException) { } catch (EntryPointNotFoundException) { }
+        }
+        Environment.Exit(code);
+    }
+
+    /// <summary>
+    /// Ignores SIGXFSZ (Linux: 25), whose default action kills the process without a word when a
+    /// write passes RLIMIT_FSIZE: ignored, the write fails with EFBIG, an IOException that the
+    /// writer reports and cleans up after.
+    /// </summary>
+    public static void IgnoreFileSizeSignal()
+    {
+        if (!OperatingSystem.IsLinux()) return;
+        const int SIGXFSZ = 25;
+        try { Signal(SIGXFSZ, 1 /* SIG_IGN */); }
+        catch (DllNotFoundException) { } catch (EntryPointNotFoundException) { }
+    }
 
     /// <summary>
     /// glibc serves tensors below its dynamic mmap threshold (up to 32 MiB) from the heap and keeps

@@ -11,7 +11,10 @@ public static class CheckpointConvert
         using var reader = new CheckpointReader(modelDir);
         string full = Path.GetFullPath(outDir);
         if (Directory.Exists(full)) throw new LlmSnpException($"{outDir}: already exists");
-        string tmp = full + $".tmp-{Guid.NewGuid():N}";
+        // A hidden staging sibling like prune's: a signal or a later run can clean it up.
+        string parent = Path.GetDirectoryName(full)!;
+        Directory.CreateDirectory(parent);
+        string tmp = StagingDirectory.Create(parent, Path.GetFileName(full), null);
         try
         {
             using (var w = new SafeTensorsWriter(tmp))
@@ -43,6 +46,7 @@ public static class CheckpointConvert
             if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
             throw;
         }
+        finally { StagingDirectory.Release(tmp); }
         return new JsonObject { ["model"] = modelDir, ["out"] = outDir, ["dtype"] = SafeDTypes.ConfigName(dtype) };
     }
 }

@@ -39,30 +39,49 @@ public sealed class SafeTensorsFile : IDisposable
 
     public static SafeTensorsFile Open(string path)
     {
-        if (!File.Exists(path)) throw new LlmSnpException($"{path}: file not found");
-        long fileLength = new FileInfo(path).Length;
-        if (fileLength < 8) throw new LlmSnpException($"{path}: not a safetensors file ({fileLength} bytes, shorter than the 8-byte header length)");
-        byte[] headerBytes;
-        using (var fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read))
+        if (Directory.Exists(path)) throw new LlmSnpException($"{path}: is a directory, not a safetensors file");
+        if (!File.Exists(path)) throw Missing(path);
+        // Everything is measured and mapped through one open handle: it follows symbolic links (the
+        // HF hub cache links snapshots/<rev>/*.safetensors to blobs/<hash>), whereas FileInfo.Length
+        // measures the link itself, and the file cannot be swapped between the checks and the map.
+        FileStream fs;
+        try { fs = new FileStream(path, FileMode.Open, FileAccess.Read, FileShare.Read, bufferSize: 1); }
+        catch (Exception e) when (e is FileNotFoundException or DirectoryNotFoundException) { throw Missing(path); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException) { throw new LlmSnpException($"{path}: cannot open ({e.Message})", e); }
+        bool handedOver = false;
+        try
         {
+            long fileLength = fs.Length;
+            if (fileLength < 8) throw new LlmSnpException($"{path}: not a safetensors file ({fileLength} bytes, shorter than the 8-byte header length)");
             Span<byte> lenBytes = stackalloc byte[8];
             fs.ReadExactly(lenBytes);
             ulong n = BitConverter.ToUInt64(lenBytes);
             if (n > MaxHeaderBytes) throw new LlmSnpException($"{path}: header length {n} exceeds the {MaxHeaderBytes}-byte limit");
             if ((long)n > fileLength - 8) throw new LlmSnpException($"{path}: header length {n} runs past the end of the file ({fileLength} bytes)");
-            headerBytes = new byte[n];
+            var headerBytes = new byte[n];
             fs.ReadExactly(headerBytes);
+            long dataStart = 8 + headerBytes.Length;
+            long bufferLength = fileLength - dataStart;
+            var (tensors, metadata) = ParseHeader(path, headerBytes, bufferLength);
+            MemoryMappedFile? map = null; MemoryMappedViewAccessor? view = null;
+            if (bufferLength > 0)
+            {
+                map = MemoryMappedFile.CreateFromFile(fs, null, 0, MemoryMappedFileAccess.Read, HandleInheritability.None, leaveOpen: false);
+                handedOver = true;   // the map owns the handle now
+                view = map.CreateViewAccessor(0, fileLength, MemoryMappedFileAccess.Read);
+            }
+            return new SafeTensorsFile(path, tensors, metadata, map, view, dataStart);
         }
-        long dataStart = 8 + headerBytes.Length;
-        long bufferLength = fileLength - dataStart;
-        var (tensors, metadata) = ParseHeader(path, headerBytes, bufferLength);
-        MemoryMappedFile? map = null; MemoryMappedViewAccessor? view = null;
-        if (bufferLength > 0)
-        {
-            map = MemoryMappedFile.CreateFromFile(path, FileMode.Open, null, 0, MemoryMappedFileAccess.Read);
-            view = map.CreateViewAccessor(0, fileLength, MemoryMappedFileAccess.Read);
-        }
-        return new SafeTensorsFile(path, tensors, metadata, map, view, dataStart);
+        finally { if (!handedOver) fs.Dispose(); }
+    }
+
+    /// <summary>File.Exists is true for a symbolic link whose target is gone (a hub-cache blob deleted): say which it is.</summary>
+    static LlmSnpException Missing(string path)
+    {
+        string? target = null;
+        try { target = new FileInfo(path).LinkTarget; }
+        catch (Exception e) when (e is ArgumentException or IOException or UnauthorizedAccessException) { }   // a name no file can have
+        return new LlmSnpException(target != null ? $"{path}: broken symbolic link (target {target} not found)" : $"{path}: file not found");
     }
 
     static (Dictionary<string, TensorEntry>, Dictionary<string, string>) ParseHeader(string path, byte[] header, long bufferLength)
@@ -171,8 +190,9 @@ public sealed class SafeTensorsFile : IDisposable
         try
         {
             byte* src = basePtr + _view.PointerOffset + _dataStart + e.Begin;
-            new ReadOnlySpan<byte>(src, checked((int)e.ByteLength)).CopyTo(t.bytes);   // bytes is a view of the tensor's storage
+            TensorBytes.Chunked(t, (offset, dst) => new ReadOnlySpan<byte>(src + offset, dst.Length).CopyTo(dst));
         }
+        catch { t.Dispose(); throw; }
         finally { _view.SafeMemoryMappedViewHandle.ReleasePointer(); }
         return t;
     }
@@ -182,4 +202,35 @@ public sealed class SafeTensorsFile : IDisposable
         _view?.Dispose();
         _map?.Dispose();
     }
+}
+
+/// <summary>
+/// A CPU tensor's bytes as spans of at most <see cref="MaxChunkBytes"/>. TorchSharp's
+/// <c>Tensor.bytes</c> casts the byte count to int unchecked, so one span over a tensor of 2 GiB
+/// or more (a 128256 × 8192 F16 embedding is 2.1 GB) is wrong or throws; a narrowed view of the
+/// flattened tensor starts at its own offset, so each chunk is an exact span.
+/// </summary>
+public static class TensorBytes
+{
+    public const long MaxChunkBytes = 1L << 30;
+
+    /// <summary>Calls <paramref name="visit"/> with (byte offset, span) for consecutive pieces of a contiguous CPU tensor.</summary>
+    public static void Chunked(Tensor contiguous, SpanVisitor visit, long maxChunkBytes = MaxChunkBytes)
+    {
+        long numel = contiguous.numel();
+        if (numel == 0) return;
+        long elem = contiguous.ElementSize;
+        long perChunk = Math.Max(1, maxChunkBytes / elem);
+        using var flat = contiguous.view(-1);
+        for (long i = 0; i < numel; i += perChunk)
+        {
+            long n = Math.Min(perChunk, numel - i);
+            using var piece = flat.narrow(0, i, n);
+            var span = piece.bytes;
+            if (span.Length != n * elem) throw new InvalidOperationException($"tensor chunk of {n * elem} bytes came back as {span.Length}");
+            visit(i * elem, span);
+        }
+    }
+
+    public delegate void SpanVisitor(long offset, Span<byte> bytes);
 }

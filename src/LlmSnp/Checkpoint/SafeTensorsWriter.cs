@@ -45,7 +45,8 @@ public sealed class SafeTensorsWriter : IDisposable
         long len = c.numel() * SafeDTypes.Size(dtype);
         long offset = _spill.Length;
         _spill.Seek(0, SeekOrigin.End);
-        if (len > 0) _spill.Write(c.bytes);
+        // In pieces: a single span cannot cover a tensor of 2 GiB or more (TensorBytes).
+        TensorBytes.Chunked(c, (_, bytes) => _spill.Write(bytes));
         _entries.Add((name, dtype, c.shape.ToArray(), offset, len));
     }
 

@@ -13,7 +13,7 @@ public static class AccuracyJob
     public static JsonObject Run(string modelDir, string imagesDir, int? limit, int batch, Device device, ScalarType dtype, Action<string>? log)
     {
         using var model = ModelFamilies.OpenImageClassifier(modelDir, device, dtype, "eval accuracy");
-        var set = ImageSet.Load(imagesDir).Images;
+        var set = ImageSet.Load(imagesDir, model.Classes).Images;
         var chosen = limit is int l ? set.Take(l).ToList() : set.ToList();
         var sw = Stopwatch.StartNew();
         using var images = ImageInputs.Load(chosen, PreprocessConfig.Load(modelDir), log);
@@ -32,6 +32,11 @@ public static class AccuracyJob
     /// <summary>Top-1 and top-5 (%), blocks streamed once over all images.</summary>
     public static (double Top1, double Top5) Measure(IImageClassifier model, ImageBatch images, int batch)
     {
+        // A label the classifier cannot output would only ever count as a miss: refuse it, naming its line.
+        long classes = model.Classes;
+        for (int i = 0; i < images.Labels.Length; i++)
+            if (images.Labels[i] >= classes)
+                throw new LlmSnpException(ImageSet.ClassError(images.Sources?[i] ?? images.Files[i], images.Labels[i], classes));
         var metric = new AccuracyMetric(images.Pixels, images.Labels, batch);
         double top1 = StreamedMetrics.Dense(model, metric);
         return (top1, metric.LastTop5);

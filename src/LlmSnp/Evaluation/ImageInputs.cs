@@ -9,6 +9,8 @@ public sealed class ImageBatch : IDisposable
     public required Tensor Pixels { get; init; }
     public required long[] Labels { get; init; }
     public required IReadOnlyList<string> Files { get; init; }
+    /// <summary>Per image, the labels.tsv line its label came from (null where unknown).</summary>
+    public IReadOnlyList<string?>? Sources { get; init; }
     public int Skipped { get; init; }
     public void Dispose() => Pixels.Dispose();
 }
@@ -36,6 +38,7 @@ public static class ImageInputs
             Pixels = ImagePreprocessor.Batch(ok.Select(i => chw[i]!).ToList(), cfg.CropHeight, cfg.CropWidth),
             Labels = ok.Select(i => (long)images[i].Label).ToArray(),
             Files = ok.Select(i => images[i].Path).ToList(),
+            Sources = ok.Select(i => images[i].Source).ToList(),
             Skipped = images.Count - ok.Count,
         };
     }

@@ -47,14 +47,15 @@ public static class PrunedCheckpoint
         {
             throw new LlmSnpException($"{parent}: cannot create the output's parent directory ({e.Message})");
         }
-        string tmp = Path.Combine(parent, $".{Path.GetFileName(outDir)}.tmp-{Guid.NewGuid():N}");
+        // .NAME.tmp-PID-ID: stale ones of killed runs are removed first; a signal removes this one (StagingDirectory).
+        string tmp;
+        try { tmp = StagingDirectory.Create(parent, Path.GetFileName(outDir), log); }
+        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
+        {
+            throw new LlmSnpException($"{parent}: cannot write the output here ({e.Message})");
+        }
         try
         {
-            try { Directory.CreateDirectory(tmp); }
-            catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-            {
-                throw new LlmSnpException($"{parent}: cannot write the output here ({e.Message})");
-            }
             var report = WriteInto(req, tmp, log);
             Publish(tmp, outDir);
             return report;
@@ -69,6 +70,7 @@ public static class PrunedCheckpoint
             TryDelete(tmp);
             throw;
         }
+        finally { StagingDirectory.Release(tmp); }
     }
 
     static JsonObject WriteInto(Request req, string dir, Action<string>? log)

@@ -1,7 +1,15 @@
 namespace LlmSnp.Data.Images;
 
 /// <summary>One labelled image: its full path, class index and optional synset id (e.g. n01440764).</summary>
-public sealed record LabelledImage(string Path, int Label, string? Synset);
+public sealed record LabelledImage(string Path, int Label, string? Synset)
+{
+    /// <summary>Where the label came from, "labels.tsv:LINE", for errors found later (a class the model lacks).</summary>
+    public string? Source { get; init; }
+
+    // Where a label was read is provenance, not part of what the image is.
+    public bool Equals(LabelledImage? o) => o is not null && Path == o.Path && Label == o.Label && Synset == o.Synset;
+    public override int GetHashCode() => HashCode.Combine(Path, Label, Synset);
+}
 
 /// <summary>
 /// A folder of labelled images: <c>labels.tsv</c> holds one "file TAB class index [TAB synset]" per line,
@@ -16,7 +24,8 @@ public sealed class ImageSet
 
     ImageSet(string dir, IReadOnlyList<LabelledImage> images) { Directory = dir; Images = images; }
 
-    public static ImageSet Load(string dir)
+    /// <summary>Reads labels.tsv; with <paramref name="classes"/>, a class index outside the model's classes is an error, not a miss.</summary>
+    public static ImageSet Load(string dir, long? classes = null)
     {
         string labels = Path.Combine(dir, LabelsFile);
         if (!File.Exists(labels)) throw new LlmSnpException($"{labels}: not found (an image set needs labels.tsv: file TAB class index [TAB synset])");
@@ -40,6 +49,7 @@ public sealed class ImageSet
                 throw new LlmSnpException($"{where}: file name \"{file}\" must be relative to the folder");
             if (!int.TryParse(f[1].Trim(), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out int label))
                 throw new LlmSnpException($"{where}: class index \"{f[1]}\" is not a non-negative integer");
+            if (classes is long n && label >= n) throw new LlmSnpException(ClassError(where, label, n));
             string? synset = f.Length == 3 && f[2].Trim().Length > 0 ? f[2].Trim() : null;
             string path = Path.Combine(dir, file);
             if (!File.Exists(path))
@@ -47,9 +57,12 @@ public sealed class ImageSet
                 path = Path.Combine(imagesDir, file);
                 if (!File.Exists(path)) throw new LlmSnpException($"{where}: image \"{file}\" not found in {dir} or {imagesDir}");
             }
-            list.Add(new LabelledImage(path, label, synset));
+            list.Add(new LabelledImage(path, label, synset) { Source = where });
         }
         if (list.Count == 0) throw new LlmSnpException($"{labels}: no images listed");
         return new ImageSet(dir, list);
     }
+
+    public static string ClassError(string where, long label, long classes) =>
+        $"{where}: class index {label} is outside the model's {classes} classes (0..{classes - 1})";
 }

@@ -1,8 +1,10 @@
+using TorchSharp;
 using System.Diagnostics;
 using System.Text;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using LlmSnp.Checkpoint;
+using LlmSnp.Benchmarks;
 using LlmSnp.Models;
 using static TorchSharp.torch;
 
@@ -500,9 +502,10 @@ public static class HeaderFuzzer
         public required byte[] Data;
     }
 
-    static readonly string[] DTypes = { "F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL" };
+    // The library's own dtype table: a dtype added there is fuzzed here without a second list to keep in step.
+    static readonly string[] DTypes = Enum.GetNames<SafeDType>();
 
-    static int DTypeSize(string d) => d switch { "F64" or "I64" => 8, "F32" or "I32" => 4, "F16" or "BF16" or "I16" => 2, _ => 1 };
+    static int DTypeSize(string d) => SafeDTypes.Size(SafeDTypes.Parse(d, "fuzzer"));
 
     static T Pick<T>(Random rng, params T[] xs) => xs[rng.Next(xs.Length)];
 
@@ -1102,15 +1105,13 @@ public static class HeaderFuzzer
 
     const int V = 16, H = 8, NHeads = 2, Ffn = 16, NLayers = 2, MaxPos = 8;
 
-    static JsonObject TinyConfig(Random rng, int vocab = V, int hidden = H, int heads = NHeads, int ffn = Ffn, int layers = NLayers, int maxPos = MaxPos) => new()
+    static JsonObject TinyConfig(Random rng, int vocab = V, int hidden = H, int heads = NHeads, int ffn = Ffn, int layers = NLayers, int maxPos = MaxPos)
     {
-        ["model_type"] = "opt", ["architectures"] = new JsonArray("OPTForCausalLM"),
-        ["vocab_size"] = vocab, ["hidden_size"] = hidden, ["num_hidden_layers"] = layers, ["num_attention_heads"] = heads,
-        ["ffn_dim"] = ffn, ["max_position_embeddings"] = maxPos, ["do_layer_norm_before"] = true, ["word_embed_proj_dim"] = hidden,
-        ["activation_function"] = "relu", ["enable_bias"] = true, ["layer_norm_elementwise_affine"] = true,
-        ["tie_word_embeddings"] = true, ["torch_dtype"] = "float32", ["pad_token_id"] = 1, ["bos_token_id"] = 2, ["eos_token_id"] = 2,
-        ["dropout"] = rng.NextDouble() < 0.5 ? 0.1 : 0.0,
-    };
+        // The same config.json the benchmark's random OPTs get (OptShape.Config), plus a field the loader ignores.
+        var c = new OptShape("fuzz", layers, hidden, heads, ffn, vocab, maxPos).Config(ScalarType.Float32);
+        c["dropout"] = rng.NextDouble() < 0.5 ? 0.1 : 0.0;
+        return c;
+    }
 
     static readonly string[] IntFields = { "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "max_position_embeddings", "word_embed_proj_dim" };
     static readonly string[] BoolFields = { "do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine", "tie_word_embeddings", "pruned" };
@@ -1231,37 +1232,11 @@ public static class HeaderFuzzer
 
         public List<StTensor> Tensors()
         {
-            var r = _rng;
-            var t = new List<StTensor>
-            {
-                MakeTensor(r, Prefix + "embed_tokens.weight", DType, Vocab, Hidden),
-                MakeTensor(r, Prefix + "embed_positions.weight", DType, MaxPositions + 2, Hidden),
-                MakeTensor(r, Prefix + "final_layer_norm.weight", DType, Hidden),
-                MakeTensor(r, Prefix + "final_layer_norm.bias", DType, Hidden),
-            };
-            int headDim = Hidden / Heads;
-            for (int i = 0; i < Layers; i++)
-            {
-                string l = $"{Prefix}layers.{i}.";
-                long a = (long)Heads * headDim, f = FfnDims[i];
-                foreach (var n in new[] { "q_proj", "k_proj", "v_proj" })
-                {
-                    t.Add(MakeTensor(r, l + $"self_attn.{n}.weight", DType, a, Hidden));
-                    t.Add(MakeTensor(r, l + $"self_attn.{n}.bias", DType, a));
-                }
-                t.Add(MakeTensor(r, l + "self_attn.out_proj.weight", DType, Hidden, a));
-                t.Add(MakeTensor(r, l + "self_attn.out_proj.bias", DType, Hidden));
-                t.Add(MakeTensor(r, l + "fc1.weight", DType, f, Hidden));
-                t.Add(MakeTensor(r, l + "fc1.bias", DType, f));
-                t.Add(MakeTensor(r, l + "fc2.weight", DType, Hidden, f));
-                t.Add(MakeTensor(r, l + "fc2.bias", DType, Hidden));
-                foreach (var n in new[] { "self_attn_layer_norm", "final_layer_norm" })
-                {
-                    t.Add(MakeTensor(r, l + n + ".weight", DType, Hidden));
-                    t.Add(MakeTensor(r, l + n + ".bias", DType, Hidden));
-                }
-            }
-            if (WriteHead) t.Add(MakeTensor(r, "lm_head.weight", DType, Vocab, Hidden));
+            // Names and shapes from the one OPT layout list (LlmSnp.Benchmarks.OptCheckpoints), under this case's prefix.
+            var shape = new OptShape("fuzz", Layers, Hidden, Heads, FfnDims.Max(), Vocab, MaxPositions);
+            var t = OptCheckpoints.Layout(shape, FfnDims)
+                .Select(x => MakeTensor(_rng, Prefix + x.Name[OptCheckpoints.Prefix.Length..], DType, x.Shape)).ToList();
+            if (WriteHead) t.Add(MakeTensor(_rng, "lm_head.weight", DType, Vocab, Hidden));
             return t;
         }
 

@@ -1,3 +1,4 @@
+using TorchSharp;
 using System.Diagnostics;
 using System.Text.Json.Nodes;
 using LlmSnp.Evaluation;

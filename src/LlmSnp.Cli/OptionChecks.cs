@@ -1,0 +1,153 @@
+using System.CommandLine;
+using System.CommandLine.Parsing;
+using System.Globalization;
+using LlmSnp;
+using LlmSnp.Checkpoint;
+
+[assembly: System.Runtime.CompilerServices.InternalsVisibleTo("LlmSnp.Tests")]
+
+/// <summary>
+/// Range checks for every numeric option and the destination checks, attached to the finished
+/// command tree by option name (an option means the same in every command that has it), so a
+/// command defined anywhere gets them. A value out of range is bad input: one line naming the
+/// option and exit 1, before anything runs.
+/// </summary>
+static class OptionChecks
+{
+    /// <summary>Allowed range of a numeric option; the bounds are inclusive unless marked open.</summary>
+    public sealed record Rule(double Min, double Max, bool Integer, bool MinOpen = false, bool MaxOpen = false)
+    {
+        public string Describe() => Integer
+            ? (Max >= int.MaxValue ? $"an integer of at least {Min}" : $"an integer from {Min} to {Max:0}")
+            : $"a number in {(MinOpen ? "(" : "[")}{Min.ToString(CultureInfo.InvariantCulture)}, {Max.ToString(CultureInfo.InvariantCulture)}{(MaxOpen ? ")" : "]")}";
+
+        public bool Allows(double v) => double.IsFinite(v) && (Integer ? v == Math.Floor(v) : true)
+            && (MinOpen ? v > Min : v >= Min) && (MaxOpen ? v < Max : v <= Max);
+    }
+
+    /// <summary>Longest window any option may ask for (tokens); the model's own limit is checked when it is loaded.</summary>
+    public const int MaxSeqLen = 1 << 20;
+    /// <summary>Calibration windows × length: 2^27 tokens is 1 GiB of ids before any activation.</summary>
+    public const long MaxCalibTokens = 1L << 27;
+
+    static Rule Int(double min, double max) => new(min, max, Integer: true);
+
+    public static readonly IReadOnlyDictionary<string, Rule> Rules = new Dictionary<string, Rule>(StringComparer.Ordinal)
+    {
+        // Windows need two tokens: one predicted from another.
+        ["--seqlen"] = Int(2, MaxSeqLen), ["--calib-seqlen"] = Int(2, MaxSeqLen), ["--eval-seqlen"] = Int(2, MaxSeqLen),
+        ["--calib-samples"] = Int(1, 1_000_000),
+        ["--max-windows"] = Int(1, int.MaxValue), ["--eval-limit"] = Int(1, int.MaxValue), ["--limit"] = Int(1, int.MaxValue),
+        ["--eval-windows"] = Int(1, int.MaxValue), ["--eval-images"] = Int(1, int.MaxValue),
+        ["--batch"] = Int(1, 65536),
+        ["--layers"] = Int(1, 4096),
+        ["--cases"] = Int(1, 100_000_000),
+        ["--seed"] = Int(0, int.MaxValue),
+        ["--ratio"] = new(0, 1, false, MaxOpen: true), ["--budget"] = new(0, 1, false, MaxOpen: true),
+        ["--variance"] = new(0, 1, false, MinOpen: true), ["--variance-opt"] = new(0, 1, false, MinOpen: true),
+        ["--variance-vit"] = new(0, 1, false, MinOpen: true),
+        ["--damp"] = new(0, 1e6, false),
+    };
+
+    /// <summary>Options naming a file or directory: an empty value is refused where it is parsed.</summary>
+    public static readonly IReadOnlySet<string> PathOptions = new HashSet<string>(StringComparer.Ordinal)
+    {
+        "--model", "--out", "--json", "--images", "--file", "--work-dir", "--dataset", "--calib", "--eval",
+    };
+
+    public static bool IsNumeric(Option o)
+    {
+        var t = Nullable.GetUnderlyingType(o.ValueType) ?? o.ValueType;
+        return t == typeof(int) || t == typeof(long) || t == typeof(double) || t == typeof(float) || t == typeof(decimal);
+    }
+
+    public static IEnumerable<Command> AllCommands(Command c) => new[] { c }.Concat(c.Subcommands.SelectMany(AllCommands));
+
+    /// <summary>Attaches the checks to every option of the tree; a numeric option without a rule is a programming error.</summary>
+    public static RootCommand Apply(RootCommand root)
+    {
+        foreach (var cmd in AllCommands(root))
+        {
+            foreach (var o in cmd.Options)
+            {
+                if (IsNumeric(o))
+                {
+                    if (!Rules.TryGetValue(o.Name, out var rule)) throw new InvalidOperationException($"{cmd.Name} {o.Name}: numeric option without a range rule in OptionChecks");
+                    o.Validators.Add(r => { if (Check(o.Name, rule, r.Tokens) is string e) r.AddError(e); });
+                }
+                else if (PathOptions.Contains(o.Name))
+                    o.Validators.Add(r => { if (r.Tokens.Any(t => string.IsNullOrWhiteSpace(t.Value))) r.AddError($"{o.Name}: empty path"); });
+            }
+            var samples = cmd.Options.FirstOrDefault(o => o.Name == "--calib-samples");
+            var seqlen = cmd.Options.FirstOrDefault(o => o.Name is "--calib-seqlen" or "--seqlen");
+            if (samples != null) cmd.Validators.Add(r => CheckCalibTokens(r, samples, seqlen));
+        }
+        return root;
+    }
+
+    /// <summary>null if the raw token is in range, else the one-line message.</summary>
+    public static string? Check(string name, Rule rule, IReadOnlyList<Token> tokens)
+    {
+        foreach (var t in tokens)
+        {
+            string s = t.Value.Trim();
+            double v;
+            bool parsed;
+            if (rule.Integer) { parsed = long.TryParse(s, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out long l); v = l; }
+            else parsed = double.TryParse(s, NumberStyles.Float, CultureInfo.InvariantCulture, out v);
+            if (!parsed) return $"{name}: '{t.Value}' is not {(rule.Integer ? "an integer" : "a number")} (expected {rule.Describe()})";
+            if (!rule.Allows(v)) return $"{name}: {t.Value} is out of range (expected {rule.Describe()})";
+        }
+        return null;
+    }
+
+    static void CheckCalibTokens(CommandResult r, Option samples, Option? seqlen)
+    {
+        long n = Value(r, samples) ?? 0, l = (seqlen != null ? Value(r, seqlen) : null) ?? 2048;
+        if (!Rules[samples.Name].Allows(n) || (seqlen != null && !Rules[seqlen.Name].Allows(l))) return;   // the option's own error says it
+        if (n * l > MaxCalibTokens)
+            r.AddError($"{samples.Name} {n} × {seqlen?.Name ?? "window length"} {l} = {n * l:N0} calibration tokens, more than the {MaxCalibTokens:N0} allowed");
+    }
+
+    static long? Value(CommandResult r, Option o) =>
+        r.GetResult(o) is OptionResult or && or.Tokens.Count == 1
+        && long.TryParse(or.Tokens[0].Value, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out long v) ? v : null;
+
+    /// <summary>Parses; a parse error is one "error: " line and exit 1 (no help text), otherwise the command runs.</summary>
+    public static int Invoke(RootCommand root, string[] args)
+    {
+        var parsed = Apply(root).Parse(args);
+        if (parsed.Errors.Count == 0) return parsed.Invoke();
+        Console.Error.WriteLine($"error: {Message(parsed.Errors)}");
+        return 1;
+    }
+
+    /// <summary>The first error, our own wording where it concerns a ranged option (the parser's names CLR types).</summary>
+    public static string Message(IReadOnlyList<ParseError> errors)
+    {
+        foreach (var e in errors)
+            if (e.SymbolResult is OptionResult r && Rules.TryGetValue(r.Option.Name, out var rule) && Check(r.Option.Name, rule, r.Tokens) is string m) return m;
+        return errors[0].Message.Split('\n')[0].Trim();
+    }
+
+    /// <summary>Before the command body: every destination of this command must be writable (Destinations).</summary>
+    public static void CheckDestinations(ParseResult p)
+    {
+        var cmd = p.CommandResult.Command;
+        string? Str(string name) => cmd.Options.Any(o => o.Name == name) ? p.GetValue<string>(name) : null;
+        if (Str("--json") is string json) Destinations.CheckFile(json, "--json");
+        if (Str("--out") is not string outDir) return;
+        switch (cmd.Name)
+        {
+            case "prune":   // replaced as a whole; never the model directory
+                Destinations.CheckDirectory(outDir, "--out", replaceable: true, force: p.GetValue<bool>("--force"), inputDir: Str("--model"));
+                break;
+            case "convert":   // refuses an existing output
+                Destinations.CheckDirectory(outDir, "--out", replaceable: true, force: false, inputDir: Str("--model"));
+                break;
+            default:   // compare, demo: reports are written into it
+                Destinations.CheckDirectory(outDir, "--out", replaceable: false, force: false);
+                break;
+        }
+    }
+}
