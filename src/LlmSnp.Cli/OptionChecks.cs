@@ -45,7 +45,7 @@ static class OptionChecks
         ["--seed"] = Int(0, int.MaxValue),
         ["--ratio"] = new(0, 1, false, MaxOpen: true), ["--budget"] = new(0, 1, false, MaxOpen: true),
         ["--variance"] = new(0, 1, false, MinOpen: true), ["--variance-opt"] = new(0, 1, false, MinOpen: true),
-        ["--variance-vit"] = new(0, 1, false, MinOpen: true),
+        ["--variance-vit"] = new(0, 1, false, MinOpen: true), ["--variance-llama"] = new(0, 1, false, MinOpen: true),
         ["--damp"] = new(0, 1e6, false),
     };
 

@@ -130,7 +130,7 @@ static class Cli
 
     static Command BenchCommand()
     {
-        var shape = new Option<string>("--shape") { Description = "OPT shape: 125m, 350m, 1.3b, 2.7b, 6.7b, 13b (random weights, F16, in a temp dir)", DefaultValueFactory = _ => "125m" };
+        var shape = new Option<string>("--shape") { Description = "shape: OPT 125m, 350m, 1.3b, 2.7b, 6.7b, 13b; LLaMA llama-7b, llama3-8b (random weights, F16, in a temp dir)", DefaultValueFactory = _ => "125m" };
         var layers = new Option<int?>("--layers") { Description = "override the number of layers (memory-scaling checks)" };
         var windows = new Option<int>("--eval-windows") { Description = "perplexity windows", DefaultValueFactory = _ => 4 };
         var seqlen = new Option<int>("--seqlen") { Description = "window length", DefaultValueFactory = _ => 2048 };
@@ -138,7 +138,7 @@ static class Cli
         var skipEval = new Option<bool>("--skip-eval") { Description = "only the pruning run" };
         var work = new Option<string>("--work-dir") { Description = "where the random checkpoint is generated", DefaultValueFactory = _ => Path.GetTempPath() };
         var ordering = new Option<string>("--ordering") { Description = "ordering of the pruning run (zca; variance skips the eigendecomposition)", DefaultValueFactory = _ => "zca" };
-        var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random OPT of a released shape") { shape, layers, windows, seqlen, samples, skipEval, work, ordering, Json };
+        var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random model of a released shape") { shape, layers, windows, seqlen, samples, skipEval, work, ordering, Json };
         var cases = new Option<int>("--cases") { Description = "mutated checkpoints and configs to try", DefaultValueFactory = _ => 20000 };
         var fuzzSeed = new Option<int>("--seed") { Description = "fuzz seed", DefaultValueFactory = _ => 20240611 };
         var fuzz = new Command("fuzz", "hostile-input fuzzing of the safetensors reader, sharded index and config parsing") { cases, fuzzSeed, Json };
@@ -151,8 +151,8 @@ static class Cli
         cmd.Subcommands.Add(fuzz);
         cmd.SetAction(p => Run(p, () =>
         {
-            var s = OptShape.Parse(p.GetValue(shape)!);
-            if (p.GetValue(layers) is int l) s = s with { Name = $"{s.Name}-{l}l", Layers = l };
+            var s = LlmSnp.Benchmarks.BenchShapes.Parse(p.GetValue(shape)!);
+            if (p.GetValue(layers) is int l) s = s.WithLayers(l);
             return LlmSnp.Benchmarks.Bench.Run(new LlmSnp.Benchmarks.BenchOptions
             {
                 Shape = s, EvalWindows = p.GetValue(windows), SeqLen = p.GetValue(seqlen), CalibSamples = p.GetValue(samples),

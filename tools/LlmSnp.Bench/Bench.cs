@@ -10,7 +10,7 @@ namespace LlmSnp.Benchmarks;
 
 public sealed record BenchOptions
 {
-    public required OptShape Shape { get; init; }
+    public required IBenchShape Shape { get; init; }
     public int EvalWindows { get; init; } = 4;
     public int SeqLen { get; init; } = 2048;
     public int CalibSamples { get; init; } = 32;
@@ -23,7 +23,7 @@ public sealed record BenchOptions
 
 /// <summary>
 /// `llmsnp bench`: this machine's GEMM peak, then perplexity throughput and pruning time of a
-/// random-weight OPT of a released shape, each against that peak, with peak anonymous memory.
+/// random-weight model of a released shape (OPT or LLaMA family), each against that peak, with peak anonymous memory.
 /// </summary>
 public static class Bench
 {
@@ -43,10 +43,6 @@ public static class Bench
         return 2.0 * n * n * n / best;
     }
 
-    /// <summary>Matmul FLOPs of one forward token through the blocks (attention over a causal window of t).</summary>
-    public static double BlockFlopsPerToken(OptShape s, int t) =>
-        s.Layers * (2.0 * 4 * s.Hidden * s.Hidden + 2.0 * 2 * s.Hidden * s.Ffn + 2.0 * 2 * (t / 2.0) * s.Hidden);
-
     public static JsonObject Run(BenchOptions o, Action<string>? log)
     {
         var s = o.Shape;
@@ -61,7 +57,8 @@ public static class Bench
                 ["matmul_peak_gflops_f32"] = peak / 1e9,
             },
             ["date"] = DateTime.UtcNow.ToString("yyyy-MM-dd"),
-            ["shape"] = new JsonObject { ["name"] = s.Name, ["layers"] = s.Layers, ["hidden"] = s.Hidden, ["heads"] = s.Heads, ["ffn"] = s.Ffn, ["dtype_on_disk"] = "float16" },
+            ["shape"] = s.Describe(),
+            ["dtype_on_disk"] = "float16",
         };
         try
         {
@@ -77,15 +74,15 @@ public static class Bench
             {
                 var ids = Enumerable.Range(0, o.EvalWindows * seq).Select(_ => rng.Next(3, s.Vocab)).ToArray();
                 using var mem = new MemoryMonitor();
-                using var model = new OptModel(dir);
+                using var model = ModelFamilies.OpenLanguageModel(dir);
                 var r = Perplexity.Evaluate(model, ids, seq, null, "random ids", log);
-                double flops = r.Tokens * (BlockFlopsPerToken(s, seq) + 2.0 * (s.ProjDim ?? s.Hidden) * s.Vocab);
+                double flops = r.Tokens * (s.BlockFlopsPerToken(seq) + s.HeadFlopsPerToken);
                 result["eval"] = new JsonObject
                 {
                     ["windows"] = r.Windows, ["seqlen"] = seq, ["tokens"] = r.Tokens, ["seconds"] = r.Seconds,
                     ["tokens_per_second"] = r.TokensPerSecond, ["gflops"] = flops / r.Seconds / 1e9,
                     ["fraction_of_peak"] = flops / r.Seconds / peak,
-                    ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["bytes_read"] = model.Checkpoint.BytesRead,
+                    ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["bytes_read"] = model.BytesRead,
                 };
                 log?.Invoke($"eval: {r.TokensPerSecond:F0} tokens/s, {flops / r.Seconds / 1e9:F1} GFLOP/s = {flops / r.Seconds / peak:P0} of peak");
             }
@@ -93,7 +90,7 @@ public static class Bench
                 var calib = Enumerable.Range(0, o.CalibSamples)
                     .Select(_ => torch.tensor(Enumerable.Range(0, seq).Select(_ => (long)rng.Next(3, s.Vocab)).ToArray(), new long[] { 1, seq })).ToList();
                 using var mem = new MemoryMonitor();
-                using var model = new OptModel(dir);
+                using var model = ModelFamilies.OpenLanguageModel(dir);
                 string outDir = dir + "-pruned";
                 var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
                 {
@@ -103,15 +100,15 @@ public static class Bench
                 }, log);
                 double tokens = (double)o.CalibSamples * seq;
                 // The bound: one calibration forward through the blocks plus the Gram products (2·T·n² per node layer).
-                double gram = 2.0 * tokens * ((double)s.Hidden * s.Hidden + (double)s.Ffn * s.Ffn) * s.Layers;
-                double bound = (tokens * BlockFlopsPerToken(s, seq) + gram) / peak;
+                double gram = 2.0 * tokens * s.GramUnitsSquared;
+                double bound = (tokens * s.BlockFlopsPerToken(seq) + gram) / peak;
                 double total = (double)report["seconds"]!["total"]!;
                 result["prune"] = new JsonObject
                 {
                     ["ordering"] = Orderings.Name(o.Ordering), ["ratio"] = 0.2, ["calibration_tokens"] = tokens, ["seconds"] = report["seconds"]!.DeepClone(),
                     ["flop_bound_seconds"] = bound, ["ratio_to_bound"] = total / bound,
                     ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["peak_anon_over_file_size"] = (double)mem.PeakAnonBytes / fileBytes,
-                    ["bytes_read"] = model.Checkpoint.BytesRead,
+                    ["bytes_read"] = model.BytesRead,
                 };
                 log?.Invoke($"prune: {total:F1}s, FLOP bound {bound:F1}s ({total / bound:F2}×), peak anon RSS {mem.PeakAnonBytes / 1e9:F2} GB = {(double)mem.PeakAnonBytes / fileBytes:P0} of the F16 file");
                 calib.ForEach(c => c.Dispose());

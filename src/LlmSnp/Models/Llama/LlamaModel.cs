@@ -184,6 +184,8 @@ public sealed class LlamaModel : ILanguageModel
 
     public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
 
+    public long BytesRead => Checkpoint.BytesRead;
+
     public JsonObject Describe()
     {
         var c = Config;

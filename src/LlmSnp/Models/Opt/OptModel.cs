@@ -197,6 +197,8 @@ public sealed class OptModel : ILanguageModel
 
     public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
 
+    public long BytesRead => Checkpoint.BytesRead;
+
     public JsonObject Describe()
     {
         var c = Config;

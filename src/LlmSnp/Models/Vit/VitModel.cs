@@ -268,6 +268,8 @@ public sealed class VitModel : IImageClassifier
 
     public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
 
+    public long BytesRead => Checkpoint.BytesRead;
+
     public JsonObject Describe()
     {
         var c = Config;
