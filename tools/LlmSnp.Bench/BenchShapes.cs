@@ -1,3 +1,4 @@
+using TorchSharp;
 using System.Text.Json.Nodes;
 using LlmSnp.Checkpoint;
 using LlmSnp.Models;
