@@ -12,6 +12,7 @@ using LlmSnp.Pruning;
 // progress and errors on stderr, one line per error, never a stack trace.
 Runtime.ConfigureThreads();
 Runtime.ConfigureHostMemory();
+LlmSnp.Models.ModelFamilies.Warn = Cli.Log;   // unused stored tensors: one warning line on stderr
 using var signals = Signals.Install();
 return OptionChecks.Invoke(Cli.Build(), args);
 

@@ -141,7 +141,7 @@ public sealed class HardeningTests : IDisposable
         string parent = _tmp.Sub("dest");
         Directory.CreateDirectory(parent);
         string outDir = Path.Combine(parent, "out");
-        string[] args = { "prune", "--model", model, "--out", outDir, "--calib", "wikitext2", "--calib-samples", "256", "--calib-seqlen", "64", "--ratio", "0.3" };
+        string[] args = { "prune", "--model", model, "--out", outDir, "--calib", "wikitext2", "--calib-samples", "1024", "--calib-seqlen", "64", "--ratio", "0.3" };
         // bash starts the CLI, waits for its staging directory, lets it write for 0.3 s, signals it by
         // pid and reports its exit status (the shell, not this test host, is its parent).
         // set -m: a background job of a non-interactive shell would otherwise start with SIGINT ignored.

@@ -29,8 +29,17 @@ public static class ModelFamilies
             ?? throw new LlmSnpException($"{cfg.Path}: model_type '{type}' is not supported (supported: {Supported})");
     }
 
+    /// <summary>Where opening a model says that it ignores stored tensors (stderr in the CLI); null: silent.</summary>
+    public static Action<string>? Warn { get; set; }
+
+    static T Opened<T>(T model) where T : IPrunableModel
+    {
+        if (CheckpointLayout.Warning(model.ModelDir, model.UnusedTensors) is string w) Warn?.Invoke(w);
+        return model;
+    }
+
     public static IPrunableModel Open(string modelDir, Device? device = null, ScalarType dtype = ScalarType.Float32) =>
-        Of(modelDir).Open(modelDir, device ?? CPU, dtype);
+        Opened(Of(modelDir).Open(modelDir, device ?? CPU, dtype));
 
     /// <summary>Opens a language model, or one clear error naming what the checkpoint is instead.</summary>
     public static ILanguageModel OpenLanguageModel(string modelDir, Device? device = null, ScalarType dtype = ScalarType.Float32, string use = "this command")
@@ -38,7 +47,7 @@ public static class ModelFamilies
         var family = Of(modelDir);
         if (family.Modality != Modality.Text)
             throw new LlmSnpException($"{modelDir}: a {family.Name} image classifier; {use} needs a language model");
-        return (ILanguageModel)family.Open(modelDir, device ?? CPU, dtype);
+        return Opened((ILanguageModel)family.Open(modelDir, device ?? CPU, dtype));
     }
 
     public static IImageClassifier OpenImageClassifier(string modelDir, Device? device = null, ScalarType dtype = ScalarType.Float32, string use = "this command")
@@ -46,6 +55,6 @@ public static class ModelFamilies
         var family = Of(modelDir);
         if (family.Modality != Modality.Image)
             throw new LlmSnpException($"{modelDir}: a {family.Name} language model; {use} needs an image classifier");
-        return (IImageClassifier)family.Open(modelDir, device ?? CPU, dtype);
+        return Opened((IImageClassifier)family.Open(modelDir, device ?? CPU, dtype));
     }
 }

@@ -7,7 +7,9 @@ public static class ModelInfo
 {
     public static JsonObject Inspect(string modelDir)
     {
-        using var m = ModelFamilies.Open(modelDir);
-        return m.Describe();
+        using var m = ModelFamilies.Open(modelDir);   // validates every tensor's presence and shape against the config
+        var d = m.Describe();
+        d["unused_tensors"] = new JsonArray(m.UnusedTensors.Select(n => (JsonNode)n).ToArray());
+        return d;
     }
 }

@@ -101,6 +101,9 @@ public interface IPrunableModel : IDisposable
     /// <summary>Files besides the weights and config that a checkpoint carries (tokenizer, preprocessor).</summary>
     IEnumerable<string> CompanionFiles();
 
+    /// <summary>Stored tensors the model does not use (a warning: HF ignores them too).</summary>
+    IReadOnlyList<string> UnusedTensors { get; }
+
     /// <summary>Bytes copied out of the weight files so far (each tensor is read once per pass).</summary>
     long BytesRead { get; }
 

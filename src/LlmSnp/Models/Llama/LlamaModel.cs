@@ -40,6 +40,7 @@ public sealed class LlamaModel : ILanguageModel
         {
             var c = Config;
             StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
+            UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             // The vocabulary stays in its stored dtype (rows are converted as they are looked up).
             _embedTokens = ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden);
             _norm = ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden);
@@ -183,6 +184,18 @@ public sealed class LlamaModel : ILanguageModel
             .Select(f => Path.Combine(ModelDir, f)).Where(File.Exists);
 
     public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
+
+    public IReadOnlyList<string> UnusedTensors { get; } = Array.Empty<string>();
+
+    IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
+    {
+        var c = Config;
+        yield return (Prefix + "embed_tokens.weight", new long[] { c.VocabSize, c.Hidden });
+        yield return (Prefix + "norm.weight", new long[] { c.Hidden });
+        if (!c.TieWordEmbeddings) yield return ("lm_head.weight", new long[] { c.VocabSize, c.Hidden });
+        for (int i = 0; i < c.Layers; i++)
+            foreach (var (name, shape) in BlockTensors(i)) yield return ($"{Prefix}layers.{i}.{name}", shape);
+    }
 
     public long BytesRead => Checkpoint.BytesRead;
 

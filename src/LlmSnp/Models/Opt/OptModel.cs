@@ -44,6 +44,7 @@ public sealed class OptModel : ILanguageModel
                 : throw new LlmSnpException($"{modelDir}: no OPT embedding tensor (model.decoder.embed_tokens.weight or decoder.embed_tokens.weight)");
             StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             var c = Config;
+            UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             // The token embedding (and an untied head) stay in the stored dtype: rows are converted as they
             // are looked up, the head once on first use, so pruning never holds an F32 copy of the vocabulary.
             _embedTokens = ReadStored(Prefix + "embed_tokens.weight", c.VocabSize, c.WordEmbedProjDim);
@@ -196,6 +197,32 @@ public sealed class OptModel : ILanguageModel
     public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
 
     public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
+
+    public IReadOnlyList<string> UnusedTensors { get; } = Array.Empty<string>();
+
+    /// <summary>Every tensor the config says the checkpoint holds, with its shape.</summary>
+    IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
+    {
+        var c = Config;
+        yield return (Prefix + "embed_tokens.weight", new long[] { c.VocabSize, c.WordEmbedProjDim });
+        yield return (Prefix + "embed_positions.weight", new long[] { c.MaxPositions + 2, c.Hidden });
+        if (c.WordEmbedProjDim != c.Hidden)
+        {
+            yield return (Prefix + "project_in.weight", new long[] { c.Hidden, c.WordEmbedProjDim });
+            yield return (Prefix + "project_out.weight", new long[] { c.WordEmbedProjDim, c.Hidden });
+        }
+        if (c.PreLayerNorm)
+        {
+            yield return (Prefix + "final_layer_norm.weight", new long[] { c.Hidden });
+            yield return (Prefix + "final_layer_norm.bias", new long[] { c.Hidden });
+        }
+        if (!c.TieWordEmbeddings) yield return ("lm_head.weight", new long[] { c.VocabSize, c.WordEmbedProjDim });
+        for (int i = 0; i < c.Layers; i++)
+        {
+            var shapes = OptBlock.Shapes((long)c.HeadsPerLayer[i] * c.HeadDim, c.FfnDims[i], c.Hidden);
+            for (int k = 0; k < OptBlock.Names.Length; k++) yield return ($"{Prefix}layers.{i}.{OptBlock.Names[k]}", shapes[k]);
+        }
+    }
 
     public long BytesRead => Checkpoint.BytesRead;
 

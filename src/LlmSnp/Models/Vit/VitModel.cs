@@ -115,6 +115,7 @@ public sealed class VitModel : IImageClassifier
                 Load(OuterRole.DistHeadW, classes, c.Hidden);
                 Load(OuterRole.DistHeadB, classes);
             }
+            UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors());
         }
         catch
         {
@@ -267,6 +268,29 @@ public sealed class VitModel : IImageClassifier
     public int Classes => (int)Outer(OuterRole.HeadW).shape[0];
 
     public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
+
+    public IReadOnlyList<string> UnusedTensors { get; } = Array.Empty<string>();
+
+    /// <summary>The loaded outer tensors and every block tensor of the layout (timm: the fused qkv).</summary>
+    IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
+    {
+        var c = Config;
+        foreach (var (name, t) in _outer) yield return (name, t.shape);
+        var names = VitBlock.LocalNames(Timm);
+        for (int i = 0; i < c.Layers; i++)
+        {
+            long a = (long)c.HeadsPerLayer[i] * c.HeadDim;
+            string prefix = Timm ? $"blocks.{i}." : $"{_p}encoder.layer.{i}.";
+            var shapes = VitBlock.Shapes(a, c.IntermediateSizes[i], c.Hidden);
+            for (int k = 0; k < names.Length; k++)
+                if (!names[k].StartsWith(VitBlock.QkvPart)) yield return (prefix + names[k], shapes[k]);
+            if (Timm)
+            {
+                yield return (prefix + "attn.qkv.weight", new[] { 3 * a, c.Hidden });
+                yield return (prefix + "attn.qkv.bias", new[] { 3 * a });
+            }
+        }
+    }
 
     public long BytesRead => Checkpoint.BytesRead;
 
