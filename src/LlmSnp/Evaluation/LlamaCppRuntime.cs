@@ -204,6 +204,10 @@ public sealed class LlamaCppRuntime : IDisposable
         return Enumerable.Range(0, ids.Count).Select(t => _context.NativeHandle.GetLogitsIth(t).ToArray()).ToArray();
     }
 
+    /// <summary>llama.cpp's own tokenizer on the file's vocabulary (checks the exported tokenizer metadata).</summary>
+    public int[] Tokenize(string text, bool addBos) =>
+        _context.Tokenize(text, addBos, special: false).Select(t => (int)t).ToArray();
+
     public void Dispose()
     {
         _context.Dispose();
