@@ -226,31 +226,26 @@ public sealed class GgufTests : IDisposable
     {
         double reference = DenseReference;
         var greedyWant = JsonNode.Parse(File.ReadAllText(Path.Combine(Stories, "greedy-sample.json")))!["ids"]!.AsArray().Select(x => (int)x!).ToArray();
-        foreach (var (dtype, tol) in new[] { (GgufDType.F32, 1e-3), (GgufDType.F16, 5e-3) })
+        // F32 is computed with F32 attention (the file in F32 throughout): 1e-5, well inside the brief's 0.1 %;
+        // the per-layer pruned test also checks an F32 file under llama.cpp's defaults at 0.1 %.
+        // F16 runs with llama.cpp's defaults (F16 K/V cache, flash attention), as its users run it: 0.5 %.
+        foreach (var (dtype, f32Attention, tol) in new[] { (GgufDType.F32, true, 1e-5), (GgufDType.F16, false, 5e-3) })
         {
             string path = Path.Combine(_tmp, $"dense-{dtype}.gguf");
             GgufExport.Run(Stories, path, dtype);
-            if (dtype == GgufDType.F32)
-                using (var exact = LlamaCppRuntime.Load(path, SeqLen, threads: 1, f32Attention: true))
-                {
-                    // F32 attention: the F32 file computed in F32 throughout.
-                    var p32 = exact.Perplexity(EvalIds, SeqLen, Windows);
-                    _out.WriteLine($"llama.cpp F32 dense, F32 attention: ppl {p32.Perplexity:F6} vs float64 {reference:F6} (rel {p32.Perplexity / reference - 1:+0.00e+0;-0.00e+0}), {p32.TokensPerSecond:F0} tok/s (1 thread)");
-                    Assert.True(Math.Abs(p32.Perplexity / reference - 1) < 1e-5, $"F32 attention: {p32.Perplexity} vs {reference}");
-                }
             // Correctness runs on 1 thread: results do not depend on the thread count, and on this shared
             // 2-core machine ggml's spinning thread barrier slows 2 threads by up to 5× when other jobs run.
-            using var rt = LlamaCppRuntime.Load(path, SeqLen, threads: 1);
+            using var rt = LlamaCppRuntime.Load(path, SeqLen, threads: 1, f32Attention: f32Attention);
             Assert.Equal("llama", rt.Metadata["general.architecture"]);
             var ppl = rt.Perplexity(EvalIds, SeqLen, Windows);
             Assert.Equal(Windows, ppl.Windows);
             Assert.Equal(Windows * (SeqLen - 1), ppl.Predictions);
             var greedy = rt.Speed([1], 1, greedyWant.Length - 1, repeats: 1);
             int agree = greedy.GreedyIds.Zip(greedyWant.Skip(1)).TakeWhile(z => z.First == z.Second).Count();
-            LlamaCppSpeed speed;
+            LlamaCppSpeed speed;   // llama.cpp's defaults, 2 threads
             using (var rt2 = LlamaCppRuntime.Load(path, SeqLen, threads: 2)) speed = rt2.Speed(EvalIds, SeqLen - 64, 64);   // prefill + decode fit the 512-token context
-            _out.WriteLine($"llama.cpp {dtype} dense, llama.cpp defaults: ppl {ppl.Perplexity:F6} vs float64 {reference:F6} (rel {ppl.Perplexity / reference - 1:+0.00e+0;-0.00e+0}), " +
-                $"{ppl.TokensPerSecond:F0} tok/s in ppl (1 thread); 2 threads: prefill {speed.PrefillTokens} {speed.PrefillTokensPerSecond:F0} tok/s, decode {speed.DecodeMsPerToken:F3} ms/token; " +
+            _out.WriteLine($"llama.cpp {dtype} dense, {(f32Attention ? "F32 attention" : "llama.cpp defaults")}: ppl {ppl.Perplexity:F6} vs float64 {reference:F6} (rel {ppl.Perplexity / reference - 1:+0.00e+0;-0.00e+0}), " +
+                $"{ppl.TokensPerSecond:F0} tok/s in ppl (1 thread); defaults, 2 threads: prefill {speed.PrefillTokens} {speed.PrefillTokensPerSecond:F0} tok/s, decode {speed.DecodeMsPerToken:F3} ms/token; " +
                 $"greedy from bos agrees for {agree}/{greedyWant.Length - 1} tokens");
             Assert.True(speed.PrefillTokensPerSecond > 0 && speed.DecodeMsPerToken > 0);
             Assert.True(Math.Abs(ppl.Perplexity / reference - 1) < tol, $"{dtype}: llama.cpp {ppl.Perplexity} vs reference {reference}");
@@ -355,24 +350,29 @@ public sealed class GgufTests : IDisposable
         for (int i = 0; i < Layers; i++)
             Assert.Equal(new ulong[] { Hidden, (ulong)(keptGroups[i].Length * HeadDim) }, g.Tensor($"blk.{i}.attn_k.weight").Ne);
 
-        double reference;
+        // llama.cpp with F32 attention (K/V cache F32, no flash attention) computes the F32 file in F32: 1e-5
+        // on all windows. With its defaults (F16 K/V, flash attention; 3× slower here) 0.1 %, on the first 10.
+        const int defaultWindows = 10;
+        double refAll, refFirst = double.NaN;
         using (var scope = torch.NewDisposeScope())
         using (var r = LlamaReference.Load(dir, Layers, HeadDim, 1e-5, 10000))
-            reference = r.Perplexity(EvalIds, SeqLen, windows);
-        // llama.cpp with F32 attention (K/V cache F32, no flash attention) computes the F32 file in F32: 1e-5.
-        // With its defaults (F16 K/V, flash attention) the brief's 0.1 % holds. 1 thread: see the dense test.
+        {
+            refAll = r.Perplexity(EvalIds, SeqLen, windows);
+            if (defaultsToo) refFirst = r.Perplexity(EvalIds, SeqLen, defaultWindows);
+        }
         foreach (var (exact, tol) in defaultsToo ? new[] { (true, 1e-5), (false, 1e-3) } : new[] { (true, 1e-5) })
         {
-            using var rt = LlamaCppRuntime.Load(path, SeqLen, threads: 1, f32Attention: exact);
+            using var rt = LlamaCppRuntime.Load(path, SeqLen, threads: 1, f32Attention: exact);   // 1 thread: see the dense test
             Assert.Equal(arch, rt.Metadata["general.architecture"]);
-            var ppl = rt.Perplexity(EvalIds, SeqLen, windows);
+            var ppl = rt.Perplexity(EvalIds, SeqLen, exact ? windows : defaultWindows);
+            double reference = exact ? refAll : refFirst;
             var speed = rt.Speed(EvalIds, SeqLen - 16, 16);
-            _out.WriteLine($"{Path.GetFileName(dir)} ({arch}, heads {string.Join(",", res.Layers.Select(l => l.Heads))}, ffn {string.Join(",", res.Layers.Select(l => l.FfnDim))}, {windows}×{SeqLen}): " +
+            _out.WriteLine($"{Path.GetFileName(dir)} ({arch}, heads {string.Join(",", res.Layers.Select(l => l.Heads))}, ffn {string.Join(",", res.Layers.Select(l => l.FfnDim))}, {ppl.Windows}×{SeqLen}): " +
                 $"llama.cpp F32 file, {(exact ? "F32 attention" : "llama.cpp defaults")}: ppl {ppl.Perplexity:F6} vs float64 forward {reference:F6} (rel {ppl.Perplexity / reference - 1:+0.00e+0;-0.00e+0}); " +
                 $"dense reference {DenseReference:F5}; 1 thread: prefill {speed.PrefillTokens} {speed.PrefillTokensPerSecond:F0} tok/s, decode {speed.DecodeMsPerToken:F3} ms/token");
             Assert.True(Math.Abs(ppl.Perplexity / reference - 1) < tol, $"llama.cpp {ppl.Perplexity} vs float64 forward {reference} ({(exact ? "F32 attention" : "defaults")})");
         }
-        Assert.True(reference > DenseReference, "removing heads and neurons without reconstruction should cost perplexity");
+        Assert.True(refAll > DenseReference, "removing heads and neurons without reconstruction should cost perplexity");
     }
 
     [Fact]
