@@ -36,7 +36,19 @@ static class Cli
         root.Subcommands.Add(ConvertCommand());
         root.Subcommands.Add(CompareCommand());
         root.Subcommands.Add(BenchCommand());
+        root.Subcommands.Add(ExportCommand());
         return root;
+    }
+
+    /// <summary>`export gguf`: a LLaMA-family checkpoint (dense or pruned) as a GGUF file for llama.cpp.</summary>
+    static Command ExportCommand()
+    {
+        var model = ModelOption();
+        var outFile = new Option<string>("--out") { Description = "GGUF file to write (atomically)", Required = true };
+        var dtype = new Option<string>("--dtype") { Description = "f32 or f16 for the 2-D weights (norms and biases stay f32)", DefaultValueFactory = _ => "f16" };
+        var gguf = new Command("gguf", "write a llama/mistral/qwen2 checkpoint as GGUF (arch llama, or deci when layer widths differ)") { model, outFile, dtype, Json };
+        gguf.SetAction(p => Run(p, () => LlmSnp.Export.GgufExport.Run(p.GetValue(model)!, p.GetValue(outFile)!, LlmSnp.Export.GgufExport.ParseDType(p.GetValue(dtype)!)).ToJson()));
+        return new Command("export", "write a checkpoint in another tool's format") { gguf };
     }
 
     static Command EvalCommand()
