@@ -35,6 +35,7 @@ static class Cli
         root.Subcommands.Add(ConvertCommand());
         root.Subcommands.Add(CompareCommand());
         root.Subcommands.Add(BenchCommand());
+        root.Subcommands.Add(GenerateCommand.Build());
         return root;
     }
 

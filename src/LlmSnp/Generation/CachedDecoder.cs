@@ -49,7 +49,7 @@ public sealed class CachedDecoder : IDisposable
         if (Position + t > Capacity)
             throw new LlmSnpException($"sequence of {Position + t} tokens exceeds the {Capacity} positions this decoder holds");
         using var scope = NewDisposeScope();
-        var h = _model.Embed(ids, Position);
+        var h = _model.EmbedAt(ids, Position);
         for (int i = 0; i < _blocks.Count; i++) h = _blocks[i].Step(h, _caches[i], Position);
         if (!allLogits && t > 1) h = h.narrow(1, t - 1, 1);
         var logits = _model.Head(h);

@@ -130,8 +130,8 @@ public interface ILanguageModel : IPrunableModel
     /// <summary>The checkpoint's own tokenizer; one clear error if it has none.</summary>
     Data.ITextTokenizer Tokenizer();
 
-    /// <summary>Hidden states for ids [batch, t] standing at positions start..start+t-1 (generation continues a sequence).</summary>
-    Tensor Embed(Tensor ids, int startPosition);
+    /// <summary>Hidden states for ids [batch, t] standing at positions start..start+t-1 (generation continues a sequence); a name of its own, so that `Embed` stays one method group.</summary>
+    Tensor EmbedAt(Tensor ids, int startPosition);
 
     /// <summary>Decoder block <paramref name="index"/> with its cached forward (<see cref="ICachedBlock.Step"/>).</summary>
     ICachedBlock LoadCachedBlock(int index);

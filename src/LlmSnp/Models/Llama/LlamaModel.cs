@@ -68,10 +68,10 @@ public sealed class LlamaModel : ILanguageModel
     Tensor? _headCompute;
     Tensor HeadWeight => _headCompute ??= (_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope();
 
-    public Tensor Embed(Tensor ids) => Embed(ids, 0);
+    public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
 
     /// <summary>Token embeddings carry no position (RoPE rotates inside attention): the start only bounds the sequence.</summary>
-    public Tensor Embed(Tensor ids, int startPosition)
+    public Tensor EmbedAt(Tensor ids, int startPosition)
     {
         if (startPosition < 0) throw new ArgumentOutOfRangeException(nameof(startPosition));
         if (startPosition + ids.shape[1] > Config.MaxPositions)

@@ -90,10 +90,10 @@ public sealed class OptModel : ILanguageModel
     Tensor HeadWeight => _headCompute ??= (_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope();
 
     /// <summary>Token ids [batch, tokens] → hidden states [batch, tokens, hidden], positions from 0.</summary>
-    public Tensor Embed(Tensor ids) => Embed(ids, 0);
+    public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
 
     /// <summary>The same for tokens at positions start..start+t-1 (a continued sequence: generation with a KV cache).</summary>
-    public Tensor Embed(Tensor ids, int startPosition)
+    public Tensor EmbedAt(Tensor ids, int startPosition)
     {
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
