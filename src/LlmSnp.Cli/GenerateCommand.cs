@@ -35,10 +35,17 @@ static class GenerateCommand
             using var lm = ModelFamilies.OpenLanguageModel(p.GetValue(model)!, Runtime.ParseDevice(p.GetValue(device)!), computeDType, "generate");
             string text = p.GetValue(prompt)!;
             var stdout = Console.Out;
-            stdout.Write(text);
-            stdout.Flush();
-            var r = TextGeneration.Generate(lm, text, options, piece => { stdout.Write(piece); stdout.Flush(); });
-            stdout.WriteLine();
+            // The prompt goes out with the first piece, so that an error before generation (a prompt past the model's
+            // max positions) leaves stdout empty: the one error line is all the output.
+            bool started = false;
+            void Write(string piece)
+            {
+                if (!started) { stdout.Write(text); started = true; }
+                stdout.Write(piece);
+                stdout.Flush();
+            }
+            var r = TextGeneration.Generate(lm, text, options, Write);
+            Write("\n");
             var g = r.Tokens;
             Cli.Log($"prompt tokens {g.PromptIds.Count}, new tokens {g.NewIds.Count} (stop: {g.StopReason}); " +
                 $"prefill {g.PrefillTokensPerSecond:F1} tokens/s, decode {(g.DecodeMsPerToken is double ms ? $"{ms:F2} ms/token" : "no steps")}; {g.DType}, {g.Threads} threads");

@@ -228,10 +228,12 @@ public class GenerationTests
     }
 
     [Fact]
-    public void Cli_generate_refuses_an_image_model_and_a_bad_top_p_with_one_line()
+    public void Cli_generate_refuses_an_image_model_a_too_long_prompt_and_a_bad_top_p_with_one_line()
     {
         var vit = CliHarness.Run(new[] { "generate", "--model", Path.Combine("models", "vit-tiny"), "--prompt", "hi" });
         _out.WriteLine(CliHarness.FailsWithOneLine(vit, onlyLine: true, 1, "image classifier"));
+        var tooLong = CliHarness.Run(new[] { "generate", "--model", Stories, "--prompt", string.Concat(Enumerable.Repeat("Lily ", 600)) });
+        _out.WriteLine(CliHarness.FailsWithOneLine(tooLong, onlyLine: true, 1, "max_position_embeddings"));
         foreach (var bad in new[] { "0", "1.5", "x" })
         {
             var r = CliHarness.Run(new[] { "generate", "--model", Stories, "--prompt", "hi", "--top-p", bad });
