@@ -47,6 +47,10 @@ static class OptionChecks
         ["--variance"] = new(0, 1, false, MinOpen: true), ["--variance-opt"] = new(0, 1, false, MinOpen: true),
         ["--variance-vit"] = new(0, 1, false, MinOpen: true), ["--variance-llama"] = new(0, 1, false, MinOpen: true),
         ["--damp"] = new(0, 1e6, false),
+        // generate: the model's max positions bound the tokens further when it is loaded.
+        ["--max-new-tokens"] = Int(1, MaxSeqLen),
+        ["--temperature"] = new(0, 100, false),
+        ["--top-p"] = new(0, 1, false, MinOpen: true),
     };
 
     /// <summary>Options naming a file or directory: an empty value is refused where it is parsed.</summary>

@@ -37,6 +37,7 @@ static class Cli
         root.Subcommands.Add(CompareCommand());
         root.Subcommands.Add(BenchCommand());
         root.Subcommands.Add(ExportCommand());
+        root.Subcommands.Add(GenerateCommand.Build());
         return root;
     }
 

@@ -114,6 +114,20 @@ public interface IPrunableModel : IDisposable
     JsonObject Describe();
 }
 
+/// <summary>
+/// A decoder block that also runs incrementally for generation: the tokens at positions
+/// <c>position</c>.. attend to the keys and values cached for the earlier ones. The pruning engine never uses
+/// it; generation keeps every block resident, each with its own cache.
+/// </summary>
+public interface ICachedBlock : IPrunableBlock
+{
+    /// <summary>
+    /// Hidden states [batch, t, width] of the tokens at positions position..position+t-1 → the block's output for
+    /// them; their keys and values are appended to <paramref name="cache"/>, which holds exactly the positions before.
+    /// </summary>
+    Tensor Step(Tensor hidden, Models.KvCache cache, int position);
+}
+
 /// <summary>A language model: token ids in, next-token logits out.</summary>
 public interface ILanguageModel : IPrunableModel
 {
@@ -121,6 +135,12 @@ public interface ILanguageModel : IPrunableModel
     int VocabSize { get; }
     /// <summary>The checkpoint's own tokenizer; one clear error if it has none.</summary>
     Data.ITextTokenizer Tokenizer();
+
+    /// <summary>Hidden states for ids [batch, t] standing at positions start..start+t-1 (generation continues a sequence); a name of its own, so that `Embed` stays one method group.</summary>
+    Tensor EmbedAt(Tensor ids, int startPosition);
+
+    /// <summary>Decoder block <paramref name="index"/> with its cached forward (<see cref="ICachedBlock.Step"/>).</summary>
+    ICachedBlock LoadCachedBlock(int index);
 }
 
 /// <summary>An image classifier: preprocessed pixels in, class logits out.</summary>

@@ -10,7 +10,7 @@ namespace LlmSnp.Models;
 /// Node layers: the K/V groups (the query heads that share a K/V head, with it: the input of `o_proj`)
 /// and the MLP neurons (row j of gate and up, column j of down).
 /// </summary>
-public sealed class LlamaBlock : PrunableBlock
+public sealed class LlamaBlock : PrunableBlock, ICachedBlock
 {
     readonly string _p;
     readonly int _headDim, _queriesPerKv;
@@ -54,22 +54,48 @@ public sealed class LlamaBlock : PrunableBlock
         return (F.silu(Linear(x, "mlp.gate_proj")) * Linear(x, "mlp.up_proj")).MoveToOuterDisposeScope();
     }
 
-    /// <summary>Per-head outputs softmax(QKᵀ/√d)V concatenated [batch, tokens, heads·d]; query head h reads K/V head h ÷ (heads / kv_heads).</summary>
-    Tensor SelfAttention(Tensor x)
+    /// <summary>
+    /// Per-head outputs softmax(QKᵀ/√d)V concatenated [batch, tokens, heads·d]; query head h reads K/V head h ÷ (heads / kv_heads).
+    /// With a cache, x holds the tokens at positions <paramref name="position"/>..: they are rotated at those positions, their
+    /// K/V (before the grouped repeat) appended, and the queries attend to the whole cached history.
+    /// </summary>
+    Tensor SelfAttention(Tensor x, KvCache? cache = null, int position = 0)
     {
         long b = x.shape[0], t = x.shape[1];
         Tensor Heads(string linear) => Linear(x, linear).view(b, t, -1, _headDim).transpose(1, 2);
-        var (q, k) = _rope.Apply(Heads("self_attn.q_proj"), Heads("self_attn.k_proj"));
+        var (q, k) = _rope.Apply(Heads("self_attn.q_proj"), Heads("self_attn.k_proj"), position);
         var v = Heads("self_attn.v_proj");
+        if (cache is not null) (k, v) = cache.Append(k, v);
         if (_queriesPerKv > 1)
         {
             k = k.repeat_interleave(_queriesPerKv, 1);
             v = v.repeat_interleave(_queriesPerKv, 1);
         }
-        // Mistral's window applies only when the sequence is longer than it.
-        var mask = _window is int w && w < t ? Rope.SlidingWindowMask(t, w, x.device) : null;
-        var o = F.scaled_dot_product_attention(q, k, v, mask, 0.0, mask is null);
+        Tensor? mask;
+        bool causal;
+        if (position == 0)
+        {
+            // Mistral's window applies only when the sequence is longer than it.
+            mask = _window is int w && w < t ? Rope.SlidingWindowMask(t, w, x.device) : null;
+            causal = mask is null;
+        }
+        else
+        {
+            // Continuing a cached sequence: causal from the queries' own positions, the window counted back from each.
+            mask = Attention.CachedMask(position, t, _window, x.device);
+            causal = false;
+        }
+        var o = F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal);
         return o.transpose(1, 2).reshape(b, t, -1);
+    }
+
+    /// <summary>The block on new tokens only: the cached attention, then the same residuals and MLP as <see cref="PrunableBlock.Forward"/>.</summary>
+    public Tensor Step(Tensor hidden, KvCache cache, int position)
+    {
+        using var scope = NewDisposeScope();
+        var a = SelfAttention(RmsNorm(hidden, T("input_layernorm.weight"), _eps), cache, position);
+        var h = Residual(0, hidden, a);
+        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
     }
 
     public override Tensor Residual(int layer, Tensor input, Tensor activations)
@@ -87,7 +113,7 @@ public sealed class LlamaBlock : PrunableBlock
     }
 }
 
-/// <summary>Rotary position embeddings, rotate-half form (HF `apply_rotary_pos_emb`), positions from 0.</summary>
+/// <summary>Rotary position embeddings, rotate-half form (HF `apply_rotary_pos_emb`), positions from 0 or a given start.</summary>
 public sealed class Rope : IDisposable
 {
     readonly Tensor _cos, _sin;   // [maxPositions, headDim], compute dtype
@@ -103,13 +129,14 @@ public sealed class Rope : IDisposable
         _sin = emb.sin().to(dtype, device).DetachFromDisposeScope();
     }
 
-    /// <summary>q [b, heads, t, d], k [b, kv_heads, t, d] rotated by their positions 0..t-1.</summary>
-    public (Tensor Q, Tensor K) Apply(Tensor q, Tensor k)
+    /// <summary>q [b, heads, t, d], k [b, kv_heads, t, d] rotated by their positions start..start+t-1 (a cached sequence continues past 0).</summary>
+    public (Tensor Q, Tensor K) Apply(Tensor q, Tensor k, int start = 0)
     {
         long t = q.shape[2];
-        if (t > _cos.shape[0]) throw new LlmSnpException($"sequence of {t} tokens exceeds max_position_embeddings {_cos.shape[0]}");
-        var cos = _cos.narrow(0, 0, t);
-        var sin = _sin.narrow(0, 0, t);
+        if (start < 0) throw new ArgumentOutOfRangeException(nameof(start));
+        if (start + t > _cos.shape[0]) throw new LlmSnpException($"sequence of {start + t} tokens exceeds max_position_embeddings {_cos.shape[0]}");
+        var cos = _cos.narrow(0, start, t);
+        var sin = _sin.narrow(0, start, t);
         return (q * cos + RotateHalf(q) * sin, k * cos + RotateHalf(k) * sin);
     }
 

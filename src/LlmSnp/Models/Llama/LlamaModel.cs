@@ -69,11 +69,16 @@ public sealed class LlamaModel : ILanguageModel
     Tensor? _headCompute;
     Tensor HeadWeight => _headCompute ??= (_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope();
 
-    public Tensor Embed(Tensor ids)
+    public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
+
+    /// <summary>Token embeddings carry no position (RoPE rotates inside attention): the start only bounds the sequence.</summary>
+    public Tensor EmbedAt(Tensor ids, int startPosition)
     {
+        if (startPosition < 0) throw new ArgumentOutOfRangeException(nameof(startPosition));
+        if (startPosition + ids.shape[1] > Config.MaxPositions)
+            throw new LlmSnpException($"sequence of {startPosition + ids.shape[1]} tokens exceeds max_position_embeddings {Config.MaxPositions}");
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
-        if (t > Config.MaxPositions) throw new LlmSnpException($"sequence of {t} tokens exceeds max_position_embeddings {Config.MaxPositions}");
         long maxId = ids.max().item<long>(), minId = ids.min().item<long>();
         if (maxId >= Config.VocabSize || minId < 0)
             throw new LlmSnpException($"token id {(minId < 0 ? minId : maxId)} is outside the vocabulary of {ModelDir} (vocab_size {Config.VocabSize}); is this the model's tokenizer?");
@@ -113,6 +118,8 @@ public sealed class LlamaModel : ILanguageModel
     }
 
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
+
+    ICachedBlock ILanguageModel.LoadCachedBlock(int index) => LoadBlock(index);
 
     public IEnumerable<(string Name, Tensor Tensor)> OuterTensors(ScalarType dtype)
     {

@@ -8,7 +8,7 @@ namespace LlmSnp.Models;
 /// One OPT decoder layer (HF `OPTDecoderLayer`): pre- or post-LayerNorm, causal multi-head attention
 /// with biases, ReLU MLP `fc1` → `fc2`. Node layers: the heads (input of `out_proj`), the `fc1` neurons.
 /// </summary>
-public sealed class OptBlock : PrunableBlock
+public sealed class OptBlock : PrunableBlock, ICachedBlock
 {
     /// <summary>The layer's tensor names after `layers.{i}.`, in checkpoint order.</summary>
     public static readonly string[] Names =
@@ -54,14 +54,25 @@ public sealed class OptBlock : PrunableBlock
     public override Tensor Activations(int layer, Tensor input)
     {
         using var scope = NewDisposeScope();
-        if (layer == 0)
-        {
-            var x = _preLayerNorm ? LayerNorm(input, "self_attn_layer_norm") : input;
-            return Attention.MultiHead(x, T("self_attn.q_proj.weight"), T("self_attn.q_proj.bias"), T("self_attn.k_proj.weight"), T("self_attn.k_proj.bias"),
-                T("self_attn.v_proj.weight"), T("self_attn.v_proj.bias"), _headDim, causal: true).MoveToOuterDisposeScope();
-        }
+        if (layer == 0) return HeadOutputs(input, null, 0).MoveToOuterDisposeScope();
         var z = F.linear(_preLayerNorm ? LayerNorm(input, "final_layer_norm") : input, T("fc1.weight"), T("fc1.bias"));
         return F.relu(z).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The heads' outputs (node layer 0) of the whole sequence, or with a cache of the tokens from <paramref name="position"/>.</summary>
+    Tensor HeadOutputs(Tensor input, KvCache? cache, int position)
+    {
+        var x = _preLayerNorm ? LayerNorm(input, "self_attn_layer_norm") : input;
+        return Attention.MultiHead(x, T("self_attn.q_proj.weight"), T("self_attn.q_proj.bias"), T("self_attn.k_proj.weight"), T("self_attn.k_proj.bias"),
+            T("self_attn.v_proj.weight"), T("self_attn.v_proj.bias"), _headDim, causal: true, cache, position);
+    }
+
+    /// <summary>The block on new tokens only: the cached attention, then the same residuals and MLP as <see cref="PrunableBlock.Forward"/>.</summary>
+    public Tensor Step(Tensor hidden, KvCache cache, int position)
+    {
+        using var scope = NewDisposeScope();
+        var h = Residual(0, hidden, HeadOutputs(hidden, cache, position));
+        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
     }
 
     public override Tensor Residual(int layer, Tensor input, Tensor activations)

@@ -91,17 +91,21 @@ public sealed class OptModel : ILanguageModel
     Tensor HeadWeight => _headCompute ??= (_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope();
 
     /// <summary>Token ids [batch, tokens] → hidden states [batch, tokens, hidden], positions from 0.</summary>
-    public Tensor Embed(Tensor ids)
+    public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
+
+    /// <summary>The same for tokens at positions start..start+t-1 (a continued sequence: generation with a KV cache).</summary>
+    public Tensor EmbedAt(Tensor ids, int startPosition)
     {
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
-        if (t > Config.MaxPositions) throw new LlmSnpException($"sequence of {t} tokens exceeds max_position_embeddings {Config.MaxPositions}");
+        if (startPosition < 0) throw new ArgumentOutOfRangeException(nameof(startPosition));
+        if (startPosition + t > Config.MaxPositions) throw new LlmSnpException($"sequence of {startPosition + t} tokens exceeds max_position_embeddings {Config.MaxPositions}");
         long maxId = ids.max().item<long>(), minId = ids.min().item<long>();
         if (maxId >= Config.VocabSize || minId < 0)
             throw new LlmSnpException($"token id {(minId < 0 ? minId : maxId)} is outside the vocabulary of {ModelDir} (vocab_size {Config.VocabSize}); is this the model's tokenizer?");
         var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1);
         if (_projectIn is not null) h = F.linear(h, _projectIn);
-        h = h + _embedPositions.narrow(0, 2, t).unsqueeze(0);   // learned positions with offset 2
+        h = h + _embedPositions.narrow(0, 2 + startPosition, t).unsqueeze(0);   // learned positions with offset 2
         return h.MoveToOuterDisposeScope();
     }
 
@@ -126,6 +130,8 @@ public sealed class OptModel : ILanguageModel
     }
 
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
+
+    ICachedBlock ILanguageModel.LoadCachedBlock(int index) => LoadBlock(index);
 
     /// <summary>Full forward with every block loaded at once (reference path for tests).</summary>
     public Tensor ForwardAllInMemory(Tensor ids)
