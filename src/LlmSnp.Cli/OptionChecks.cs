@@ -146,6 +146,9 @@ static class OptionChecks
             case "prune":   // replaced as a whole; never the model directory
                 Destinations.CheckDirectory(outDir, "--out", replaceable: true, force: p.GetValue<bool>("--force"), inputDir: Str("--model"));
                 break;
+            case "gguf":   // export gguf: one file, written to a temporary sibling and renamed
+                Destinations.CheckFile(outDir, "--out");
+                break;
             case "convert":   // refuses an existing output
                 Destinations.CheckDirectory(outDir, "--out", replaceable: true, force: false, inputDir: Str("--model"));
                 break;

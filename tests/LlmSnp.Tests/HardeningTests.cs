@@ -145,7 +145,10 @@ public sealed class HardeningTests : IDisposable
         // bash starts the CLI, waits for its staging directory, lets it write for 0.3 s, signals it by
         // pid and reports its exit status (the shell, not this test host, is its parent).
         // set -m: a background job of a non-interactive shell would otherwise start with SIGINT ignored.
-        string script = $"set -m; \"$0\" \"$@\" & pid=$!; for i in $(seq 1 1200); do ls -a '{parent}' | grep -q '^\\.out\\.tmp-' && break; sleep 0.05; done; " +
+        // A shell started in the background has SIGINT ignored, and an ignored signal stays ignored across exec
+        // (bash cannot undo it): python3 restores the default disposition before exec'ing the CLI.
+        string script = "set -m; python3 -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' \"$0\" \"$@\" & pid=$!; " +
+                        $" for i in $(seq 1 1200); do ls -a '{parent}' | grep -q '^\\.out\\.tmp-' && break; sleep 0.05; done; " +
                         $"sleep 0.3; kill -{signal} $pid; wait $pid; echo \"exit=$?\" >&2";
         var psi = CliHarness.Psi(args);
         psi.ArgumentList.Insert(0, psi.FileName);

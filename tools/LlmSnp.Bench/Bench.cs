@@ -19,6 +19,10 @@ public sealed record BenchOptions
     public bool KeepModel { get; init; }
     /// <summary>The pruning run's ordering: zca (default) or a cheaper one where a width's eigendecomposition would take hours.</summary>
     public Ordering Ordering { get; init; } = Ordering.Zca;
+    /// <summary>Fraction of prunable parameters removed (uniform ratio over MLP neurons and heads / K/V groups).</summary>
+    public double Ratio { get; init; } = 0.2;
+    /// <summary>Decode steps of the llama.cpp speed runs (LLaMA family).</summary>
+    public int DecodeSteps { get; init; } = 8;
 }
 
 /// <summary>
@@ -69,6 +73,7 @@ public static class Bench
             result["generate_seconds"] = sw.Elapsed.TotalSeconds;
             log?.Invoke($"random {s.Name} ({s.Layers} layers) written: {fileBytes / 1e9:F2} GB in {sw.Elapsed.TotalSeconds:F0}s");
             var rng = new Random(0);
+            LlamaCppSpeed? denseCpp = null;
             int seq = Math.Min(o.SeqLen, s.MaxPositions);
             if (!o.SkipEval)
             {
@@ -85,6 +90,17 @@ public static class Bench
                     ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["bytes_read"] = model.BytesRead,
                 };
                 log?.Invoke($"eval: {r.TokensPerSecond:F0} tokens/s, {flops / r.Seconds / 1e9:F1} GFLOP/s = {flops / r.Seconds / peak:P0} of peak");
+                if (ModelFamilies.Of(dir).ExportsGguf)
+                {
+                    // The strongest CPU engine a user would pick, on the same weights (F16), prefilling the same length.
+                    var (cpp, skipped) = InferenceBench.LlamaCpp(dir, Export.GgufDType.F16, seq, o.DecodeSteps, s.Vocab, log);
+                    denseCpp = cpp;
+                    result["llama_cpp"] = new JsonObject
+                    {
+                        ["dense"] = cpp?.ToJson(), ["skipped"] = skipped,
+                        ["llmsnp_eval_over_llama_cpp_prefill"] = cpp is null ? null : r.TokensPerSecond / cpp.PrefillTokensPerSecond,
+                    };
+                }
             }
             {
                 var calib = Enumerable.Range(0, o.CalibSamples)
@@ -94,7 +110,7 @@ public static class Bench
                 string outDir = dir + "-pruned";
                 var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
                 {
-                    Model = model, Options = new PruneOptions { Ordering = o.Ordering, Policy = RatioPolicyKind.Ratio, Amount = 0.2 },
+                    Model = model, Options = new PruneOptions { Ordering = o.Ordering, Policy = RatioPolicyKind.Ratio, Amount = o.Ratio },
                     Calibration = calib, CalibrationInfo = new JsonObject { ["source"] = "random ids", ["samples"] = o.CalibSamples, ["seqlen"] = seq },
                     OutDir = outDir, SourceDir = dir, ParamsBefore = model.ParameterCount(),
                 }, log);
@@ -105,13 +121,26 @@ public static class Bench
                 double total = (double)report["seconds"]!["total"]!;
                 result["prune"] = new JsonObject
                 {
-                    ["ordering"] = Orderings.Name(o.Ordering), ["ratio"] = 0.2, ["calibration_tokens"] = tokens, ["seconds"] = report["seconds"]!.DeepClone(),
+                    ["ordering"] = Orderings.Name(o.Ordering), ["ratio"] = o.Ratio, ["calibration_tokens"] = tokens, ["seconds"] = report["seconds"]!.DeepClone(),
                     ["flop_bound_seconds"] = bound, ["ratio_to_bound"] = total / bound,
                     ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["peak_anon_over_file_size"] = (double)mem.PeakAnonBytes / fileBytes,
                     ["bytes_read"] = model.BytesRead,
                 };
                 log?.Invoke($"prune: {total:F1}s, FLOP bound {bound:F1}s ({total / bound:F2}×), peak anon RSS {mem.PeakAnonBytes / 1e9:F2} GB = {(double)mem.PeakAnonBytes / fileBytes:P0} of the F16 file");
                 calib.ForEach(c => c.Dispose());
+                if (denseCpp != null)
+                {
+                    // Pruned against dense in llama.cpp, next to the ratio of weight FLOPs per token (embeddings excluded).
+                    var (cpp, skipped) = InferenceBench.LlamaCpp(outDir, Export.GgufDType.F16, seq, o.DecodeSteps, s.Vocab, log);
+                    long embed = (long)report["params_before"]! - (long)report["prunable_params"]!;
+                    double flopRatio = (double)((long)report["params_before"]! - embed) / ((long)report["params_after"]! - embed);
+                    result["llama_cpp_pruned"] = new JsonObject
+                    {
+                        ["pruned"] = cpp?.ToJson(), ["skipped"] = skipped, ["weight_flop_ratio"] = flopRatio,
+                        ["prefill_speedup"] = cpp is null ? null : cpp.PrefillTokensPerSecond / denseCpp.PrefillTokensPerSecond,
+                        ["decode_speedup"] = cpp is null ? null : denseCpp.DecodeMsPerToken / cpp.DecodeMsPerToken,
+                    };
+                }
                 if (Directory.Exists(outDir)) Directory.Delete(outDir, true);
             }
         }

@@ -122,5 +122,9 @@ public sealed record LlamaShape(string Name, int Layers, int Hidden, int Heads, 
         yield return ("lm_head.weight", new[] { (long)Vocab, h }, 0.02, 0);
     }
 
-    public void WriteRandom(string dir, ScalarType dtype, int seed) => BenchShapes.Write(dir, Layout(), Config(dtype), dtype, seed);
+    public void WriteRandom(string dir, ScalarType dtype, int seed)
+    {
+        BenchShapes.Write(dir, Layout(), Config(dtype), dtype, seed);
+        SyntheticVocabulary.Write(Path.Combine(dir, "tokenizer.model"), Vocab);
+    }
 }

@@ -5,8 +5,8 @@ namespace LlmSnp.Models;
 
 public enum Modality { Text, Image }
 
-/// <summary>A model family: the `model_type`s it reads and how to open one. The only place that knows the concrete models.</summary>
-public sealed record ModelFamily(string Name, IReadOnlyList<string> ModelTypes, Modality Modality, Func<string, Device, ScalarType, IPrunableModel> Open);
+/// <summary>A model family: the `model_type`s it reads, how to open one, and whether `export gguf` writes it for llama.cpp.</summary>
+public sealed record ModelFamily(string Name, IReadOnlyList<string> ModelTypes, Modality Modality, Func<string, Device, ScalarType, IPrunableModel> Open, bool ExportsGguf = false);
 
 /// <summary>The registry: `model_type` → family. Jobs open models through it and never name a family.</summary>
 public static class ModelFamilies
@@ -14,7 +14,7 @@ public static class ModelFamilies
     public static readonly IReadOnlyList<ModelFamily> All = new ModelFamily[]
     {
         new("opt", new[] { "opt" }, Modality.Text, (d, dev, dt) => new OptModel(d, dev, dt)),
-        new("llama", LlamaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new LlamaModel(d, dev, dt)),
+        new("llama", LlamaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new LlamaModel(d, dev, dt), ExportsGguf: true),
         new("vit", new[] { "vit", "deit" }, Modality.Image, (d, dev, dt) => new VitModel(d, dev, dt)),
     };
 
