@@ -54,35 +54,40 @@ static class DemoCommand
                 CalibSource = imageDir, CalibSamples = 64, EvalDataset = PruneJob.AccuracyEval, EvalImages = imageDir, EvalLimit = p.GetValue(images),
             }, Cli.Log);
             double vitSeconds = sw.Elapsed.TotalSeconds - optSeconds - llamaSeconds;
-            var report = new JsonObject { [OptModelName] = opt, [LlamaModelName] = llama, ["vit-tiny"] = vit };
+            var report = new JsonObject { [OptModelName] = opt.ToJson(), [LlamaModelName] = llama.ToJson(), ["vit-tiny"] = vit.ToJson() };
             string reportPath = Path.Combine(dest, "demo-report.json");
             AtomicFile.WriteAllText(reportPath, report.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
 
             var e = Console.Error;
             e.WriteLine();
             e.WriteLine("SNP: zca ordering, least-squares reconstruction, automatic per-layer ratios (variance τ)");
-            e.WriteLine($"  {"model",-15} {"τ",5} {"metric",-26} {"params before",14} {"params after",13} {"dense",9} {"pruned",9} {"time",7}");
-            Row(OptModelName, tOpt, $"WikiText-2 ppl ({opt["eval"]!["dense"]!["windows"]}×512)", opt, "perplexity", optSeconds);
-            Row(LlamaModelName, tLlama, $"TinyStories ppl ({llama["eval"]!["dense"]!["windows"]}×512)", llama, "perplexity", llamaSeconds);
-            Row("vit-tiny", tVit, $"ImageNet top-1 % ({vit["eval"]!["dense"]!["images"]} img)", vit, "top1", vitSeconds);
+            e.WriteLine($"  {"model",-15} {"τ",5} {"metric",-27} {"params before",14} {"params after",13} {"dense",9} {"pruned",9} {"prefill",8} {"decode",7} {"time",6}");
+            Row(OptModelName, tOpt, $"WikiText-2 ppl ({opt.Eval!.Samples}×512)", opt, optSeconds);
+            Row(LlamaModelName, tLlama, $"TinyStories ppl ({llama.Eval!.Samples}×512)", llama, llamaSeconds);
+            Row("vit-tiny", tVit, $"ImageNet top-1 % ({vit.Eval!.Samples} img)", vit, vitSeconds);
+            e.WriteLine("  prefill, decode: pruned speed over dense (LlmSnp's forward; prefill at 512 tokens, batch-1 decode)");
+            if (llama.Speed?.LlamaCppPrefillSpeedUp is double cp && llama.Speed.LlamaCppDecodeSpeedUp is double cd)
+                e.WriteLine($"  {LlamaModelName} in llama.cpp (exported GGUF): prefill {cp:F2}×, decode {cd:F2}×");
             e.WriteLine($"  pruned checkpoints: {string.Join(", ", new[] { OptModelName, LlamaModelName, "vit-tiny" }.Select(n => Path.Combine(dest, n + "-snp")))}");
             e.WriteLine($"  full report: {reportPath}");
             return new JsonObject
             {
                 ["report"] = reportPath,
-                [OptModelName] = Summary(opt, "perplexity"), [LlamaModelName] = Summary(llama, "perplexity"), ["vit-tiny"] = Summary(vit, "top1"), ["seconds"] = sw.Elapsed.TotalSeconds,
+                [OptModelName] = Summary(opt), [LlamaModelName] = Summary(llama), ["vit-tiny"] = Summary(vit), ["seconds"] = sw.Elapsed.TotalSeconds,
             };
 
-            void Row(string name, double tau, string metric, JsonObject r, string key, double seconds) =>
-                e.WriteLine($"  {name,-15} {tau,5} {metric,-26} {(long)r["params_before"]!,14:N0} {(long)r["params_after"]!,13:N0} {(double)r["eval"]!["dense"]![key]!,9:F2} {(double)r["eval"]!["pruned"]![key]!,9:F2} {seconds,6:F0}s");
+            void Row(string name, double tau, string metric, PruneOutcome r, double seconds) =>
+                e.WriteLine($"  {name,-15} {tau,5} {metric,-27} {r.ParamsBefore,14:N0} {r.ParamsAfter,13:N0} {r.Eval!.Dense,9:F2} {r.Eval.Pruned,9:F2} " +
+                    $"{(r.Speed is { } s ? $"{s.PrefillSpeedUp:F2}×" : "—"),8} {(r.Speed is { } t ? $"{t.DecodeSpeedUp:F2}×" : "—"),7} {seconds,5:F0}s");
         }));
         return cmd;
     }
 
-    static JsonObject Summary(JsonObject r, string key) => new()
+    static JsonObject Summary(PruneOutcome r) => new()
     {
-        ["params_before"] = r["params_before"]!.DeepClone(), ["params_after"] = r["params_after"]!.DeepClone(),
-        ["prunable_fraction_removed"] = r["prunable_fraction_removed"]!.DeepClone(),
-        ["dense"] = r["eval"]!["dense"]![key]!.DeepClone(), ["pruned"] = r["eval"]!["pruned"]![key]!.DeepClone(),
+        ["params_before"] = r.ParamsBefore, ["params_after"] = r.ParamsAfter, ["prunable_fraction_removed"] = r.PrunableFractionRemoved,
+        ["dense"] = r.Eval!.Dense, ["pruned"] = r.Eval.Pruned,
+        ["prefill_speedup"] = r.Speed?.PrefillSpeedUp, ["decode_speedup"] = r.Speed?.DecodeSpeedUp,
+        ["llama_cpp_prefill_speedup"] = r.Speed?.LlamaCppPrefillSpeedUp, ["llama_cpp_decode_speedup"] = r.Speed?.LlamaCppDecodeSpeedUp,
     };
 }

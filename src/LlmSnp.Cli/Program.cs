@@ -194,7 +194,7 @@ static class Cli
         var cmd = new Command("prune", "prune a checkpoint with SNP (or a baseline ordering) and write it") { model };
         o.AddTo(cmd);
         cmd.Options.Add(Device); cmd.Options.Add(DType); cmd.Options.Add(Json);
-        cmd.SetAction(p => Run(p, () => PruneJob.Run(o.ToJobOptions(p, p.GetValue(model)!, Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p)), Log)));
+        cmd.SetAction(p => Run(p, () => PruneJob.Run(o.ToJobOptions(p, p.GetValue(model)!, Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p)), Log).ToJson()));
         return cmd;
     }
 

@@ -221,11 +221,16 @@ public class LlamaTests
         var heads = cfg["num_heads_per_layer"]!.AsArray().Select(x => (int)x!).ToArray();
         Assert.Equal(kv.Select(k => 2 * k), heads);   // whole K/V groups: 2 query heads each
         Assert.True(kv.Sum() < 20 && cfg["intermediate_sizes"]!.AsArray().Sum(x => (int)x!) < 5 * 172);
-        double pruned = (double)report["eval"]!["pruned"]!["perplexity"]!, dense = (double)report["eval"]!["dense"]!["perplexity"]!;
+        double pruned = report.Eval!.Pruned, dense = report.Eval.Dense;
         Assert.True(pruned > dense && pruned < dense * 5, $"dense {dense}, pruned {pruned}");
         using var compact = ModelFamilies.OpenLanguageModel(tmp.Sub("out"), CPU, ScalarType.Float64);
         using var padded = ModelFamilies.OpenLanguageModel(Path.Combine(tmp.Sub("out"), "padded"), CPU, ScalarType.Float64);
-        Assert.Equal((long)report["params_after"]!, compact.ParameterCount());
+        Assert.Equal(report.ParamsAfter, compact.ParameterCount());
+        // Speed of both, measured in the same run: LlmSnp's cached forward and llama.cpp on the exported GGUF.
+        Assert.NotNull(report.Speed);
+        Assert.True(report.Speed!.PrefillSpeedUp > 0 && report.Speed.DecodeSpeedUp > 0 && report.Speed.FlopRatio > 1);
+        Assert.NotNull(report.Speed.Dense.LlamaCpp);
+        Assert.True(report.Speed.Pruned.LlamaCpp is not null || report.Speed.Pruned.LlamaCppSkipped is not null);
         using var ids = torch.tensor(Ids("eval.ids.json").Take(64).Select(x => (long)x).ToArray(), new long[] { 1, 64 });
         using var a = Forward(compact, ids);
         using var b = Forward(padded, ids);

@@ -25,8 +25,31 @@ public sealed record PruneJobOptions
     /// <summary>Image folder for `--eval accuracy` (image models).</summary>
     public string? EvalImages { get; init; }
     public int ImageBatch { get; init; } = 32;
+    /// <summary>With an evaluation, also measure dense and pruned inference speed (prefill at the evaluation length, batch-1 decode).</summary>
+    public bool MeasureSpeed { get; init; } = true;
     public Device Device { get; init; } = CPU;
     public ScalarType DType { get; init; } = ScalarType.Float32;
+}
+
+/// <summary>Dense and pruned values of one metric (perplexity, top-1 %), with the evaluators' full reports.</summary>
+public sealed record MetricPair(string Metric, double Dense, double Pruned, int Samples, JsonObject DenseDetails, JsonObject PrunedDetails);
+
+/// <summary>What `prune` did: the written checkpoint, its report (pruning_config.json), and the measurements.</summary>
+public sealed record PruneOutcome(string Output, JsonObject Report, MetricPair? Eval, SpeedUp? Speed)
+{
+    public long ParamsBefore => Report["params_before"]!.GetValue<long>();
+    public long ParamsAfter => Report["params_after"]!.GetValue<long>();
+    public double PrunableFractionRemoved => Report["prunable_fraction_removed"]!.GetValue<double>();
+
+    /// <summary>The CLI's JSON: the report, where it was written, and the measurements.</summary>
+    public JsonObject ToJson()
+    {
+        var j = (JsonObject)Report.DeepClone();
+        j["output"] = Output;
+        if (Eval != null) j["eval"] = new JsonObject { ["dense"] = Eval.DenseDetails.DeepClone(), ["pruned"] = Eval.PrunedDetails.DeepClone() };
+        if (Speed != null) j["speed"] = Speed.ToJson();
+        return j;
+    }
 }
 
 /// <summary>`llmsnp prune`: calibrate, prune, write, and optionally evaluate dense and pruned.</summary>
@@ -34,13 +57,13 @@ public static class PruneJob
 {
     public const string AccuracyEval = "accuracy";
 
-    public static JsonObject Run(PruneJobOptions o, Action<string>? log)
+    public static PruneOutcome Run(PruneJobOptions o, Action<string>? log)
     {
         o.Prune.Validate();
         return ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
     }
 
-    static JsonObject RunText(PruneJobOptions o, Action<string>? log)
+    static PruneOutcome RunText(PruneJobOptions o, Action<string>? log)
     {
         if (o.EvalDataset == AccuracyEval) throw new LlmSnpException("--eval accuracy is for image models; use --eval wikitext2, c4, tinystories or a text file");
         using var model = ModelFamilies.OpenLanguageModel(o.ModelDir, o.Device, o.DType, "prune");
@@ -77,15 +100,23 @@ public static class PruneJob
         var report = Write(o, model, batches, calibInfo, log);
         batches.ForEach(b => b.Dispose());
         calib.Ids.Dispose();
-        report["output"] = o.OutDir;
-        if (evalIds != null)
+        if (evalIds == null) return new PruneOutcome(o.OutDir, report, null, null);
+        log?.Invoke("evaluating the pruned model");
+        using var pruned = ModelFamilies.OpenLanguageModel(o.OutDir, o.Device, o.DType);
+        var after = PerplexityJob.Measure(pruned, evalIds, o.EvalDataset!, evalLen, o.EvalLimit, log);
+        var eval = new MetricPair("perplexity", dense!["perplexity"]!.GetValue<double>(), after["perplexity"]!.GetValue<double>(), dense["windows"]!.GetValue<int>(), dense, after);
+        SpeedUp? speed = null;
+        if (o.MeasureSpeed)
         {
-            log?.Invoke("evaluating the pruned model");
-            using var pruned = ModelFamilies.OpenLanguageModel(o.OutDir, o.Device, o.DType);
-            var after = PerplexityJob.Measure(pruned, evalIds, o.EvalDataset!, evalLen, o.EvalLimit, log);
-            report["eval"] = new JsonObject { ["dense"] = dense, ["pruned"] = after };
+            // Same machine, same run: prefill at the evaluation length, batch-1 decode.
+            int prompt = Math.Min(dense["seqlen"]!.GetValue<int>(), model.MaxPositions - InferenceBench.DecodeSteps);
+            log?.Invoke("measuring dense and pruned inference speed");
+            var d = InferenceBench.Measure(model, prompt, log: log);
+            var p = InferenceBench.Measure(pruned, prompt, log: log);
+            long prunable = report["prunable_params"]!.GetValue<long>(), removed = report["prunable_params_removed"]!.GetValue<long>();
+            speed = new SpeedUp(d, p, FlopRatio: (double)prunable / Math.Max(1, prunable - removed));
         }
-        return report;
+        return new PruneOutcome(o.OutDir, report, eval, speed);
     }
 
     static JsonObject Write(PruneJobOptions o, IPrunableModel model, IReadOnlyList<Tensor> batches, JsonObject calibInfo, Action<string>? log) =>
@@ -97,7 +128,7 @@ public static class PruneJob
         }, log);
 
     /// <summary>Image models: calibration images from a labelled folder, evaluation on images never used to calibrate.</summary>
-    static JsonObject RunImage(PruneJobOptions o, Action<string>? log)
+    static PruneOutcome RunImage(PruneJobOptions o, Action<string>? log)
     {
         if (o.EvalDataset != null && o.EvalDataset != AccuracyEval) throw new LlmSnpException($"--eval {o.EvalDataset}: image models are evaluated with --eval accuracy --images DIR");
         if (o.EvalDataset == AccuracyEval && o.EvalImages == null) throw new LlmSnpException("--eval accuracy needs --images DIR");
@@ -128,14 +159,11 @@ public static class PruneJob
                 ["images"] = new JsonArray(calib.Files.Select(f => (JsonNode)Path.GetFileName(f)).ToArray()),
             };
             var report = Write(o, model, batches, calibInfo, log);
-            report["output"] = o.OutDir;
-            if (evalImages != null)
-            {
-                log?.Invoke("evaluating the pruned model");
-                using var pruned = ModelFamilies.OpenImageClassifier(o.OutDir, o.Device, o.DType);
-                report["eval"] = new JsonObject { ["dense"] = dense, ["pruned"] = AccuracyReport(pruned, evalImages, o.ImageBatch) };
-            }
-            return report;
+            if (evalImages == null) return new PruneOutcome(o.OutDir, report, null, null);
+            log?.Invoke("evaluating the pruned model");
+            using var pruned = ModelFamilies.OpenImageClassifier(o.OutDir, o.Device, o.DType);
+            var after = AccuracyReport(pruned, evalImages, o.ImageBatch);
+            return new PruneOutcome(o.OutDir, report, new MetricPair("top1", dense!["top1"]!.GetValue<double>(), after["top1"]!.GetValue<double>(), evalImages.Labels.Length, dense, after), null);
         }
         finally { evalImages?.Dispose(); }
     }
