@@ -242,6 +242,7 @@ sealed class PruneCliOptions
     readonly Option<double?> _ratio = new("--ratio") { Description = "uniform fraction of units removed per layer" };
     readonly Option<double?> _variance = new("--variance") { Description = "τ: keep the smallest prefix holding this fraction of residual variance (automatic per-layer ratios)" };
     readonly Option<double?> _budget = new("--budget") { Description = "fraction of prunable parameters to remove (τ found by bisection)" };
+    readonly Option<bool> _uniform = new("--uniform") { Description = "with --ratio or --budget: the same kept count per node kind in every layer, so the stock config states the pruned widths" };
     readonly Option<string> _targets = new("--targets") { Description = "mlp, heads or mlp,heads", DefaultValueFactory = _ => "mlp,heads" };
     readonly Option<string> _calib = new("--calib") { Description = "calibration data: c4 (bundled sample), wikitext2, tinystories (bundled calibration part) or a text file; a labelled image folder for image models", DefaultValueFactory = _ => "c4" };
     readonly Option<int> _samples = new("--calib-samples") { Description = "calibration windows (text) or images", DefaultValueFactory = _ => 128 };
@@ -257,7 +258,7 @@ sealed class PruneCliOptions
 
     public void AddTo(Command c)
     {
-        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
+        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _uniform, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
             c.Options.Add(o);
     }
 
@@ -279,6 +280,7 @@ sealed class PruneCliOptions
             {
                 Ordering = Orderings.Parse(p.GetValue(_ordering)!), Reconstruct = reconstruct, Policy = kind, Amount = amount,
                 PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
+                UniformWidths = p.GetValue(_uniform),
             },
             CalibSource = p.GetValue(_calib)!, CalibSamples = p.GetValue(_samples), CalibSeqLen = p.GetValue(_calibLen),
             EvalDataset = p.GetValue(_eval), EvalSeqLen = p.GetValue(_evalLen), EvalLimit = p.GetValue(_evalWindows), EvalImages = p.GetValue(_images),
