@@ -68,7 +68,13 @@ static class Cli
         var acc = new Command("accuracy", "top-1 / top-5 of an image classifier") { amodel, imagesDir, limit, batch, Device, DType, Json };
         acc.SetAction(p => Run(p, () => AccuracyJob.Run(p.GetValue(amodel)!, p.GetValue(imagesDir)!, p.GetValue(limit), p.GetValue(batch),
             Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p), Log)));
-        return new Command("eval", "evaluate a checkpoint") { ppl, acc };
+        var lmodel = ModelOption();
+        var ids = new Option<string?>("--ids") { Description = "comma-separated token ids (language models); image models use a fixed pattern image" };
+        var logits = new Command("logits", "float64 logits for one fixed input, for comparison with another runtime (tools/reference/stock_load_check.py)") { lmodel, ids, Device, DType, Json };
+        logits.SetAction(p => Run(p, () => LogitsDump.Run(p.GetValue(lmodel)!,
+            p.GetValue(ids)?.Split(',').Select(x => long.TryParse(x.Trim(), out var v) && v >= 0 ? v : throw new LlmSnpException($"--ids: '{x}' is not a token id")).ToList(),
+            Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p))));
+        return new Command("eval", "evaluate a checkpoint") { ppl, acc, logits };
     }
 
     static Command TokenizeCommand()
