@@ -68,7 +68,13 @@ static class Cli
         var acc = new Command("accuracy", "top-1 / top-5 of an image classifier") { amodel, imagesDir, limit, batch, Device, DType, Json };
         acc.SetAction(p => Run(p, () => AccuracyJob.Run(p.GetValue(amodel)!, p.GetValue(imagesDir)!, p.GetValue(limit), p.GetValue(batch),
             Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p), Log)));
-        return new Command("eval", "evaluate a checkpoint") { ppl, acc };
+        var lmodel = ModelOption();
+        var ids = new Option<string?>("--ids") { Description = "comma-separated token ids (language models); image models use a fixed pattern image" };
+        var logits = new Command("logits", "float64 logits for one fixed input, for comparison with another runtime (tools/reference/stock_load_check.py)") { lmodel, ids, Device, DType, Json };
+        logits.SetAction(p => Run(p, () => LogitsDump.Run(p.GetValue(lmodel)!,
+            p.GetValue(ids)?.Split(',').Select(x => long.TryParse(x.Trim(), out var v) && v >= 0 ? v : throw new LlmSnpException($"--ids: '{x}' is not a token id")).ToList(),
+            Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p))));
+        return new Command("eval", "evaluate a checkpoint") { ppl, acc, logits };
     }
 
     static Command TokenizeCommand()
@@ -243,6 +249,7 @@ sealed class PruneCliOptions
     readonly Option<double?> _ratio = new("--ratio") { Description = "uniform fraction of units removed per layer" };
     readonly Option<double?> _variance = new("--variance") { Description = "τ: keep the smallest prefix holding this fraction of residual variance (automatic per-layer ratios)" };
     readonly Option<double?> _budget = new("--budget") { Description = "fraction of prunable parameters to remove (τ found by bisection)" };
+    readonly Option<bool> _uniform = new("--uniform") { Description = "with --ratio or --budget: the same kept count per node kind in every layer, so the stock config states the pruned widths" };
     readonly Option<string> _targets = new("--targets") { Description = "mlp, heads or mlp,heads", DefaultValueFactory = _ => "mlp,heads" };
     readonly Option<string> _calib = new("--calib") { Description = "calibration data: c4 (bundled sample), wikitext2, tinystories (bundled calibration part) or a text file; a labelled image folder for image models", DefaultValueFactory = _ => "c4" };
     readonly Option<int> _samples = new("--calib-samples") { Description = "calibration windows (text) or images", DefaultValueFactory = _ => 128 };
@@ -258,7 +265,7 @@ sealed class PruneCliOptions
 
     public void AddTo(Command c)
     {
-        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
+        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _uniform, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
             c.Options.Add(o);
     }
 
@@ -280,6 +287,7 @@ sealed class PruneCliOptions
             {
                 Ordering = Orderings.Parse(p.GetValue(_ordering)!), Reconstruct = reconstruct, Policy = kind, Amount = amount,
                 PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
+                UniformWidths = p.GetValue(_uniform),
             },
             CalibSource = p.GetValue(_calib)!, CalibSamples = p.GetValue(_samples), CalibSeqLen = p.GetValue(_calibLen),
             EvalDataset = p.GetValue(_eval), EvalSeqLen = p.GetValue(_evalLen), EvalLimit = p.GetValue(_evalWindows), EvalImages = p.GetValue(_images),

@@ -128,10 +128,22 @@ public abstract class PrunableBlock : IPrunableBlock
         Replace(m.ConsumerWeight, consumerWeight.to(dtype, device));
         if (consumerBias is not null)
         {
-            if (!W.ContainsKey(m.ConsumerBias)) OnConsumerBiasAdded(layer);
+            if (!W.ContainsKey(m.ConsumerBias))
+            {
+                // The engine asks first; reaching here would write a tensor the stock class rejects.
+                if (!CanAddConsumerBias(layer, out var why)) throw new InvalidOperationException($"{m.ConsumerBias}: {why}");
+                OnConsumerBiasAdded(layer);
+            }
             Replace(m.ConsumerBias, consumerBias.to(dtype, device));
         }
         _keptGroups[layer] = keptGroups.Select(g => _keptGroups[layer][g]).ToArray();
+    }
+
+    /// <summary>By default a consumer may gain a bias (OPT and ViT consumers have one already).</summary>
+    public virtual bool CanAddConsumerBias(int layer, out string reason)
+    {
+        reason = "";
+        return true;
     }
 
     /// <summary>A family whose config flags a bias for a set of tensors at once adds the others here (zero).</summary>

@@ -56,6 +56,13 @@ public interface IPrunableBlock : IDisposable
     /// <summary>Original indices of the groups a node layer keeps (heads / K/V groups, or neurons).</summary>
     long[] KeptGroups(int layer);
 
+    /// <summary>
+    /// Whether node layer <paramref name="layer"/>'s consumer, where it has no bias, may be given one: only where the
+    /// family's stock class has a parameter for it (a bias it cannot hold would make the checkpoint unloadable there).
+    /// Otherwise <paramref name="reason"/> says why, for the report.
+    /// </summary>
+    bool CanAddConsumerBias(int layer, out string reason);
+
     /// <summary>The block's current tensors under the checkpoint's own names, in the stored dtype.</summary>
     IEnumerable<(string Name, Tensor Tensor)> Tensors(ScalarType dtype);
 
@@ -94,6 +101,12 @@ public interface IPrunableModel : IDisposable
 
     /// <summary>config.json of the pruned model.</summary>
     JsonObject PrunedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype);
+
+    /// <summary>
+    /// Why the stock HF class of the family cannot build the pruned checkpoint's shapes from its config.json alone,
+    /// or null where it can (pruning_config.json's `stock_loadable`).
+    /// </summary>
+    string? NotStockLoadable(IReadOnlyList<KeptBlock> kept);
 
     /// <summary>config.json of the zero-padded export: the original shapes, loadable by stock tools.</summary>
     JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype);

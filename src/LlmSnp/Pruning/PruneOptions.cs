@@ -14,6 +14,11 @@ public sealed record PruneOptions
     public bool PruneMlp { get; init; } = true;
     public double Damp { get; init; } = 0.01;
     public int Seed { get; init; }
+    /// <summary>
+    /// Every layer keeps the same number of groups per node kind (ratio, budget), so the stock config of the family can
+    /// state the pruned widths; SNP still chooses which groups each layer keeps.
+    /// </summary>
+    public bool UniformWidths { get; init; }
 
     public bool Targets(NodeKind k) => k == NodeKind.Heads ? PruneHeads : PruneMlp;
 
@@ -28,6 +33,8 @@ public sealed record PruneOptions
             case RatioPolicyKind.Budget when !(Amount >= 0 && Amount < 1):
                 throw new LlmSnpException($"--budget must be in [0, 1) (got {Amount})");
         }
+        if (UniformWidths && Policy == RatioPolicyKind.Variance)
+            throw new LlmSnpException("--uniform works with --ratio or --budget: --variance chooses each layer's width from its own spectrum");
         if (!PruneHeads && !PruneMlp) throw new LlmSnpException("--targets selects nothing to prune (use mlp, heads or mlp,heads)");
         if (!(Damp >= 0) || double.IsInfinity(Damp)) throw new LlmSnpException($"--damp must be a non-negative number (got {Damp})");
     }
@@ -85,5 +92,54 @@ public static class RatioPolicy
         }
         var kLo = KeepAt(lo); var kHi = KeepAt(hi);
         return Math.Abs(Removed(kLo) - budget) <= Math.Abs(Removed(kHi) - budget) ? (lo, kLo) : (hi, kHi);
+    }
+
+    /// <summary>
+    /// Budget with equal widths: one kept count per node kind, the same in every layer, whose removed parameters are
+    /// closest to <paramref name="budget"/> of the prunable ones. Many (heads, MLP) pairs remove exactly as much (a head
+    /// costs a whole number of neurons); among those the pair that drops the least residual variance wins, summed over
+    /// layers as fractions of each layer's total (the D of the dense pass), so heads and neurons are weighed alike.
+    /// Every layer of a kind must have the same group count (the source's widths are uniform).
+    /// </summary>
+    public static Dictionary<NodeKind, int> PlanUniformBudget(IReadOnlyList<(double[] D, long ParamsPerGroup, NodeKind Kind)> layers, double budget)
+    {
+        var kinds = layers.Select(l => l.Kind).Distinct().OrderBy(k => k).ToArray();
+        var groups = new Dictionary<NodeKind, int>();
+        var cost = new Dictionary<NodeKind, long>();   // parameters per group, summed over the layers of the kind
+        foreach (var k in kinds)
+        {
+            var of = layers.Where(l => l.Kind == k).ToArray();
+            if (of.Select(l => l.D.Length).Distinct().Count() > 1)
+                throw new LlmSnpException($"--uniform: the source's {(k == NodeKind.Heads ? "head" : "MLP")} widths differ across layers ({string.Join(", ", of.Select(l => l.D.Length))})");
+            groups[k] = of[0].D.Length;
+            cost[k] = of.Sum(l => l.ParamsPerGroup);
+        }
+        long total = kinds.Sum(k => groups[k] * cost[k]);
+        double target = budget * total;
+        double Dropped(NodeKind k, int keep) => layers.Where(l => l.Kind == k).Sum(l =>
+        {
+            double all = l.D.Sum();
+            return all > 0 ? l.D.Skip(keep).Sum() / all : 0;
+        });
+        // The first kind is enumerated, the last solved for (floor and ceil of the exact count); with one kind the loop is one pass.
+        NodeKind last = kinds[^1];
+        int firstMax = kinds.Length == 2 ? groups[kinds[0]] : 1;
+        (double Dist, double Loss, int First, int Last) best = (double.PositiveInfinity, 0, 0, 0);
+        for (int x1 = 1; x1 <= firstMax; x1++)
+        {
+            double removed1 = kinds.Length == 2 ? (double)(groups[kinds[0]] - x1) * cost[kinds[0]] : 0;
+            double exact = groups[last] - (target - removed1) / cost[last];
+            foreach (int x2 in new[] { (int)Math.Floor(exact), (int)Math.Ceiling(exact) }.Select(x => Math.Clamp(x, 1, groups[last])).Distinct())
+            {
+                double dist = Math.Abs(removed1 + (double)(groups[last] - x2) * cost[last] - target);
+                double loss = Dropped(last, x2) + (kinds.Length == 2 ? Dropped(kinds[0], x1) : 0);
+                // Removed counts are whole parameters, so equal distances are equal removals (up to rounding of the sum).
+                if (dist < best.Dist - 1e-6 || (dist <= best.Dist + 1e-6 && loss < best.Loss))
+                    best = (Math.Min(dist, best.Dist), loss, x1, x2);
+            }
+        }
+        var plan = new Dictionary<NodeKind, int> { [last] = best.Last };
+        if (kinds.Length == 2) plan[kinds[0]] = best.First;
+        return plan;
     }
 }

@@ -133,9 +133,13 @@ public static class PrunedCheckpoint
                 ["error"] = l.Error, ["relative_error"] = l.RelativeError,
                 ["damping_lambda"] = l.Lambda, ["damping_escalations"] = l.DampingEscalations,
                 ["reconstruct_constant"] = l.Constant,
+                ["reconstruct_used"] = l.Reconstruct,
                 ["params_removed"] = l.ParamsRemoved,
             });
+        for (int i = 0; i < r.Layers.Count; i++)
+            if (r.Layers[i].BiasFreeBecause is string why) layers[i]!["bias_free_because"] = why;
         var sourceHashes = new JsonObject();
+        string? notStock = req.Model.NotStockLoadable(r.Kept);
         if (hashes != null) foreach (var (k, v) in hashes) sourceHashes[k] = v;
         return new JsonObject
         {
@@ -153,11 +157,18 @@ public static class PrunedCheckpoint
                 ["targets"] = string.Join(",", new[] { o.PruneMlp ? "mlp" : null, o.PruneHeads ? "heads" : null }.Where(x => x != null)),
                 ["damp"] = o.Damp,
                 ["seed"] = o.Seed,
+                ["uniform_widths"] = o.UniformWidths,
                 ["dtype_written"] = SafeDTypes.ConfigName(req.Model.StoredDType),
                 ["compute_dtype"] = SafeDTypes.ConfigName(req.Model.ComputeDType),
             },
             ["calibration"] = req.CalibrationInfo.DeepClone(),
             ["tau"] = r.Tau,
+            ["uniform_kept_groups"] = r.UniformKept is { } u
+                ? new JsonObject(u.OrderBy(kv => kv.Key).Select(kv => KeyValuePair.Create(kv.Key == NodeKind.Heads ? "heads" : "mlp", (JsonNode?)kv.Value)))
+                : null,
+            // Whether the family's stock transformers class builds exactly the stored shapes from config.json alone.
+            ["stock_loadable"] = notStock is null,
+            ["stock_loadable_why_not"] = notStock,
             ["params_before"] = req.ParamsBefore,
             ["params_after"] = paramsAfter,
             ["prunable_params"] = r.PrunableParams,

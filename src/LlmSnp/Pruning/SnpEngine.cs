@@ -20,6 +20,10 @@ public sealed record NodeLayerReport
     public required long ParamsRemoved { get; init; }
     /// <summary>Whether the reconstruction solved with the constant unit (a centred fit that sets the consumer's bias).</summary>
     public required bool Constant { get; init; }
+    /// <summary>The reconstruction used (the requested one, or lstsq-nobias where the consumer cannot gain a bias).</summary>
+    public required string Reconstruct { get; init; }
+    /// <summary>Why the bias-free reconstruction replaced a requested one with the mean term; null where it did not.</summary>
+    public string? BiasFreeBecause { get; init; }
     /// <summary>Kept unit indices (a head's units expanded), ascending.</summary>
     [System.Text.Json.Serialization.JsonIgnore] public long[] KeptUnits { get; init; } = Array.Empty<long>();
 }
@@ -30,6 +34,8 @@ public sealed record PruneResult
     /// <summary>Per block: what each node layer kept (original group indices) and which consumers have a bias.</summary>
     public required IReadOnlyList<KeptBlock> Kept { get; init; }
     public double? Tau { get; init; }
+    /// <summary>With equal widths (--uniform): the groups every layer keeps, per node kind pruned.</summary>
+    public IReadOnlyDictionary<NodeKind, int>? UniformKept { get; init; }
     public long PrunableParams { get; init; }
     public long ParamsRemoved { get; init; }
     public double StatisticsSeconds { get; init; }
@@ -69,6 +75,7 @@ public sealed class SnpEngine
             (tau, planned) = PlanBudget(calibration);
             planSeconds = sw.Elapsed.TotalSeconds;
         }
+        _uniformGroups.Clear();
         var total = Stopwatch.StartNew();
         double statSec = 0, decSec = 0;
         var reports = new List<NodeLayerReport>();
@@ -110,12 +117,16 @@ public sealed class SnpEngine
         return new PruneResult
         {
             Layers = reports, Kept = keptBlocks, Tau = tau,
+            UniformKept = _opt.UniformWidths ? reports.GroupBy(r => r.Kind == "heads" ? NodeKind.Heads : NodeKind.Mlp)
+                .ToDictionary(g => g.Key, g => g.First().UnitsKept / g.First().GroupSize) : null,
             PrunableParams = prunable, ParamsRemoved = reports.Sum(r => r.ParamsRemoved),
             StatisticsSeconds = statSec, DecompositionSeconds = decSec, PlanSeconds = planSeconds,
         };
     }
 
     readonly Dictionary<string, long> _paramsPerGroup = new();
+    /// <summary>With equal widths: the group count of the first layer of each kind, that every later one must match.</summary>
+    readonly Dictionary<NodeKind, (int Groups, string Layer)> _uniformGroups = new();
     long _tokens;
 
     /// <summary>
@@ -171,6 +182,13 @@ public sealed class SnpEngine
         using var scope = NewDisposeScope();
         _paramsPerGroup[info.Name] = info.ParamsPerGroup;
         var (w, c) = block.Consumer(j);
+        if (_opt.UniformWidths)
+        {
+            // Equal kept counts give equal widths only from equal widths (a re-prune of a per-layer prune does not qualify).
+            if (!_uniformGroups.TryGetValue(info.Kind, out var first)) _uniformGroups[info.Kind] = (info.Groups, info.Name);
+            else if (first.Groups != info.Groups)
+                throw new LlmSnpException($"--uniform: {info.Name} has {info.Groups} groups but {first.Layer} has {first.Groups}; the source's widths differ across layers");
+        }
         var groupOrder = OrderGroups(block, j, info, gram, w, c);
         int gs = info.GroupSize;
         int keepGroups = plannedGroups ?? _opt.Policy switch
@@ -182,7 +200,16 @@ public sealed class SnpEngine
         var prunedGroups = groupOrder.Skip(keepGroups).OrderBy(x => x).ToArray();
         var keptUnits = Units(keptGroups, gs);
         var prunedUnits = Units(prunedGroups, gs);
-        var rec = Subspace.Reconstruct(gram, w, c, keptUnits, prunedUnits, _opt.Reconstruct, _opt.Damp, info.Name, releaseGram: true);
+        // A mean term needs a bias on the consumer; where the family's stock class has no parameter for one, the
+        // bias-free least squares is used instead, so that the written checkpoint still loads there.
+        var mode = _opt.Reconstruct;
+        string? biasFree = null;
+        if (c is null && Subspace.UsesConstant(mode, consumerHasBias: false) && !block.CanAddConsumerBias(j, out var why))
+        {
+            mode = ReconstructMode.LstsqNoBias;
+            biasFree = why;
+        }
+        var rec = Subspace.Reconstruct(gram, w, c, keptUnits, prunedUnits, mode, _opt.Damp, info.Name, releaseGram: true);
         block.Prune(j, keptUnits, rec.Weight, rec.Bias);
         if (rec.Damping.Escalations > 0)
             _log?.Invoke($"{info.Name}: Gram ill-conditioned, damping raised {rec.Damping.Escalations}× to λ = {rec.Damping.Lambda:G3}");
@@ -193,6 +220,7 @@ public sealed class SnpEngine
             Error = rec.Error, RelativeError = rec.RelativeError, Lambda = rec.Damping.Lambda,
             DampingEscalations = rec.Damping.Escalations, ParamsRemoved = prunedGroups.Length * info.ParamsPerGroup,
             Constant = rec.Constant, KeptUnits = keptUnits,
+            Reconstruct = ReconstructModes.Name(mode), BiasFreeBecause = biasFree,
         };
     }
 
@@ -223,9 +251,9 @@ public sealed class SnpEngine
     /// Budget policy, first pass: dense statistics of every targeted node layer, D per group in the
     /// ordering, then τ by bisection on the parameter budget (snp.md §6).
     /// </summary>
-    (double Tau, int[][] Keep) PlanBudget(IReadOnlyList<Tensor> calibration)
+    (double? Tau, int[][] Keep) PlanBudget(IReadOnlyList<Tensor> calibration)
     {
-        var layers = new List<(double[] D, long ParamsPerGroup)>();
+        var layers = new List<(double[] D, long ParamsPerGroup, NodeKind Kind)>();
         var where = new List<(int Block, int Layer)>();
         var groupsPerLayer = new List<int[]>();
         var hidden = calibration.Select(_model.Embed).ToList();
@@ -244,7 +272,7 @@ public sealed class SnpEngine
                     {
                         var (w, c) = block.Consumer(j);
                         var order = OrderGroups(block, j, info, gram, w, c);
-                        layers.Add((Subspace.GroupResiduals(gram, Units(order, info.GroupSize), info.GroupSize, _opt.Damp, info.Name), info.ParamsPerGroup));
+                        layers.Add((Subspace.GroupResiduals(gram, Units(order, info.GroupSize), info.GroupSize, _opt.Damp, info.Name), info.ParamsPerGroup, info.Kind));
                         where.Add((b, j));
                         return Enumerable.Range(0, info.Units).Select(u => (long)u).ToArray();   // dense pass: nothing pruned
                     };
@@ -253,10 +281,22 @@ public sealed class SnpEngine
             _log?.Invoke($"budget plan: statistics of block {b + 1}/{_model.BlockCount}");
         }
         hidden.ForEach(h => h.Dispose());
-        var (tau, keep) = RatioPolicy.PlanBudget(layers, _opt.Amount);
+        double? tau;
+        int[] keep;
+        if (_opt.UniformWidths)
+        {
+            var uniform = RatioPolicy.PlanUniformBudget(layers, _opt.Amount);
+            (tau, keep) = (null, layers.Select(l => uniform[l.Kind]).ToArray());
+            _log?.Invoke($"budget plan (uniform widths): keep {string.Join(", ", uniform.Select(kv => $"{(kv.Key == NodeKind.Heads ? "heads" : "mlp")} {kv.Value}"))} groups in every layer");
+        }
+        else
+        {
+            (var t, keep) = RatioPolicy.PlanBudget(layers.Select(l => (l.D, l.ParamsPerGroup)).ToList(), _opt.Amount);
+            tau = t;
+            _log?.Invoke($"budget plan: τ = {t:F6}");
+        }
         var plan = groupsPerLayer.Select(g => g.ToArray()).ToArray();
         for (int i = 0; i < where.Count; i++) plan[where[i].Block][where[i].Layer] = keep[i];
-        _log?.Invoke($"budget plan: τ = {tau:F6}");
         return (tau, plan);
     }
 }

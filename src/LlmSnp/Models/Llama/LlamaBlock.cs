@@ -17,8 +17,11 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
     readonly double _eps;
     readonly Rope _rope;
     readonly int? _window;
+    readonly Func<int, string?> _noConsumerBias;
 
-    public LlamaBlock(string prefix, int index, int headDim, int queriesPerKv, double eps, Rope rope, int? slidingWindow, Dictionary<string, Tensor> tensors)
+    /// <param name="noConsumerBias">Per node layer: why the stock class cannot hold an added consumer bias, or null where it can.</param>
+    public LlamaBlock(string prefix, int index, int headDim, int queriesPerKv, double eps, Rope rope, int? slidingWindow, Dictionary<string, Tensor> tensors,
+        Func<int, string?>? noConsumerBias = null)
         : base(tensors, new[]
         {
             new UnitMap($"layers.{index}.self_attn", NodeKind.Heads, queriesPerKv * headDim,
@@ -29,6 +32,14 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
         })
     {
         _p = prefix; _headDim = headDim; _queriesPerKv = queriesPerKv; _eps = eps; _rope = rope; _window = slidingWindow;
+        _noConsumerBias = noConsumerBias ?? (_ => null);
+    }
+
+    public override bool CanAddConsumerBias(int layer, out string reason)
+    {
+        var why = _noConsumerBias(layer);
+        reason = why ?? "";
+        return why is null;
     }
 
     static Producer P(string prefix, string linear) => new(prefix + linear + ".weight", prefix + linear + ".bias");

@@ -85,6 +85,18 @@ public sealed class LlamaConfig
         };
     }
 
+    /// <summary>
+    /// Why the stock HF class cannot hold a bias added to node layer <paramref name="nodeLayer"/>'s consumer (0: o_proj,
+    /// 1: down_proj), or null where it can: Llama through `attention_bias` / `mlp_bias`; Mistral's attention and MLP and
+    /// Qwen2's o_proj and MLP are built with bias=False whatever the config says.
+    /// </summary>
+    public string? NoConsumerBias(int nodeLayer) => (ModelType, nodeLayer) switch
+    {
+        ("llama", _) => null,
+        (_, 0) => $"stock {ModelType} o_proj has no bias",
+        _ => $"stock {ModelType} down_proj has no bias",
+    };
+
     /// <summary>Query heads per K/V head (the size of an attention unit, in heads).</summary>
     public int QueriesPerKv => Heads / KvHeads;
 }

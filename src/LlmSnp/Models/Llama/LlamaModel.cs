@@ -114,7 +114,7 @@ public sealed class LlamaModel : ILanguageModel
         var c = Config;
         string prefix = $"{Prefix}layers.{i}.";
         var w = PrunableBlock.ReadAll(w => { foreach (var (name, shape) in BlockTensors(i)) w[prefix + name] = ReadAs(prefix + name, ComputeDType, shape); });
-        return new LlamaBlock(prefix, i, c.HeadDim, c.QueriesPerKv, c.RmsNormEps, _rope, c.SlidingWindow, w);
+        return new LlamaBlock(prefix, i, c.HeadDim, c.QueriesPerKv, c.RmsNormEps, _rope, c.SlidingWindow, w, c.NoConsumerBias);
     }
 
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
@@ -160,6 +160,19 @@ public sealed class LlamaModel : ILanguageModel
         SetBiasFlags(cfg, kept);
         cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
         return cfg;
+    }
+
+    public string? NotStockLoadable(IReadOnlyList<KeptBlock> kept)
+    {
+        var c = Config;
+        if (kept.Select(k => k.Groups[1].Length).Distinct().Count() > 1) return $"MLP widths differ across layers (stock {c.ModelType} has one intermediate_size); export gguf writes them as arch deci";
+        if (kept.Select(k => k.Groups[0].Length).Distinct().Count() > 1) return $"K/V groups differ across layers (stock {c.ModelType} has one num_key_value_heads); export gguf writes them as arch deci";
+        // Biases a source already carried where the stock class has none (only a checkpoint LlmSnp wrote before stock rules existed).
+        for (int j = 0; j < 2; j++)
+            if (c.NoConsumerBias(j) is string why && kept.Any(k => k.ConsumerBias[j])) return why;
+        if (c.ModelType == "mistral" && (c.QkvBias || c.MlpBias)) return "stock mistral has no q/k/v or MLP biases";
+        if (c.ModelType == "qwen2" && c.MlpBias) return "stock qwen2 has no MLP biases";
+        return null;
     }
 
     public JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)

@@ -167,8 +167,21 @@ public sealed class OptModel : ILanguageModel
         cfg["pruned"] = true;
         cfg["ffn_dims"] = new JsonArray(kept.Select(k => (JsonNode)k.Groups[1].Length).ToArray());
         cfg["num_heads_per_layer"] = new JsonArray(kept.Select(k => (JsonNode)k.Groups[0].Length).ToArray());
+        // One width for every layer goes in the stock field, so stock OPT builds the stored fc1/fc2 from the config alone.
+        // Heads stay as they are: stock OPT's attention width is hidden_size, so removed heads cannot be expressed (NotStockLoadable).
+        var ffn = kept.Select(k => k.Groups[1].Length).Distinct().ToArray();
+        if (ffn.Length == 1) cfg["ffn_dim"] = ffn[0];
         cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
         return cfg;
+    }
+
+    public string? NotStockLoadable(IReadOnlyList<KeptBlock> kept)
+    {
+        var headless = Enumerable.Range(0, kept.Count).Where(l => kept[l].Groups[0].Length != Config.Heads).ToArray();
+        if (headless.Length > 0)
+            return $"heads removed in layers [{string.Join(", ", headless)}]: stock OPT's attention width is hidden_size; load the --export-padded copy";
+        if (kept.Select(k => k.Groups[1].Length).Distinct().Count() > 1) return "fc1 widths differ across layers (stock OPT has one ffn_dim); load the --export-padded copy";
+        return null;
     }
 
     public JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)

@@ -241,8 +241,20 @@ public sealed class VitModel : IImageClassifier
             if (removed.Length > 0) pruned[l.ToString()] = new JsonArray(removed.Select(h => (JsonNode)h).ToArray());
         }
         cfg["pruned_heads"] = pruned;
+        // One MLP width for every layer goes in the stock field (heads may differ per layer: pruned_heads says which).
+        var mlp = kept.Select(k => k.Groups[1].Length).Distinct().ToArray();
+        if (mlp.Length == 1) cfg["intermediate_size"] = mlp[0];
         cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
         return cfg;
+    }
+
+    public string? NotStockLoadable(IReadOnlyList<KeptBlock> kept)
+    {
+        if (Timm) return "timm layout (fused attn.qkv): stock transformers ViT classes read the vit./deit. layout";
+        if (Config.HeadsPerLayer.Any(h => h != Config.Heads))
+            return "the source was already pruned: pruned_heads names head indices of this checkpoint, not of the original";
+        if (kept.Select(k => k.Groups[1].Length).Distinct().Count() > 1) return "MLP widths differ across layers (stock ViT has one intermediate_size); load the --export-padded copy";
+        return null;
     }
 
     public JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)

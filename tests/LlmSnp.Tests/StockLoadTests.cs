@@ -1,0 +1,288 @@
+using System.Text.Json.Nodes;
+using LlmSnp.Checkpoint;
+using LlmSnp.Data;
+using LlmSnp.Models;
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+
+namespace LlmSnp.Tests;
+
+/// <summary>
+/// Pruned checkpoints that the stock HF classes build from config.json alone: the state-dict shapes each class derives
+/// from a config are written here from transformers' modeling_opt / modeling_vit / modeling_llama (mistral, qwen2),
+/// independently of LlmSnp's loaders, and every stored tensor of uniform prunes is checked against them.
+/// </summary>
+public class StockLoadTests
+{
+    static string Model(string name) => Path.Combine(Repo.Root, "models", name);
+
+    static int I(JsonObject c, string k) => (int)c[k]!;
+    static int I(JsonObject c, string k, int fallback) => c[k] is JsonNode n ? (int)n : fallback;
+    static bool B(JsonObject c, string k, bool fallback) => c[k] is JsonNode n ? (bool)n : fallback;
+
+    /// <summary>OPTForCausalLM (save_pretrained drops a tied lm_head): attention is hidden → hidden whatever the heads.</summary>
+    static Dictionary<string, long[]> OptShapes(JsonObject c)
+    {
+        int h = I(c, "hidden_size"), f = I(c, "ffn_dim"), v = I(c, "vocab_size"), pos = I(c, "max_position_embeddings"), proj = I(c, "word_embed_proj_dim", h);
+        const string p = "model.decoder.";
+        var s = new Dictionary<string, long[]>
+        {
+            [p + "embed_tokens.weight"] = new long[] { v, proj }, [p + "embed_positions.weight"] = new long[] { pos + 2, h },
+        };
+        if (B(c, "do_layer_norm_before", true)) { s[p + "final_layer_norm.weight"] = new long[] { h }; s[p + "final_layer_norm.bias"] = new long[] { h }; }
+        if (proj != h) { s[p + "project_in.weight"] = new long[] { h, proj }; s[p + "project_out.weight"] = new long[] { proj, h }; }
+        if (!B(c, "tie_word_embeddings", true)) s["lm_head.weight"] = new long[] { v, proj };
+        for (int i = 0; i < I(c, "num_hidden_layers"); i++)
+        {
+            string l = $"{p}layers.{i}.";
+            foreach (var n in new[] { "q_proj", "k_proj", "v_proj", "out_proj" }) { s[l + $"self_attn.{n}.weight"] = new long[] { h, h }; s[l + $"self_attn.{n}.bias"] = new long[] { h }; }
+            s[l + "fc1.weight"] = new long[] { f, h }; s[l + "fc1.bias"] = new long[] { f };
+            s[l + "fc2.weight"] = new long[] { h, f }; s[l + "fc2.bias"] = new long[] { h };
+            foreach (var n in new[] { "self_attn_layer_norm", "final_layer_norm" }) { s[l + n + ".weight"] = new long[] { h }; s[l + n + ".bias"] = new long[] { h }; }
+        }
+        return s;
+    }
+
+    /// <summary>ViTForImageClassification: ViTModel without pooler, heads of hidden / num_attention_heads, then prune_heads(config.pruned_heads).</summary>
+    static Dictionary<string, long[]> VitShapes(JsonObject c)
+    {
+        int h = I(c, "hidden_size"), heads = I(c, "num_attention_heads"), inter = I(c, "intermediate_size"), ch = I(c, "num_channels", 3);
+        int img = I(c, "image_size", 224), patch = I(c, "patch_size", 16), labels = c["id2label"]!.AsObject().Count, d = h / heads;
+        bool qkvBias = B(c, "qkv_bias", true);
+        var pruned = c["pruned_heads"] as JsonObject;
+        var s = new Dictionary<string, long[]>
+        {
+            ["vit.embeddings.cls_token"] = new long[] { 1, 1, h },
+            ["vit.embeddings.position_embeddings"] = new long[] { 1, (img / patch) * (img / patch) + 1, h },
+            ["vit.embeddings.patch_embeddings.projection.weight"] = new long[] { h, ch, patch, patch },
+            ["vit.embeddings.patch_embeddings.projection.bias"] = new long[] { h },
+            ["vit.layernorm.weight"] = new long[] { h }, ["vit.layernorm.bias"] = new long[] { h },
+            ["classifier.weight"] = new long[] { labels, h }, ["classifier.bias"] = new long[] { labels },
+        };
+        for (int i = 0; i < I(c, "num_hidden_layers"); i++)
+        {
+            int removed = pruned?[i.ToString()] is JsonArray a ? a.Select(x => (int)x!).Distinct().Count() : 0;
+            long all = (long)(heads - removed) * d;
+            string l = $"vit.encoder.layer.{i}.";
+            foreach (var n in new[] { "query", "key", "value" })
+            {
+                s[l + $"attention.attention.{n}.weight"] = new[] { all, h };
+                if (qkvBias) s[l + $"attention.attention.{n}.bias"] = new[] { all };
+            }
+            s[l + "attention.output.dense.weight"] = new[] { h, all }; s[l + "attention.output.dense.bias"] = new long[] { h };
+            s[l + "intermediate.dense.weight"] = new long[] { inter, h }; s[l + "intermediate.dense.bias"] = new long[] { inter };
+            s[l + "output.dense.weight"] = new long[] { h, inter }; s[l + "output.dense.bias"] = new long[] { h };
+            foreach (var n in new[] { "layernorm_before", "layernorm_after" }) { s[l + n + ".weight"] = new long[] { h }; s[l + n + ".bias"] = new long[] { h }; }
+        }
+        return s;
+    }
+
+    /// <summary>
+    /// LlamaForCausalLM / MistralForCausalLM / Qwen2ForCausalLM: head_dim from config (else hidden / heads); biases:
+    /// Llama per attention_bias (q, k, v, o) and mlp_bias; Mistral none; Qwen2 q, k, v always, o and the MLP never.
+    /// </summary>
+    static Dictionary<string, long[]> LlamaShapes(JsonObject c)
+    {
+        string type = (string)c["model_type"]!;
+        int h = I(c, "hidden_size"), heads = I(c, "num_attention_heads"), kv = I(c, "num_key_value_heads", heads), inter = I(c, "intermediate_size"), v = I(c, "vocab_size");
+        int d = I(c, "head_dim", h / heads);
+        bool llama = type == "llama";
+        bool qkvBias = type == "qwen2" || (llama && B(c, "attention_bias", false)), oBias = llama && B(c, "attention_bias", false), mlpBias = llama && B(c, "mlp_bias", false);
+        var s = new Dictionary<string, long[]> { ["model.embed_tokens.weight"] = new long[] { v, h }, ["model.norm.weight"] = new long[] { h } };
+        if (!B(c, "tie_word_embeddings", false)) s["lm_head.weight"] = new long[] { v, h };
+        for (int i = 0; i < I(c, "num_hidden_layers"); i++)
+        {
+            string l = $"model.layers.{i}.";
+            foreach (var (n, rows, cols, bias) in new[]
+            {
+                ("self_attn.q_proj", (long)heads * d, (long)h, qkvBias), ("self_attn.k_proj", (long)kv * d, h, qkvBias), ("self_attn.v_proj", (long)kv * d, h, qkvBias),
+                ("self_attn.o_proj", h, (long)heads * d, oBias), ("mlp.gate_proj", inter, h, mlpBias), ("mlp.up_proj", inter, h, mlpBias), ("mlp.down_proj", h, inter, mlpBias),
+            })
+            {
+                s[l + n + ".weight"] = new[] { rows, cols };
+                if (bias) s[l + n + ".bias"] = new[] { rows };
+            }
+            s[l + "input_layernorm.weight"] = new long[] { h };
+            s[l + "post_attention_layernorm.weight"] = new long[] { h };
+        }
+        return s;
+    }
+
+    /// <summary>Every stored tensor has the stock class's name and shape, none is extra, none missing.</summary>
+    static void AssertStockShapes(string dir, Func<JsonObject, Dictionary<string, long[]>> derive)
+    {
+        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!.AsObject();
+        var want = derive(cfg);
+        using var ck = new CheckpointReader(dir);
+        var have = ck.Names.ToDictionary(n => n, n => ck.Entry(n).Shape);
+        Assert.Empty(have.Keys.Except(want.Keys).OrderBy(x => x));
+        Assert.Empty(want.Keys.Except(have.Keys).OrderBy(x => x));
+        foreach (var (name, shape) in want)
+            Assert.True(shape.SequenceEqual(have[name]), $"{dir}: {name} stored [{string.Join(", ", have[name])}], stock class builds [{string.Join(", ", shape)}]");
+    }
+
+    static JsonObject Report(string dir) => JsonNode.Parse(File.ReadAllText(Path.Combine(dir, PrunedCheckpoint.ReportFile)))!.AsObject();
+
+    static JsonObject Config(string dir) => JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!.AsObject();
+
+    static PruneJobOptions TextJob(string model, string outDir, PruneOptions prune, string calib, int len) => new()
+    {
+        ModelDir = model, OutDir = outDir, Prune = prune, CalibSource = calib, CalibSamples = 4, CalibSeqLen = len,
+    };
+
+    [Fact]
+    public void Uniform_prunes_of_the_bundled_models_have_exactly_the_stock_shapes()
+    {
+        using var tmp = new TempDir();
+        var ratio = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.25, UniformWidths = true };
+
+        // OPT, MLP only: stock OPT expresses it through ffn_dim.
+        PruneJob.Run(TextJob(Model("opt-tiny-c4-v2"), tmp.Sub("opt"), ratio with { PruneHeads = false }, TextSources.C4, 64), null);
+        Assert.Equal(768, I(Config(tmp.Sub("opt")), "ffn_dim"));
+        AssertStockShapes(tmp.Sub("opt"), OptShapes);
+        Assert.True((bool)Report(tmp.Sub("opt"))["stock_loadable"]!);
+
+        // ViT, heads and MLP: intermediate_size and pruned_heads.
+        PruneJob.Run(new PruneJobOptions
+        {
+            ModelDir = Model("vit-tiny"), OutDir = tmp.Sub("vit"), Prune = ratio with { Amount = 0.34 },
+            CalibSource = Path.Combine(Repo.Root, "eval", "data", "imagenet-val"), CalibSamples = 4,
+        }, null);
+        var vit = Config(tmp.Sub("vit"));
+        Assert.Equal(768 - 261, I(vit, "intermediate_size"));
+        Assert.All(Enumerable.Range(0, 12), l => Assert.Single(vit["pruned_heads"]![l.ToString()]!.AsArray()));
+        AssertStockShapes(tmp.Sub("vit"), VitShapes);
+        Assert.True((bool)Report(tmp.Sub("vit"))["stock_loadable"]!);
+
+        // Llama (stories260K), K/V groups and MLP.
+        PruneJob.Run(TextJob(Model("stories260k"), tmp.Sub("llama"), ratio, TextSources.TinyStories, 128), null);
+        var llama = Config(tmp.Sub("llama"));
+        Assert.Equal((129, 6, 3, 8), (I(llama, "intermediate_size"), I(llama, "num_attention_heads"), I(llama, "num_key_value_heads"), I(llama, "head_dim")));
+        AssertStockShapes(tmp.Sub("llama"), LlamaShapes);
+        Assert.True((bool)Report(tmp.Sub("llama"))["stock_loadable"]!);
+
+        // LlmSnp still reads all three at their pruned size.
+        foreach (var d in new[] { "opt", "vit", "llama" })
+        {
+            using var m = ModelFamilies.Open(tmp.Sub(d));
+            Assert.Equal((long)Report(tmp.Sub(d))["params_after"]!, m.ParameterCount());
+        }
+    }
+
+    [Fact]
+    public void Opt_with_heads_removed_says_it_is_not_stock_loadable_and_its_padded_copy_is()
+    {
+        using var tmp = new TempDir();
+        string src = new TinyOpt().Write(tmp.Sub("src"));
+        var calib = Enumerable.Range(0, 4).Select(i => torch.tensor(Enumerable.Range(0, 16).Select(t => (long)(3 + (t * 7 + i * 5) % 90)).ToArray(), new long[] { 1, 16 })).ToList();
+        using var m = new OptModel(src, CPU, ScalarType.Float64);
+        var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
+        {
+            Model = m, Options = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.5, UniformWidths = true }, Calibration = calib,
+            CalibrationInfo = new JsonObject(), OutDir = tmp.Sub("out"), SourceDir = src, ParamsBefore = m.ParameterCount(), ExportPadded = true,
+        });
+        Assert.False((bool)report["stock_loadable"]!);
+        Assert.Contains("heads removed", (string)report["stock_loadable_why_not"]!);
+        var cfg = Config(tmp.Sub("out"));
+        Assert.Equal(32, I(cfg, "ffn_dim"));   // the MLP part is still stated the stock way
+        AssertStockShapes(Path.Combine(tmp.Sub("out"), "padded"), OptShapes);
+    }
+
+    /// <summary>A copy of a LLaMA-family fixture with the stories260K tokenizer (same 512-token vocabulary).</summary>
+    static string FixtureWithTokenizer(TempDir tmp, string fixture)
+    {
+        string dir = tmp.Sub(Path.GetFileName(fixture));
+        Directory.CreateDirectory(dir);
+        foreach (var f in new[] { "model.safetensors", "config.json" }) File.Copy(Path.Combine(Repo.Fixture(fixture), f), Path.Combine(dir, f));
+        foreach (var f in new[] { "tokenizer.model", "tokenizer_config.json" }) File.Copy(Path.Combine(Model("stories260k"), f), Path.Combine(dir, f));
+        return dir;
+    }
+
+    [Theory]
+    [InlineData("golden-llama/qwen2-bias-tied", ReconstructMode.LstsqBias)]
+    [InlineData("golden-llama/mistral-f16", ReconstructMode.Bias)]
+    public void A_mean_term_the_stock_class_cannot_hold_falls_back_to_the_bias_free_reconstruction(string fixture, ReconstructMode mode)
+    {
+        using var tmp = new TempDir();
+        string src = FixtureWithTokenizer(tmp, fixture);
+        string type = (string)Config(src)["model_type"]!;
+        PruneJob.Run(TextJob(src, tmp.Sub("out"), new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.5, Reconstruct = mode, UniformWidths = true }, TextSources.TinyStories, 64), null);
+        var report = Report(tmp.Sub("out"));
+        var layers = report["layers"]!.AsArray();
+        Assert.NotEmpty(layers);
+        foreach (var l in layers)
+        {
+            Assert.Equal("lstsq-nobias", (string)l!["reconstruct_used"]!);
+            Assert.False((bool)l["reconstruct_constant"]!);
+            string consumer = (string)l["kind"]! == "heads" ? "o_proj" : "down_proj";
+            Assert.Equal($"stock {type} {consumer} has no bias", (string)l["bias_free_because"]!);
+        }
+        var cfg = Config(tmp.Sub("out"));
+        Assert.False(B(cfg, "attention_bias", false) || B(cfg, "mlp_bias", false));
+        AssertStockShapes(tmp.Sub("out"), LlamaShapes);
+        Assert.True((bool)report["stock_loadable"]!);
+        // The fallback is the bias-free fit: the same prune asked for lstsq-nobias writes the same weights.
+        PruneJob.Run(TextJob(src, tmp.Sub("ref"), new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.5, Reconstruct = ReconstructMode.LstsqNoBias, UniformWidths = true }, TextSources.TinyStories, 64), null);
+        Assert.Equal(File.ReadAllBytes(Path.Combine(tmp.Sub("ref"), "model.safetensors")), File.ReadAllBytes(Path.Combine(tmp.Sub("out"), "model.safetensors")));
+        Assert.All(Report(tmp.Sub("ref"))["layers"]!.AsArray(), l => Assert.Null(l!["bias_free_because"]));
+    }
+
+    /// <summary>
+    /// Budget with --uniform on stories260K: every layer keeps the same K/V groups and neurons, and the removal is the closest
+    /// to the budget among all equal-width choices (enumerated here from parameter counts derived from the shapes).
+    /// </summary>
+    [Fact]
+    public void Uniform_budget_keeps_equal_widths_and_the_removal_closest_to_the_budget()
+    {
+        using var tmp = new TempDir();
+        const double budget = 0.3;
+        var report = PruneJob.Run(TextJob(Model("stories260k"), tmp.Sub("out"), new PruneOptions { Policy = RatioPolicyKind.Budget, Amount = budget, UniformWidths = true }, TextSources.TinyStories, 128), null);
+        var cfg = Config(tmp.Sub("out"));
+        var mlp = cfg["intermediate_sizes"]!.AsArray().Select(x => (int)x!).ToArray();
+        var kv = cfg["num_key_value_heads_per_layer"]!.AsArray().Select(x => (int)x!).ToArray();
+        Assert.Single(mlp.Distinct());
+        Assert.Single(kv.Distinct());
+        Assert.Equal((mlp[0], kv[0]), (I(cfg, "intermediate_size"), I(cfg, "num_key_value_heads")));
+        AssertStockShapes(tmp.Sub("out"), LlamaShapes);
+        // stories260K: 5 layers, hidden 64, head_dim 8, 4 K/V groups of 2 query heads, 172 neurons.
+        const int layers = 5, h = 64, d = 8;
+        long perGroup = 2 * d * h + d * h + d * h + h * 2 * d;   // q rows, k rows, v rows, o columns
+        long perNeuron = 3 * h;                                   // gate row, up row, down column
+        long prunable = layers * (4 * perGroup + 172 * perNeuron);
+        Assert.Equal(prunable, (long)report["prunable_params"]!);
+        double best = double.PositiveInfinity;
+        for (int g = 1; g <= 4; g++)
+            for (int n = 1; n <= 172; n++)
+                best = Math.Min(best, Math.Abs(layers * ((4 - g) * perGroup + (172 - n) * perNeuron) - budget * prunable));
+        long removed = (long)report["prunable_params_removed"]!;
+        Assert.Equal(layers * ((4 - kv[0]) * perGroup + (172 - mlp[0]) * perNeuron), removed);
+        Assert.True(Math.Abs(Math.Abs(removed - budget * prunable) - best) < 1e-6, $"removed {removed}, requested {budget * prunable}, closest possible distance {best}");
+        Assert.Null(report["tau"]);
+        Assert.True((bool)report["options"]!["uniform_widths"]!);
+        Assert.Equal(kv[0], (int)report["uniform_kept_groups"]!["heads"]!);
+        Assert.Equal(mlp[0], (int)report["uniform_kept_groups"]!["mlp"]!);
+    }
+
+    [Fact]
+    public void Uniform_with_the_variance_policy_is_one_line()
+    {
+        var e = Assert.Throws<LlmSnpException>(() => new PruneOptions { Policy = RatioPolicyKind.Variance, Amount = 0.9, UniformWidths = true }.Validate());
+        Assert.Contains("--uniform", e.Message);
+        Assert.DoesNotContain("\n", e.Message);
+    }
+
+    [Fact]
+    public void Logits_dump_equals_the_streamed_forward()
+    {
+        var ids = new long[] { 1, 403, 407, 261, 378 };
+        var dump = LlmSnp.Evaluation.LogitsDump.Run(Model("stories260k"), ids, CPU, ScalarType.Float64);
+        using var m = new LlamaModel(Model("stories260k"), CPU, ScalarType.Float64);
+        using var want = m.Head(Enumerable.Range(0, m.BlockCount).Aggregate(m.Embed(torch.tensor(ids, new long[] { 1, 5 })), (h, i) => { using var b = m.LoadBlock(i); return b.Forward(h)!; })).squeeze(0);
+        var got = dump["logits"]!.AsArray();
+        Assert.Equal(5, got.Count);
+        for (int t = 0; t < 5; t++)
+            for (int v = 0; v < 512; v += 37) Assert.Equal(want[t, v].item<double>(), (double)got[t]![v]!, 12);
+        var e = Assert.Throws<LlmSnpException>(() => LlmSnp.Evaluation.LogitsDump.Run(Model("stories260k"), null, CPU, ScalarType.Float32));
+        Assert.Contains("--ids", e.Message);
+    }
+}
