@@ -245,7 +245,7 @@ sealed class PruneCliOptions
 {
     readonly Option<string> _out = new("--out") { Description = "output directory (written atomically)", Required = true };
     readonly Option<string> _ordering = new("--ordering") { Description = "zca, zca-precision, id, obs, variance, weight-norm, fluctuation, wanda-sp, magnitude, random", DefaultValueFactory = _ => "zca" };
-    readonly Option<string> _reconstruct = new("--reconstruct") { Description = "lstsq (with the mean term where the consumer has a bias, else without), lstsq-nobias, lstsq-bias (adds a bias where there is none), bias (means only) or none", DefaultValueFactory = _ => "lstsq" };
+    readonly Option<string> _reconstruct = new("--reconstruct") { Description = "lstsq (least squares, with the mean term wherever the consumer has a bias or its stock class can hold one; else without), lstsq-nobias, lstsq-bias, bias (means only, FLAP) or none", DefaultValueFactory = _ => "lstsq" };
     readonly Option<double?> _ratio = new("--ratio") { Description = "uniform fraction of units removed per layer" };
     readonly Option<double?> _variance = new("--variance") { Description = "τ: keep the smallest prefix holding this fraction of residual variance (automatic per-layer ratios)" };
     readonly Option<double?> _budget = new("--budget") { Description = "fraction of prunable parameters to remove (τ found by bisection)" };

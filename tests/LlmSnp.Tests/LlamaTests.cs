@@ -253,12 +253,15 @@ public class LlamaTests
         Assert.Equal(new long[] { 64 }, ck.Entry("model.layers.0.mlp.down_proj.bias").Shape);
         Assert.Equal(new long[] { 129 }, ck.Entry("model.layers.0.mlp.gate_proj.bias").Shape);
         Assert.Equal(new long[] { 24 }, ck.Entry("model.layers.0.self_attn.k_proj.bias").Shape);
-        // The default (lstsq on a consumer without bias) adds none.
-        PruneJob.Run(Job(tmp.Sub("n"), new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.25 }), null);
+        // The bias-free form adds none.
+        PruneJob.Run(Job(tmp.Sub("n"), new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.25, Reconstruct = ReconstructMode.LstsqNoBias }), null);
         using var cn = new CheckpointReader(tmp.Sub("n"));
         Assert.False(cn.Has("model.layers.0.mlp.down_proj.bias"));
         var report = JsonNode.Parse(File.ReadAllText(Path.Combine(tmp.Sub("n"), PrunedCheckpoint.ReportFile)))!;
         Assert.All(report["layers"]!.AsArray(), l => Assert.False((bool)l!["reconstruct_constant"]!));
+        // The default, lstsq, takes the mean term where the stock Llama class holds the bias: the same weights as lstsq-bias.
+        PruneJob.Run(Job(tmp.Sub("d"), new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.25 }) with { EvalDataset = null, MeasureSpeed = false }, null);
+        Assert.Equal(File.ReadAllBytes(Path.Combine(tmp.Sub("u"), "model.safetensors")), File.ReadAllBytes(Path.Combine(tmp.Sub("d"), "model.safetensors")));
     }
 
     /// <summary>The bias-free least squares against a direct solve on the activations (uncentred: no constant column).</summary>

@@ -68,11 +68,29 @@ public static class GgufExport
         var vocab = ReadVocabulary(modelDir, cfg, plan);
 
         using var ckpt = new CheckpointReader(modelDir);
+        var consumed = new HashSet<string>(StringComparer.Ordinal);
+        // llama.cpp's llama and deci loaders read attn_q.bias at n_embd entries, whatever the layer's head count.
+        // Zero q/k/v biases (what a pruned Llama carries beside a reconstructed o_proj bias, for the stock
+        // attention_bias flag) compute nothing and are left out; any other q bias in a narrowed layer is refused.
+        var narrowed = Enumerable.Range(0, plan.Layers).Where(i => plan.Heads[i] * plan.HeadDim != plan.Hidden).ToArray();
+        if (plan.QkvBias && narrowed.Length > 0)
+        {
+            var qkv = Enumerable.Range(0, plan.Layers).SelectMany(i => new[] { "q_proj", "k_proj", "v_proj" }.Select(n => $"model.layers.{i}.self_attn.{n}.bias")).ToArray();
+            if (qkv.All(n => ckpt.Has(n) && IsZero(ckpt, n)))
+            {
+                plan = plan with { QkvBias = false };
+                consumed.UnionWith(qkv);
+            }
+            else
+            {
+                int i = narrowed[0];
+                throw new LlmSnpException($"{cfg.Path}: layer {i}: q_proj.bias has {plan.Heads[i]} heads × {plan.HeadDim} = {plan.Heads[i] * plan.HeadDim} entries; llama.cpp's llama/deci loaders read attn_q.bias as hidden_size = {plan.Hidden} entries, so a q bias needs all heads kept");
+            }
+        }
         var writer = new GgufWriter();
         string arch = plan.Architecture;
         WriteMetadata(writer, plan, vocab, dtype, Path.GetFileName(Path.GetFullPath(modelDir).TrimEnd('/')));
 
-        var consumed = new HashSet<string>(StringComparer.Ordinal);
         var biases = new SortedSet<string>(StringComparer.Ordinal);
         int H = plan.Hidden, D = plan.HeadDim;
 
@@ -142,6 +160,12 @@ public static class GgufExport
             plan.Tied, biases.ToList(), layers, sw.Elapsed.TotalSeconds);
     }
 
+    static bool IsZero(CheckpointReader ckpt, string name)
+    {
+        using var t = ckpt.Read(name, TorchSharp.torch.ScalarType.Float32, TorchSharp.torch.CPU);
+        return t.count_nonzero().item<long>() == 0;
+    }
+
     static Plan ReadPlan(ConfigFile cfg)
     {
         string type = cfg.ModelType;
@@ -182,11 +206,6 @@ public static class GgufExport
         bool qkvBias = type == "qwen2" || cfg.Bool("attention_bias", false);   // Qwen2 always has q/k/v biases
         bool oBias = cfg.Bool("attention_bias", false);
         bool mlpBias = cfg.Bool("mlp_bias", false);
-        // llama.cpp's llama and deci loaders read attn_q.bias at n_embd entries, whatever the layer's head count.
-        if (qkvBias)
-            for (int i = 0; i < layers; i++)
-                if (heads[i] * headDim != hidden)
-                    throw new LlmSnpException($"{cfg.Path}: layer {i}: q_proj.bias has {heads[i]} heads × {headDim} = {heads[i] * headDim} entries; llama.cpp's llama/deci loaders read attn_q.bias as hidden_size = {hidden} entries, so a q bias needs all heads kept");
 
         double eps = cfg.Double("rms_norm_eps", 1e-6);
         double theta = cfg.Double("rope_theta", 10000.0);

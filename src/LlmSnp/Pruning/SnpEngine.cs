@@ -204,10 +204,16 @@ public sealed class SnpEngine
         // bias-free least squares is used instead, so that the written checkpoint still loads there.
         var mode = _opt.Reconstruct;
         string? biasFree = null;
-        if (c is null && Subspace.UsesConstant(mode, consumerHasBias: false) && !block.CanAddConsumerBias(j, out var why))
+        if (c is null && (mode == ReconstructMode.Lstsq || Subspace.UsesConstant(mode, consumerHasBias: false)))
         {
-            mode = ReconstructMode.LstsqNoBias;
-            biasFree = why;
+            // `lstsq` takes the mean term wherever a bias can hold it: on stories260K it beat the bias-free fit at
+            // every ratio (eval/results/stories260k), so a Llama consumer gains a bias its stock class loads.
+            if (block.CanAddConsumerBias(j, out var why)) { if (mode == ReconstructMode.Lstsq) mode = ReconstructMode.LstsqBias; }
+            else
+            {
+                mode = ReconstructMode.LstsqNoBias;
+                biasFree = why;
+            }
         }
         var rec = Subspace.Reconstruct(gram, w, c, keptUnits, prunedUnits, mode, _opt.Damp, info.Name, releaseGram: true);
         block.Prune(j, keptUnits, rec.Weight, rec.Bias);
