@@ -236,7 +236,7 @@ public class StockLoadTests
     {
         using var tmp = new TempDir();
         const double budget = 0.3;
-        var report = PruneJob.Run(TextJob(Model("stories260k"), tmp.Sub("out"), new PruneOptions { Policy = RatioPolicyKind.Budget, Amount = budget, UniformWidths = true }, TextSources.TinyStories, 128), null);
+        var report = PruneJob.Run(TextJob(Model("stories260k"), tmp.Sub("out"), new PruneOptions { Policy = RatioPolicyKind.Budget, Amount = budget, UniformWidths = true }, TextSources.TinyStories, 128), null).Report;
         var cfg = Config(tmp.Sub("out"));
         var mlp = cfg["intermediate_sizes"]!.AsArray().Select(x => (int)x!).ToArray();
         var kv = cfg["num_key_value_heads_per_layer"]!.AsArray().Select(x => (int)x!).ToArray();
