@@ -60,7 +60,7 @@ static class Cli
         var maxWindows = new Option<int?>("--max-windows") { Description = "evaluate only the first N windows" };
         var ppl = new Command("ppl", "perplexity with the published protocol (non-overlapping windows, tail dropped)") { model, dataset, seqlen, maxWindows, Device, DType, Json };
         ppl.SetAction(p => Run(p, () => PerplexityJob.Run(p.GetValue(model)!, p.GetValue(dataset)!, p.GetValue(seqlen), p.GetValue(maxWindows),
-            Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p), Log)));
+            Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p), Log).ToJson()));
         var amodel = ModelOption();
         var imagesDir = new Option<string>("--images") { Description = "folder with labels.tsv (file TAB class [TAB synset]); images in it or in images/", Required = true };
         var limit = new Option<int?>("--limit") { Description = "evaluate the first N images" };

@@ -34,6 +34,15 @@ public sealed record PruneJobOptions
 /// <summary>Dense and pruned values of one metric (perplexity, top-1 %), with the evaluators' full reports.</summary>
 public sealed record MetricPair(string Metric, double Dense, double Pruned, int Samples, JsonObject DenseDetails, JsonObject PrunedDetails);
 
+/// <summary>An accuracy measurement of one image classifier on a set of images.</summary>
+public sealed record AccuracyReport(double Top1, double Top5, int Images, int Skipped, long Parameters, double Seconds)
+{
+    public JsonObject ToJson() => new()
+    {
+        ["top1"] = Top1, ["top5"] = Top5, ["images"] = Images, ["skipped"] = Skipped, ["parameters"] = Parameters, ["seconds"] = Seconds,
+    };
+}
+
 /// <summary>What `prune` did: the written checkpoint, its report (pruning_config.json), and the measurements.</summary>
 public sealed record PruneOutcome(string Output, JsonObject Report, MetricPair? Eval, SpeedUp? Speed)
 {
@@ -77,7 +86,7 @@ public static class PruneJob
             log?.Invoke($"warning: calibrating and evaluating on the same text ({TextSources.Describe(o.CalibSource)})");
 
         int[]? evalIds = null;
-        JsonObject? dense = null;
+        PerplexityReport? dense = null;
         if (o.EvalDataset != null)
         {
             evalIds = PerplexityJob.Tokenize(model, o.EvalDataset, log);
@@ -104,12 +113,12 @@ public static class PruneJob
         log?.Invoke("evaluating the pruned model");
         using var pruned = ModelFamilies.OpenLanguageModel(o.OutDir, o.Device, o.DType);
         var after = PerplexityJob.Measure(pruned, evalIds, o.EvalDataset!, evalLen, o.EvalLimit, log);
-        var eval = new MetricPair("perplexity", dense!["perplexity"]!.GetValue<double>(), after["perplexity"]!.GetValue<double>(), dense["windows"]!.GetValue<int>(), dense, after);
+        var eval = new MetricPair("perplexity", dense!.Perplexity, after.Perplexity, dense.Windows, dense.ToJson(), after.ToJson());
         SpeedUp? speed = null;
         if (o.MeasureSpeed)
         {
             // Same machine, same run: prefill at the evaluation length, batch-1 decode.
-            int prompt = Math.Min(dense["seqlen"]!.GetValue<int>(), model.MaxPositions - InferenceBench.DecodeSteps);
+            int prompt = Math.Min(dense.SeqLen, model.MaxPositions - InferenceBench.DecodeSteps);
             log?.Invoke("measuring dense and pruned inference speed");
             var d = InferenceBench.Measure(model, prompt, log: log);
             var p = InferenceBench.Measure(pruned, prompt, log: log);
@@ -140,7 +149,7 @@ public static class PruneJob
         using var calib = ImageInputs.Load(calibImages, cfg, log);
         log?.Invoke($"calibration: {calib.Labels.Length} images from {o.CalibSource}");
         ImageBatch? evalImages = null;
-        JsonObject? dense = null;
+        AccuracyReport? dense = null;
         try
         {
             if (o.EvalDataset == AccuracyEval)
@@ -150,7 +159,7 @@ public static class PruneJob
                 if (o.EvalLimit is int limit) evalSet = evalSet.Take(limit).ToList();
                 evalImages = ImageInputs.Load(evalSet, cfg, log);
                 log?.Invoke($"evaluating the dense model on {evalImages.Labels.Length} images (calibration images excluded)");
-                dense = AccuracyReport(model, evalImages, o.ImageBatch);
+                dense = Accuracy(model, evalImages, o.ImageBatch);
             }
             var batches = ImageInputs.MicroBatches(calib.Pixels, o.ImageBatch);
             var calibInfo = new JsonObject
@@ -162,20 +171,16 @@ public static class PruneJob
             if (evalImages == null) return new PruneOutcome(o.OutDir, report, null, null);
             log?.Invoke("evaluating the pruned model");
             using var pruned = ModelFamilies.OpenImageClassifier(o.OutDir, o.Device, o.DType);
-            var after = AccuracyReport(pruned, evalImages, o.ImageBatch);
-            return new PruneOutcome(o.OutDir, report, new MetricPair("top1", dense!["top1"]!.GetValue<double>(), after["top1"]!.GetValue<double>(), evalImages.Labels.Length, dense, after), null);
+            var after = Accuracy(pruned, evalImages, o.ImageBatch);
+            return new PruneOutcome(o.OutDir, report, new MetricPair("top1", dense!.Top1, after.Top1, dense.Images, dense.ToJson(), after.ToJson()), null);
         }
         finally { evalImages?.Dispose(); }
     }
 
-    static JsonObject AccuracyReport(IImageClassifier model, ImageBatch images, int batch)
+    static AccuracyReport Accuracy(IImageClassifier model, ImageBatch images, int batch)
     {
         var sw = System.Diagnostics.Stopwatch.StartNew();
         var (top1, top5) = AccuracyJob.Measure(model, images, batch);
-        return new JsonObject
-        {
-            ["top1"] = top1, ["top5"] = top5, ["images"] = images.Labels.Length, ["skipped"] = images.Skipped,
-            ["parameters"] = model.ParameterCount(), ["seconds"] = sw.Elapsed.TotalSeconds,
-        };
+        return new AccuracyReport(top1, top5, images.Labels.Length, images.Skipped, model.ParameterCount(), sw.Elapsed.TotalSeconds);
     }
 }
