@@ -4,6 +4,7 @@ using System.Text.Json.Nodes;
 using LlmSnp;
 using LlmSnp.Checkpoint;
 using LlmSnp.Data;
+using LlmSnp.Evaluation;
 using LlmSnp.Pruning;
 
 /// <summary>
@@ -65,7 +66,7 @@ static class DemoCommand
             Row(OptModelName, tOpt, $"WikiText-2 ppl ({opt.Eval!.Samples}×512)", opt, optSeconds);
             Row(LlamaModelName, tLlama, $"TinyStories ppl ({llama.Eval!.Samples}×512)", llama, llamaSeconds);
             Row("vit-tiny", tVit, $"ImageNet top-1 % ({vit.Eval!.Samples} img)", vit, vitSeconds);
-            e.WriteLine("  prefill, decode: pruned speed over dense (LlmSnp's forward; prefill at 512 tokens, batch-1 decode)");
+            e.WriteLine($"  prefill, decode: pruned speed over dense, LlmSnp's forward (prefill of {512 - InferenceBench.DecodeSteps} tokens, batch-1 decode of {InferenceBench.DecodeSteps}; best of {InferenceBench.Repeats})");
             if (llama.Speed?.LlamaCppPrefillSpeedUp is double cp && llama.Speed.LlamaCppDecodeSpeedUp is double cd)
                 e.WriteLine($"  {LlamaModelName} in llama.cpp (exported GGUF): prefill {cp:F2}×, decode {cd:F2}×");
             e.WriteLine($"  pruned checkpoints: {string.Join(", ", new[] { OptModelName, LlamaModelName, "vit-tiny" }.Select(n => Path.Combine(dest, n + "-snp")))}");
