@@ -1,4 +1,6 @@
 using System.Diagnostics;
+using System.Text.Json;
+using System.Text.Json.Nodes;
 
 namespace LlmSnp.Tests;
 
@@ -60,6 +62,28 @@ static class CliHarness
         Assert.True(r.ExitCode == 0, r.ToString());
         Assert.DoesNotContain("   at ", r.Stderr);
         return r.Stdout;
+    }
+
+    /// <summary>Exit 0, no stack trace, and stdout is exactly one JSON object (the CLI's success contract).</summary>
+    public static JsonObject SucceedsJson(Result r)
+    {
+        Succeeds(r);
+        JsonNode? node;
+        try { node = JsonNode.Parse(r.Stdout); }
+        catch (JsonException e) { throw new Xunit.Sdk.XunitException($"stdout is not one JSON document ({e.Message})\n{r}"); }
+        Assert.True(node is JsonObject, r.ToString());
+        return (JsonObject)node!;
+    }
+
+    /// <summary>
+    /// <see cref="FailsWithOneLine"/> with exit 1, where blank lines count as lines too (onlyLine means one line, full stop)
+    /// and, with <paramref name="completeLine"/>, stderr must end with a newline.
+    /// </summary>
+    public static string FailsStrict(Result r, bool onlyLine, bool completeLine, params string[] mentions)
+    {
+        Assert.True(!completeLine || r.Stderr.EndsWith('\n'), "stderr should end with a complete line\n" + r);
+        Assert.True(!onlyLine || r.Stderr.TrimEnd('\n', '\r').Split('\n').Length == 1, "expected exactly one stderr line\n" + r);
+        return FailsWithOneLine(r, onlyLine, 1, mentions);
     }
 
     /// <summary>Exit <paramref name="exit"/>, empty stdout, exactly one "error: " line and it is the last; with <paramref name="onlyLine"/> the only one.</summary>

@@ -1,4 +1,3 @@
-using System.Diagnostics;
 using System.Text.Json;
 using System.Text.Json.Nodes;
 using LlmSnp.Data;
@@ -14,7 +13,6 @@ namespace LlmSnp.Tests;
 public sealed class CliTests : IDisposable
 {
     static readonly string RepoRoot = Repo.Root;
-    static readonly string CliDll = Path.Combine(AppContext.BaseDirectory, "LlmSnp.Cli.dll");
     static string Fixture(string name) => Repo.Fixture(Path.Combine("golden-opt", name));
 
     readonly string _tmp;
@@ -30,73 +28,15 @@ public sealed class CliTests : IDisposable
         try { Directory.Delete(_tmp, true); } catch (IOException) { }
     }
 
-    sealed record CliResult(int ExitCode, string Stdout, string Stderr, string[] Args)
-    {
-        public override string ToString() =>
-            $"llmsnp {string.Join(' ', Args)}\nexit {ExitCode}\n--- stdout ---\n{(Stdout.Length > 2000 ? Stdout[..2000] + "..." : Stdout)}\n--- stderr ---\n{Stderr}";
-    }
+    static CliHarness.Result Run(params string[] args) => CliHarness.Run(args);
 
-    static CliResult Run(params string[] args)
-    {
-        Assert.True(File.Exists(CliDll), $"{CliDll} not found next to the test assembly");
-        var psi = new ProcessStartInfo(Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet")
-        {
-            RedirectStandardOutput = true,
-            RedirectStandardError = true,
-            UseShellExecute = false,
-            WorkingDirectory = RepoRoot,
-        };
-        psi.ArgumentList.Add(CliDll);
-        foreach (var a in args) psi.ArgumentList.Add(a);
-        psi.Environment["MKL_NUM_THREADS"] = "1";
-        psi.Environment["OMP_NUM_THREADS"] = "1";
-        psi.Environment.Remove("LLMSNP_DEBUG");
-        psi.Environment.Remove("LLMSNP_HOME");
-        using var p = Process.Start(psi)!;
-        var stdout = p.StandardOutput.ReadToEndAsync();
-        var stderr = p.StandardError.ReadToEndAsync();
-        if (!p.WaitForExit(TimeSpan.FromSeconds(180)))
-        {
-            p.Kill(entireProcessTree: true);
-            throw new TimeoutException($"llmsnp {string.Join(' ', args)} ran past 180 s");
-        }
-        p.WaitForExit();   // drains the redirected streams
-        return new CliResult(p.ExitCode, stdout.Result, stderr.Result, args);
-    }
-
-    /// <summary>Exit 0 and stdout is exactly one JSON object.</summary>
-    static JsonObject Succeeds(CliResult r)
-    {
-        Assert.True(r.ExitCode == 0, r.ToString());
-        JsonNode? node;
-        try { node = JsonNode.Parse(r.Stdout); }
-        catch (JsonException e) { throw new Xunit.Sdk.XunitException($"stdout is not one JSON document ({e.Message})\n{r}"); }
-        Assert.True(node is JsonObject, r.ToString());
-        Assert.DoesNotContain("   at ", r.Stderr);
-        return (JsonObject)node!;
-    }
+    static JsonObject Succeeds(CliHarness.Result r) => CliHarness.SucceedsJson(r);
 
     /// <summary>Exit 1 (a user error, not an internal failure), nothing on stdout, one "error: " line on stderr.</summary>
-    static string FailsCleanly(CliResult r, params string[] mentions) => Fails(r, progressAllowed: false, mentions);
+    static string FailsCleanly(CliHarness.Result r, params string[] mentions) => CliHarness.FailsStrict(r, onlyLine: true, completeLine: true, mentions);
 
     /// <summary>As <see cref="FailsCleanly"/>, but progress lines may precede the error, which must be the last line.</summary>
-    static string FailsAfterProgress(CliResult r, params string[] mentions) => Fails(r, progressAllowed: true, mentions);
-
-    static string Fails(CliResult r, bool progressAllowed, string[] mentions)
-    {
-        Assert.True(r.ExitCode == 1, "expected exit code 1\n" + r);
-        Assert.True(r.Stdout.Length == 0, "expected empty stdout\n" + r);
-        Assert.True(r.Stderr.EndsWith('\n'), "stderr should end with a complete line\n" + r);
-        var lines = r.Stderr.TrimEnd('\n', '\r').Split('\n').Select(l => l.TrimEnd('\r')).ToArray();
-        Assert.True(progressAllowed || lines.Length == 1, "expected exactly one stderr line\n" + r);
-        Assert.True(lines.Count(l => l.StartsWith("error: ")) == 1, "expected exactly one 'error: ' line\n" + r);
-        string line = lines[^1];
-        Assert.True(line.StartsWith("error: "), "stderr should start with 'error: '\n" + r);
-        Assert.False(line.StartsWith("error: internal failure"), r.ToString());
-        Assert.DoesNotContain("   at ", r.Stderr);
-        foreach (var m in mentions) Assert.True(line.Contains(m), $"stderr should mention '{m}'\n{r}");
-        return line;
-    }
+    static string FailsAfterProgress(CliHarness.Result r, params string[] mentions) => CliHarness.FailsStrict(r, onlyLine: false, completeLine: true, mentions);
 
     /// <summary>Copies a fixture checkpoint and rewrites its config.json.</summary>
     string CopyFixture(string name, Action<JsonObject>? editConfig = null, bool withWeights = true)

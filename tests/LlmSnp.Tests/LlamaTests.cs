@@ -60,6 +60,27 @@ public class LlamaTests
         }
     }
 
+    /// <summary>TinyLlama's GQA-with-biases checkpoint is read whole: every written tensor counted, none reported unused.</summary>
+    [Theory]
+    [InlineData("llama", true, true, false)]
+    [InlineData("qwen2", false, false, true)]
+    public void Tiny_llama_writer_checkpoints_open_whole_and_run(string type, bool attnBias, bool mlpBias, bool tied)
+    {
+        using var tmp = new TempDir();
+        var spec = new TinyLlama { ModelType = type, AttentionBias = attnBias, MlpBias = mlpBias, Tied = tied, KvHeads = 1 };
+        string dir = spec.Write(tmp.Sub("m"));
+        using var m = (LlmSnp.Pruning.ILanguageModel)LlmSnp.Models.ModelFamilies.Open(dir);
+        Assert.Empty(m.UnusedTensors);
+        using var ck = new LlmSnp.Checkpoint.CheckpointReader(dir);
+        Assert.Equal(ck.Names.Sum(n => ck.Entry(n).Shape.Aggregate(1L, (a, d) => a * d)), m.ParameterCount());
+        using var scope = torch.NewDisposeScope();
+        var h = m.Embed(torch.arange(6, ScalarType.Int64).unsqueeze(0));
+        for (int i = 0; i < m.BlockCount; i++) { using var b = m.LoadBlock(i); h = b.Forward(h)!; }
+        var logits = m.Head(h);
+        Assert.Equal(new long[] { 1, 6, spec.Vocab }, logits.shape);
+        Assert.True(torch.isfinite(logits).all().item<bool>());
+    }
+
     [Fact]
     public void SentencePiece_tokenizer_reproduces_the_golden_ids()
     {

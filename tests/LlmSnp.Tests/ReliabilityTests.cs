@@ -11,8 +11,8 @@ using static TorchSharp.torch;
 namespace LlmSnp.Tests;
 
 /// <summary>
-/// Reliability: seeded fuzzing of every on-disk input (safetensors headers, sharded indexes, OPT
-/// config.json), and the `prune` command as a user runs it (child process) when it is killed,
+/// Reliability: seeded fuzzing of every on-disk input (safetensors headers, sharded indexes, OPT, LLaMA-family
+/// and ViT configs and model directories, tokenizer files, labels.tsv), and the `prune` command as a user runs it (child process) when it is killed,
 /// pointed at an existing, unwritable or full destination, fed broken or degenerate weights, run
 /// twice, or given configs it does not support.
 /// </summary>
@@ -68,6 +68,9 @@ public sealed class ReliabilityTests : IDisposable
         Assert.True(r.Hangs == 0, $"{r.Hangs} hangs:\n{string.Join("\n", r.HangExamples)}");
         Assert.True(r.CleanErrorsWithoutPath == 0, $"{r.CleanErrorsWithoutPath} errors do not name the file:\n{string.Join("\n", r.UnnamedErrorExamples)}");
         Assert.True(r.MemoryFindings.Count == 0, string.Join("\n", r.MemoryFindings));
+        // Every target (each family's model directories, tokenizer and labels files too) is exercised, and some of each load.
+        foreach (var t in Enum.GetNames<HeaderFuzzer.Target>())
+            Assert.True(r.ByTarget.TryGetValue(t, out var c) && c[0] >= 50 && c[1] > 0, $"target {t}: {(c == null ? "no cases" : string.Join("/", c))}");
     }
 
     /// <summary>
@@ -110,83 +113,13 @@ public sealed class ReliabilityTests : IDisposable
 
     // ================================================================ the CLI as a user runs it
 
-    static readonly string CliDll = Path.Combine(AppContext.BaseDirectory, "LlmSnp.Cli.dll");
-    static string DotnetHost => Environment.GetEnvironmentVariable("DOTNET_HOST_PATH") is { Length: > 0 } host ? host : "dotnet";
-
-    sealed record CliResult(int ExitCode, string Stdout, string Stderr, string Command)
-    {
-        public override string ToString() =>
-            $"{Command}\nexit {ExitCode}\n--- stdout ---\n{(Stdout.Length > 2000 ? Stdout[..2000] + "..." : Stdout)}\n--- stderr ---\n{Stderr}";
-    }
-
-    /// <summary>`dotnet LlmSnp.Cli.dll args` (optionally through `bash -c PRELUDE; exec ...`), as CliTests runs it.</summary>
-    static ProcessStartInfo Psi(string[] args, string? bashPrelude = null, IDictionary<string, string>? env = null)
-    {
-        Assert.True(File.Exists(CliDll), $"{CliDll} not found next to the test assembly");
-        ProcessStartInfo psi;
-        if (bashPrelude == null)
-        {
-            psi = new ProcessStartInfo(DotnetHost);
-            psi.ArgumentList.Add(CliDll);
-        }
-        else
-        {
-            psi = new ProcessStartInfo("bash");
-            psi.ArgumentList.Add("-c");
-            psi.ArgumentList.Add(bashPrelude + "; exec \"$0\" \"$@\"");
-            psi.ArgumentList.Add(DotnetHost);
-            psi.ArgumentList.Add(CliDll);
-        }
-        foreach (var a in args) psi.ArgumentList.Add(a);
-        psi.RedirectStandardOutput = true;
-        psi.RedirectStandardError = true;
-        psi.UseShellExecute = false;
-        psi.WorkingDirectory = Repo.Root;
-        psi.Environment["MKL_NUM_THREADS"] = "1";
-        psi.Environment["OMP_NUM_THREADS"] = "1";
-        psi.Environment.Remove("LLMSNP_DEBUG");
-        psi.Environment.Remove("LLMSNP_HOME");
-        if (env != null) foreach (var (k, v) in env) psi.Environment[k] = v;
-        return psi;
-    }
-
-    static CliResult Run(string[] args, string? bashPrelude = null, IDictionary<string, string>? env = null, int timeoutSeconds = 180)
-    {
-        using var p = Process.Start(Psi(args, bashPrelude, env))!;
-        var stdout = p.StandardOutput.ReadToEndAsync();
-        var stderr = p.StandardError.ReadToEndAsync();
-        if (!p.WaitForExit(TimeSpan.FromSeconds(timeoutSeconds)))
-        {
-            p.Kill(entireProcessTree: true);
-            throw new TimeoutException($"llmsnp {string.Join(' ', args)} ran past {timeoutSeconds} s");
-        }
-        p.WaitForExit();
-        return new CliResult(p.ExitCode, stdout.Result, stderr.Result, "llmsnp " + string.Join(' ', args));
-    }
-
-    static JsonObject Succeeds(CliResult r)
-    {
-        Assert.True(r.ExitCode == 0, r.ToString());
-        var o = JsonNode.Parse(r.Stdout) as JsonObject;
-        Assert.True(o != null, r.ToString());
-        Assert.DoesNotContain("   at ", r.Stderr);
-        return o!;
-    }
+    // The CLI in a child process through the shared harness; Succeeds here is the JSON-returning one.
+    static JsonObject Succeeds(CliHarness.Result r) => CliHarness.SucceedsJson(r);
 
     /// <summary>Exit 1, empty stdout, exactly one "error: " line (the last; progress lines may precede it unless <paramref name="onlyLine"/>).</summary>
-    static string FailsWithOneLine(CliResult r, bool onlyLine, params string[] mentions)
-    {
-        Assert.True(r.ExitCode == 1, "expected exit code 1\n" + r);
-        Assert.True(r.Stdout.Length == 0, "expected empty stdout\n" + r);
-        var lines = r.Stderr.TrimEnd('\n', '\r').Split('\n').Select(l => l.TrimEnd('\r')).ToArray();
-        Assert.True(!onlyLine || lines.Length == 1, "expected exactly one stderr line\n" + r);
-        Assert.True(lines.Count(l => l.StartsWith("error: ")) == 1, "expected exactly one 'error: ' line\n" + r);
-        string line = lines[^1];
-        Assert.True(line.StartsWith("error: ") && !line.StartsWith("error: internal failure"), r.ToString());
-        Assert.DoesNotContain("   at ", r.Stderr);
-        foreach (var m in mentions) Assert.True(line.Contains(m), $"the error should mention '{m}'\n{r}");
-        return line;
-    }
+    static string FailsWithOneLine(CliHarness.Result r, bool onlyLine, params string[] mentions) => CliHarness.FailsStrict(r, onlyLine, completeLine: false, mentions);
+
+    static CliHarness.Result Run(string[] args, string? bashPrelude = null, IDictionary<string, string>? env = null) => CliHarness.Run(args, bashPrelude, env);
 
     /// <summary>SHA-256 and mtime of every file under a directory, by relative path.</summary>
     static SortedDictionary<string, (string Sha, DateTime MTime, long Length)> Snapshot(string dir)
@@ -239,7 +172,7 @@ public sealed class ReliabilityTests : IDisposable
         // Second kill: a second later, while blocks are being pruned and streamed into it.
         foreach (double delay in new[] { 0.0, 1.0 })
         {
-            using var p = Process.Start(Psi(args))!;
+            using var p = Process.Start(CliHarness.Psi(args))!;
             var stderr = p.StandardError.ReadToEndAsync();
             var stdout = p.StandardOutput.ReadToEndAsync();
             var sw = Stopwatch.StartNew();
@@ -551,44 +484,10 @@ public sealed class ReliabilityTests : IDisposable
         Assert.False(Directory.Exists(outDir));
     }
 
-    /// <summary>A minimal HF ViT checkpoint (2 layers, 32×32 images, 8×8 patches).</summary>
-    static string WriteTinyVit(string dir, Action<JsonObject> editConfig)
-    {
-        Directory.CreateDirectory(dir);
-        var gen = new torch.Generator(7);
-        Tensor R(params long[] s) => torch.randn(s, ScalarType.Float32, generator: gen) * 0.2;
-        int d = 32, mlp = 64, classes = 10, tokens = 1 + 16;
-        var t = new Dictionary<string, Tensor>
-        {
-            ["vit.embeddings.cls_token"] = R(1, 1, d), ["vit.embeddings.position_embeddings"] = R(1, tokens, d),
-            ["vit.embeddings.patch_embeddings.projection.weight"] = R(d, 3, 8, 8), ["vit.embeddings.patch_embeddings.projection.bias"] = R(d),
-            ["vit.layernorm.weight"] = 1 + R(d), ["vit.layernorm.bias"] = R(d), ["classifier.weight"] = R(classes, d), ["classifier.bias"] = R(classes),
-        };
-        for (int i = 0; i < 2; i++)
-        {
-            string l = $"vit.encoder.layer.{i}.";
-            foreach (var n in new[] { "attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense" }) { t[l + n + ".weight"] = R(d, d); t[l + n + ".bias"] = R(d); }
-            foreach (var n in new[] { "layernorm_before", "layernorm_after" }) { t[l + n + ".weight"] = 1 + R(d); t[l + n + ".bias"] = R(d); }
-            t[l + "intermediate.dense.weight"] = R(mlp, d); t[l + "intermediate.dense.bias"] = R(mlp);
-            t[l + "output.dense.weight"] = R(d, mlp); t[l + "output.dense.bias"] = R(d);
-        }
-        SafeTensorsWriter.WriteAll(dir, t.Select(kv => (kv.Key, kv.Value)));
-        var cfg = new JsonObject
-        {
-            ["model_type"] = "vit", ["hidden_size"] = d, ["num_hidden_layers"] = 2, ["num_attention_heads"] = 4,
-            ["intermediate_size"] = mlp, ["image_size"] = 32, ["patch_size"] = 8, ["num_channels"] = 3, ["layer_norm_eps"] = 1e-12,
-            ["hidden_act"] = "gelu", ["qkv_bias"] = true,
-        };
-        editConfig(cfg);
-        File.WriteAllText(Path.Combine(dir, "config.json"), cfg.ToJsonString());
-        foreach (var v in t.Values) v.Dispose();
-        return dir;
-    }
-
     [Fact]
     public void Vit_with_non_square_patches_fails_naming_the_field()
     {
-        string vit = WriteTinyVit(_tmp.Sub("vit"), c => c["patch_size"] = new JsonArray(16, 8));
+        string vit = new TinyVit { EditConfig = c => c["patch_size"] = new JsonArray(16, 8) }.Write(_tmp.Sub("vit"));
         string cfgPath = Path.Combine(vit, "config.json");
         FailsWithOneLine(Run(new[] { "inspect", "--model", vit }), onlyLine: true, cfgPath, "patch_size");
 

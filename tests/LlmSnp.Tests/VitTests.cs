@@ -71,49 +71,11 @@ public class VitTests
         }
     }
 
-    static string TinyVit(TempDir tmp, bool distilled, int seed = 3)
-    {
-        string dir = tmp.Sub(distilled ? "deit" : "vit");
-        Directory.CreateDirectory(dir);
-        var gen = new torch.Generator((ulong)seed);
-        Tensor R(params long[] s) => torch.randn(s, ScalarType.Float32, generator: gen) * 0.2;
-        int d = 32, layers = 2, mlp = 64, classes = 10, tokens = 1 + (distilled ? 1 : 0) + 16;
-        string p = distilled ? "deit." : "vit.";
-        var t = new Dictionary<string, Tensor>
-        {
-            [p + "embeddings.cls_token"] = R(1, 1, d), [p + "embeddings.position_embeddings"] = R(1, tokens, d),
-            [p + "embeddings.patch_embeddings.projection.weight"] = R(d, 3, 8, 8), [p + "embeddings.patch_embeddings.projection.bias"] = R(d),
-            [p + "layernorm.weight"] = 1 + R(d), [p + "layernorm.bias"] = R(d),
-        };
-        if (distilled)
-        {
-            t[p + "embeddings.distillation_token"] = R(1, 1, d);
-            foreach (var h in new[] { "cls_classifier", "distillation_classifier" }) { t[h + ".weight"] = R(classes, d); t[h + ".bias"] = R(classes); }
-        }
-        else { t["classifier.weight"] = R(classes, d); t["classifier.bias"] = R(classes); }
-        for (int i = 0; i < layers; i++)
-        {
-            string l = $"{p}encoder.layer.{i}.";
-            foreach (var n in new[] { "attention.attention.query", "attention.attention.key", "attention.attention.value", "attention.output.dense" }) { t[l + n + ".weight"] = R(d, d); t[l + n + ".bias"] = R(d); }
-            foreach (var n in new[] { "layernorm_before", "layernorm_after" }) { t[l + n + ".weight"] = 1 + R(d); t[l + n + ".bias"] = R(d); }
-            t[l + "intermediate.dense.weight"] = R(mlp, d); t[l + "intermediate.dense.bias"] = R(mlp);
-            t[l + "output.dense.weight"] = R(d, mlp); t[l + "output.dense.bias"] = R(d);
-        }
-        SafeTensorsWriter.WriteAll(dir, t.Select(kv => (kv.Key, kv.Value)));
-        File.WriteAllText(Path.Combine(dir, "config.json"), new JsonObject
-        {
-            ["model_type"] = distilled ? "deit" : "vit", ["hidden_size"] = d, ["num_hidden_layers"] = layers, ["num_attention_heads"] = 4,
-            ["intermediate_size"] = mlp, ["image_size"] = 32, ["patch_size"] = 8, ["num_channels"] = 3, ["layer_norm_eps"] = 1e-12,
-            ["hidden_act"] = "gelu", ["qkv_bias"] = true,
-        }.ToJsonString());
-        return dir;
-    }
-
     [Fact]
     public void Distilled_deit_averages_its_class_and_distillation_heads()
     {
         using var tmp = new TempDir();
-        string dir = TinyVit(tmp, distilled: true);
+        string dir = new TinyVit { Distilled = true }.Write(tmp.Sub("deit"));
         using var m = new VitModel(dir, CPU, ScalarType.Float64);
         Assert.True(m.Distilled);
         using var x = torch.randn(2, 3, 32, 32, dtype: ScalarType.Float64);
@@ -134,7 +96,7 @@ public class VitTests
     public void Pruned_vit_reloads_and_its_padded_export_gives_the_same_logits()
     {
         using var tmp = new TempDir();
-        string src = TinyVit(tmp, distilled: false);
+        string src = new TinyVit().Write(tmp.Sub("vit"));
         var calib = Enumerable.Range(0, 3).Select(i => torch.randn(new long[] { 4, 3, 32, 32 }, generator: new torch.Generator((ulong)(10 + i)))).ToList();
         using var probe = torch.randn(new long[] { 2, 3, 32, 32 }, generator: new torch.Generator(99));
         var opt = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.5, Ordering = Ordering.Zca };
@@ -172,7 +134,7 @@ public class VitTests
     public void Unsupported_vit_configs_are_rejected_with_the_field_named()
     {
         using var tmp = new TempDir();
-        string dir = TinyVit(tmp, distilled: false);
+        string dir = new TinyVit().Write(tmp.Sub("vit"));
         var path = Path.Combine(dir, "config.json");
         var cfg = JsonNode.Parse(File.ReadAllText(path))!.AsObject();
         cfg["patch_size"] = new JsonArray(8, 4);

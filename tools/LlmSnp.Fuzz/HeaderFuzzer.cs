@@ -97,12 +97,12 @@ public sealed record FuzzReport(int Cases, int Loaded, int CleanErrors, int Cras
 /// memory finding. Case i is a pure function of (seed, i), so any finding can be replayed with
 /// <see cref="RunOne"/>.
 /// </summary>
-public static class HeaderFuzzer
+public static partial class HeaderFuzzer
 {
     public const long MemoryLimitBytes = 1L << 30;
     const int MaxExamples = 20;
 
-    public enum Target { File, Checkpoint, Config, Model }
+    public enum Target { File, Checkpoint, Config, Model, Llama, Vit, Tokenizer, Labels }
 
     /// <summary>The result of one case.</summary>
     public sealed record CaseResult(int Index, Target Target, string Mutation, string Outcome, string? Detail, string? ExceptionType, long AllocatedBytes, long WorkingSetGrowth)
@@ -336,6 +336,15 @@ public static class HeaderFuzzer
             case Target.Config:
                 _ = OptConfig.From(ConfigFile.Load(path));
                 break;
+            case Target.Llama or Target.Vit:
+                OpenFamilyModel(path);
+                break;
+            case Target.Tokenizer:
+                OpenTokenizer(path);
+                break;
+            case Target.Labels:
+                OpenLabels(path);
+                break;
             case Target.Model:
                 {
                     using var m = new OptModel(path);   // ConfigFile.Load + OptConfig.From, then the checkpoint
@@ -413,10 +422,16 @@ public static class HeaderFuzzer
 
     static CasePlan Plan(Random rng)
     {
+        // Half the cases for the OPT-era targets, half for the other families and the tokenizer and labels files.
         double u = rng.NextDouble();
-        var target = u < 0.35 ? Target.File : u < 0.55 ? Target.Checkpoint : u < 0.78 ? Target.Config : Target.Model;
+        var target = u < 0.18 ? Target.File : u < 0.28 ? Target.Checkpoint : u < 0.38 ? Target.Config : u < 0.50 ? Target.Model
+            : u < 0.66 ? Target.Llama : u < 0.78 ? Target.Vit : u < 0.90 ? Target.Tokenizer : Target.Labels;
         string[] list = target switch
         {
+            Target.Llama => LlamaMutations,
+            Target.Vit => VitMutations,
+            Target.Tokenizer => TokenizerMutations,
+            Target.Labels => LabelsMutations,
             Target.File => FileMutations,
             Target.Checkpoint => rng.NextDouble() < 0.6 ? IndexMutations : FileMutations,
             Target.Config => ConfigMutations,
@@ -475,6 +490,10 @@ public static class HeaderFuzzer
                     File.WriteAllBytes(Path.Combine(dir, "config.json"), cfg.Bytes());
                     return new Built(dir, null);
                 }
+            case Target.Llama: return BuildLlama(plan, rng, dir);
+            case Target.Vit: return BuildVit(plan, rng, dir);
+            case Target.Tokenizer: return BuildTokenizer(plan, rng, dir);
+            case Target.Labels: return BuildLabels(plan, rng, dir);
             default:
                 {
                     var model = new ModelBuild(rng);
@@ -1113,9 +1132,16 @@ public static class HeaderFuzzer
         return c;
     }
 
-    static readonly string[] IntFields = { "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "max_position_embeddings", "word_embed_proj_dim" };
-    static readonly string[] BoolFields = { "do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine", "tie_word_embeddings", "pruned" };
-    static readonly string[] AllFields = IntFields.Concat(BoolFields).Concat(new[] { "model_type", "activation_function", "ffn_dims", "num_heads_per_layer", "torch_dtype" }).ToArray();
+    /// <summary>The config.json fields a family reads, by kind: what the generic config mutations aim at.</summary>
+    sealed record ConfigFields(string[] Ints, string[] Bools, string[] Others)
+    {
+        public readonly string[] All = Ints.Concat(Bools).Concat(Others).ToArray();
+    }
+
+    static readonly ConfigFields OptFields = new(
+        new[] { "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "max_position_embeddings", "word_embed_proj_dim" },
+        new[] { "do_layer_norm_before", "enable_bias", "layer_norm_elementwise_affine", "tie_word_embeddings", "pruned" },
+        new[] { "model_type", "activation_function", "ffn_dims", "num_heads_per_layer", "torch_dtype" });
 
     sealed class CfgBuild
     {
@@ -1146,11 +1172,13 @@ public static class HeaderFuzzer
         Note($"{field}={value?.ToJsonString() ?? "null"}");
     }
 
-    static void MutateConfig(CfgBuild c, string m, Random rng)
+    static void MutateConfig(CfgBuild c, string m, Random rng, ConfigFields? fields = null)
     {
         var j = c.Json;
+        var f0 = fields ?? OptFields;
+        string[] AllFields = f0.All, BoolFields = f0.Bools;
         string field = Pick(rng, AllFields);
-        string intField = Pick(rng, IntFields);
+        string intField = Pick(rng, f0.Ints);
         switch (m)
         {
             case "cfg-valid": break;

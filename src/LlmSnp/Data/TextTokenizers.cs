@@ -62,8 +62,10 @@ public sealed class SentencePieceTokenizer : ITextTokenizer
             using var s = File.OpenRead(path);
             return new SentencePieceTokenizer(LlamaTokenizer.Create(s, addBeginOfSentence: addBos, addEndOfSentence: false), $"{path} (SentencePiece)");
         }
+        // NullReferenceException: LlamaTokenizer.Create dereferences trainer_spec / normalizer_spec unchecked, and a
+        // protobuf cut at a field boundary (or an empty file) parses without them (found by the fuzzer).
         catch (Exception e) when (e is ArgumentException or FormatException or InvalidOperationException or IOException
-            or NotSupportedException or Google.Protobuf.InvalidProtocolBufferException)
+            or NotSupportedException or NullReferenceException or Google.Protobuf.InvalidProtocolBufferException)
         {
             throw new LlmSnpException($"{path}: cannot load the SentencePiece model ({e.Message.Split('\n')[0]})");
         }
@@ -83,7 +85,9 @@ public sealed class HfTokenizer : ITextTokenizer, IDisposable
     public int? BosId { get; }
     public int? EosId => null;
 
-    HfTokenizer(Tokenizers.DotNet.Tokenizer tok, string description, int? bos) { _tok = tok; Description = description; BosId = bos; }
+    readonly string _path;
+
+    HfTokenizer(Tokenizers.DotNet.Tokenizer tok, string path, int? bos) { _tok = tok; _path = path; Description = $"{path} (HF tokenizers)"; BosId = bos; }
 
     public static HfTokenizer Load(string path)
     {
@@ -92,12 +96,21 @@ public sealed class HfTokenizer : ITextTokenizer, IDisposable
         catch (Tokenizers.DotNet.TokenizerException e) { throw new LlmSnpException($"{path}: cannot load the tokenizer ({e.Message.Split('\n')[0]})"); }
         // The post-processor decides what is prepended: the first id of an empty text is the bos, if any.
         var empty = tok.Encode("");
-        return new HfTokenizer(tok, $"{path} (HF tokenizers)", empty.Length > 0 ? (int)empty[0] : null);
+        return new HfTokenizer(tok, path, empty.Length > 0 ? (int)empty[0] : null);
     }
 
-    public int[] Encode(string text) => _tok.Encode(text).Select(i => (int)i).ToArray();
+    // A tokenizer.json that loads can still fail on the first real text (e.g. a WordLevel unk_token missing from its vocab).
+    public int[] Encode(string text)
+    {
+        try { return _tok.Encode(text).Select(i => (int)i).ToArray(); }
+        catch (Tokenizers.DotNet.TokenizerException e) { throw new LlmSnpException($"{_path}: cannot encode text ({e.Message.Split('\n')[0]})"); }
+    }
 
-    public string Decode(IEnumerable<int> ids) => _tok.Decode(ids.Select(i => (uint)i).ToArray());
+    public string Decode(IEnumerable<int> ids)
+    {
+        try { return _tok.Decode(ids.Select(i => (uint)i).ToArray()); }
+        catch (Tokenizers.DotNet.TokenizerException e) { throw new LlmSnpException($"{_path}: cannot decode ids ({e.Message.Split('\n')[0]})"); }
+    }
 
     public void Dispose() => _tok.Dispose();
 }
