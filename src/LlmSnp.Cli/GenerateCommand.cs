@@ -62,17 +62,6 @@ static class GenerateCommand
             body();
             return 0;
         }
-        catch (Exception e) when (e is LlmSnpException or IOException or UnauthorizedAccessException)
-        {
-            Console.Out.Flush();
-            Console.Error.WriteLine($"error: {e.Message}");
-            return 1;
-        }
-        catch (Exception e)
-        {
-            Console.Error.WriteLine($"error: internal failure: {e.GetType().Name}: {e.Message.Split('\n')[0]}");
-            if (Environment.GetEnvironmentVariable("LLMSNP_DEBUG") == "1") Console.Error.WriteLine(e);
-            return 70;
-        }
+        catch (Exception e) { return Cli.Fail(e); }
     }
 }

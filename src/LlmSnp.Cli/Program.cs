@@ -67,7 +67,7 @@ static class Cli
         var batch = new Option<int>("--batch") { Description = "images per forward batch", DefaultValueFactory = _ => 32 };
         var acc = new Command("accuracy", "top-1 / top-5 of an image classifier") { amodel, imagesDir, limit, batch, Device, DType, Json };
         acc.SetAction(p => Run(p, () => AccuracyJob.Run(p.GetValue(amodel)!, p.GetValue(imagesDir)!, p.GetValue(limit), p.GetValue(batch),
-            Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p), Log)));
+            Runtime.ParseDevice(p.GetValue(Device)!), ComputeDType(p), Log).ToJson()));
         var lmodel = ModelOption();
         var ids = new Option<string?>("--ids") { Description = "comma-separated token ids (language models); image models use a fixed pattern image" };
         var logits = new Command("logits", "float64 logits for one fixed input, for comparison with another runtime (tools/reference/stock_load_check.py)") { lmodel, ids, Device, DType, Json };
@@ -221,22 +221,21 @@ static class Cli
             Console.Out.WriteLine(text);
             return 0;
         }
-        catch (LlmSnpException e)
+        catch (Exception e) { return Fail(e); }
+    }
+
+    /// <summary>One line on stderr and the exit code: 1 for bad input or I/O, 70 for an internal fault (stack with LLMSNP_DEBUG=1).</summary>
+    public static int Fail(Exception e)
+    {
+        Console.Out.Flush();
+        if (e is LlmSnpException or IOException or UnauthorizedAccessException)
         {
             Console.Error.WriteLine($"error: {e.Message}");
             return 1;
         }
-        catch (Exception e) when (e is IOException or UnauthorizedAccessException)
-        {
-            Console.Error.WriteLine($"error: {e.Message}");
-            return 1;
-        }
-        catch (Exception e)
-        {
-            Console.Error.WriteLine($"error: internal failure: {e.GetType().Name}: {e.Message.Split('\n')[0]}");
-            if (Environment.GetEnvironmentVariable("LLMSNP_DEBUG") == "1") Console.Error.WriteLine(e);
-            return 70;
-        }
+        Console.Error.WriteLine($"error: internal failure: {e.GetType().Name}: {e.Message.Split('\n')[0]}");
+        if (Environment.GetEnvironmentVariable("LLMSNP_DEBUG") == "1") Console.Error.WriteLine(e);
+        return 70;
     }
 }
 

@@ -95,6 +95,15 @@ public sealed class CheckpointReader : IDisposable
         return raw.to(dtype, device);
     }
 
+    /// <summary>Reads a tensor after checking its stored shape against the one the config gives (one line naming both).</summary>
+    public Tensor ReadShaped(string name, ScalarType dtype, Device device, long[] shape)
+    {
+        var e = Entry(name);
+        if (!e.Shape.SequenceEqual(shape))
+            throw new LlmSnpException($"{Directory}: tensor '{name}' has shape [{string.Join(", ", e.Shape)}], config says [{string.Join(", ", shape)}]");
+        return Read(name, dtype, device);
+    }
+
     /// <summary>The stored dtype shared by the floating-point tensors (the first one's, if mixed).</summary>
     public ScalarType StoredFloatDType =>
         _byTensor.Values.SelectMany(f => f.Tensors.Values).Select(e => SafeDTypes.ToTorch(e.DType)).FirstOrDefault(t => t.IsFloatingPoint(), ScalarType.Float32);

@@ -7,10 +7,21 @@ using static TorchSharp.torch;
 
 namespace LlmSnp.Evaluation;
 
+/// <summary>What `eval accuracy` measured.</summary>
+public sealed record AccuracyResult(string Model, string ImagesDir, double Top1, double Top5, int Images, int Skipped, long Parameters,
+    string DType, double PreprocessSeconds, double Seconds)
+{
+    public JsonObject ToJson() => new()
+    {
+        ["model"] = Model, ["images_dir"] = ImagesDir, ["top1"] = Top1, ["top5"] = Top5, ["images"] = Images, ["skipped"] = Skipped,
+        ["parameters"] = Parameters, ["dtype"] = DType, ["preprocess_seconds"] = PreprocessSeconds, ["seconds"] = Seconds,
+    };
+}
+
 /// <summary>`llmsnp eval accuracy`: top-1 / top-5 of an image classifier on a labelled image folder.</summary>
 public static class AccuracyJob
 {
-    public static JsonObject Run(string modelDir, string imagesDir, int? limit, int batch, Device device, ScalarType dtype, Action<string>? log)
+    public static AccuracyResult Run(string modelDir, string imagesDir, int? limit, int batch, Device device, ScalarType dtype, Action<string>? log)
     {
         using var model = ModelFamilies.OpenImageClassifier(modelDir, device, dtype, "eval accuracy");
         var set = ImageSet.Load(imagesDir, model.Classes).Images;
@@ -20,13 +31,8 @@ public static class AccuracyJob
         double prep = sw.Elapsed.TotalSeconds;
         var r = Measure(model, images, batch);
         log?.Invoke($"top-1 {r.Top1:F2} %, top-5 {r.Top5:F2} % on {images.Labels.Length} images");
-        return new JsonObject
-        {
-            ["model"] = modelDir, ["images_dir"] = imagesDir, ["top1"] = r.Top1, ["top5"] = r.Top5,
-            ["images"] = images.Labels.Length, ["skipped"] = images.Skipped,
-            ["parameters"] = model.ParameterCount(), ["dtype"] = Checkpoint.SafeDTypes.ConfigName(model.StoredDType),
-            ["preprocess_seconds"] = prep, ["seconds"] = sw.Elapsed.TotalSeconds,
-        };
+        return new AccuracyResult(modelDir, imagesDir, r.Top1, r.Top5, images.Labels.Length, images.Skipped, model.ParameterCount(),
+            Checkpoint.SafeDTypes.ConfigName(model.StoredDType), prep, sw.Elapsed.TotalSeconds);
     }
 
     /// <summary>Top-1 and top-5 (%), blocks streamed once over all images.</summary>

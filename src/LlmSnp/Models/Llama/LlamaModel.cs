@@ -58,13 +58,7 @@ public sealed class LlamaModel : ILanguageModel
         }
     }
 
-    Tensor ReadAs(string name, ScalarType dtype, params long[] shape)
-    {
-        var e = Checkpoint.Entry(name);
-        if (!e.Shape.SequenceEqual(shape))
-            throw new LlmSnpException($"{ModelDir}: tensor '{name}' has shape [{string.Join(", ", e.Shape)}], config says [{string.Join(", ", shape)}]");
-        return Checkpoint.Read(name, dtype, Device);
-    }
+    Tensor ReadAs(string name, ScalarType dtype, params long[] shape) => Checkpoint.ReadShaped(name, dtype, Device, shape);
 
     Tensor? _headCompute;
     Tensor HeadWeight => _headCompute ??= (_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope();

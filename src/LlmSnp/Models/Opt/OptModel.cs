@@ -79,13 +79,7 @@ public sealed class OptModel : ILanguageModel
 
     Tensor ReadStored(string fullName, params long[] shape) => ReadAs(fullName, StoredDType, shape);
 
-    Tensor ReadAs(string fullName, ScalarType dtype, long[] shape)
-    {
-        var e = Checkpoint.Entry(fullName);
-        if (!e.Shape.SequenceEqual(shape))
-            throw new LlmSnpException($"{ModelDir}: tensor '{fullName}' has shape [{string.Join(", ", e.Shape)}], config says [{string.Join(", ", shape)}]");
-        return Checkpoint.Read(fullName, dtype, Device);
-    }
+    Tensor ReadAs(string fullName, ScalarType dtype, long[] shape) => Checkpoint.ReadShaped(fullName, dtype, Device, shape);
 
     Tensor? _headCompute;
     Tensor HeadWeight => _headCompute ??= (_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope();

@@ -148,13 +148,7 @@ public sealed class VitModel : IImageClassifier
     void Load(OuterRole r, params long[] shape) => _outer[Name(r)] = Read(Name(r), shape);
     Tensor Outer(OuterRole r) => _outer[Name(r)];
 
-    Tensor Read(string name, params long[] shape)
-    {
-        var e = Checkpoint.Entry(name);
-        if (!e.Shape.SequenceEqual(shape))
-            throw new LlmSnpException($"{ModelDir}: tensor '{name}' has shape [{string.Join(", ", e.Shape)}], config says [{string.Join(", ", shape)}]");
-        return Checkpoint.Read(name, ComputeDType, Device);
-    }
+    Tensor Read(string name, params long[] shape) => Checkpoint.ReadShaped(name, ComputeDType, Device, shape);
 
     /// <summary>Pixels [batch, channels, size, size] (already normalised) → tokens [batch, 1 (+1) + patches, hidden].</summary>
     public Tensor Embed(Tensor pixels)
