@@ -125,12 +125,7 @@ public class GenerationTests
     {
         string src = Repo.Fixture("golden-llama/mistral-f16");
         using var tmp = new TempDir();
-        string dir = tmp.Sub("w");
-        Directory.CreateDirectory(dir);
-        File.Copy(Path.Combine(src, "model.safetensors"), Path.Combine(dir, "model.safetensors"));
-        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(src, "config.json")))!.AsObject();
-        cfg["sliding_window"] = 5;
-        File.WriteAllText(Path.Combine(dir, "config.json"), cfg.ToJsonString());
+        string dir = LlamaTests.MistralWithWindow(tmp, 5);
         using var ids = torch.arange(3, 27, dtype: ScalarType.Int64).unsqueeze(0);
         using (var f64 = ModelFamilies.OpenLanguageModel(dir, CPU, ScalarType.Float64)) AssertCachedEqualsFull(f64, ids, "mistral window 5");
         using var windowed = ModelFamilies.OpenLanguageModel(dir);

@@ -40,23 +40,18 @@ public class LlamaTests
     public void Forward_matches_independent_float64_reference(string fixture, ScalarType dtype, double tol)
     {
         string dir = fixture == "stories260k" ? Stories : Repo.Fixture(fixture);
-        using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "golden.json")));
-        var r = doc.RootElement;
+        var (ids, logits, nll) = ModelTests.Golden(dir);
         using var model = ModelFamilies.OpenLanguageModel(dir, CPU, dtype);
         Assert.Equal("llama", model.Family);
-        int s = 0;
-        foreach (var seq in r.GetProperty("input_ids").EnumerateArray())
+        for (int s = 0; s < ids.Length; s++)
         {
-            var ids = seq.EnumerateArray().Select(x => x.GetInt64()).ToArray();
-            var want = r.GetProperty("logits")[s].EnumerateArray().Select(t => t.EnumerateArray().Select(x => x.GetDouble()).ToArray()).ToArray();
-            using var input = torch.tensor(ids, new long[] { 1, ids.Length });
+            using var input = torch.tensor(ids[s], new long[] { 1, ids[s].Length });
             using var got = Forward(model, input).squeeze(0).to(ScalarType.Float64);
-            using var wantT = torch.tensor(want.SelectMany(x => x).ToArray(), new long[] { want.Length, want[0].Length }, ScalarType.Float64);
-            double maxAbs = (got - wantT).abs().max().item<double>();
+            using var want = torch.tensor(logits[s].SelectMany(x => x).ToArray(), new long[] { logits[s].Length, logits[s][0].Length }, ScalarType.Float64);
+            double maxAbs = (got - want).abs().max().item<double>();
             Assert.True(maxAbs < tol, $"{fixture} seq {s}: max |Δlogit| = {maxAbs:G3} ≥ {tol}");
-            var ppl = Perplexity.Evaluate(model, ids.Select(x => (int)x).ToArray(), ids.Length, null, "golden");
-            Assert.InRange(ppl.FirstWindowNll, r.GetProperty("mean_nll")[s].GetDouble() - 1e-4, r.GetProperty("mean_nll")[s].GetDouble() + 1e-4);
-            s++;
+            var ppl = Perplexity.Evaluate(model, ids[s].Select(x => (int)x).ToArray(), ids[s].Length, null, "golden");
+            Assert.InRange(ppl.FirstWindowNll, nll[s] - 1e-4, nll[s] + 1e-4);
         }
     }
 
@@ -202,17 +197,24 @@ public class LlamaTests
         }
     }
 
+    /// <summary>The Mistral fixture with a sliding window shorter than its test sequences.</summary>
+    internal static string MistralWithWindow(TempDir tmp, int window)
+    {
+        string src = Repo.Fixture("golden-llama/mistral-f16"), dir = tmp.Sub("w");
+        Directory.CreateDirectory(dir);
+        File.Copy(Path.Combine(src, "model.safetensors"), Path.Combine(dir, "model.safetensors"));
+        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(src, "config.json")))!.AsObject();
+        cfg["sliding_window"] = window;
+        File.WriteAllText(Path.Combine(dir, "config.json"), cfg.ToJsonString());
+        return dir;
+    }
+
     [Fact]
     public void Mistral_sliding_window_changes_only_positions_past_the_window()
     {
         string src = Repo.Fixture("golden-llama/mistral-f16");
         using var tmp = new TempDir();
-        string dir = tmp.Sub("w");
-        Directory.CreateDirectory(dir);
-        File.Copy(Path.Combine(src, "model.safetensors"), Path.Combine(dir, "model.safetensors"));
-        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(src, "config.json")))!.AsObject();
-        cfg["sliding_window"] = 5;
-        File.WriteAllText(Path.Combine(dir, "config.json"), cfg.ToJsonString());
+        string dir = LlamaTests.MistralWithWindow(tmp, 5);
         using var full = ModelFamilies.OpenLanguageModel(src, CPU, ScalarType.Float64);
         using var windowed = ModelFamilies.OpenLanguageModel(dir, CPU, ScalarType.Float64);
         using var ids = torch.arange(1, 17, dtype: ScalarType.Int64).unsqueeze(0);

@@ -7,7 +7,8 @@ namespace LlmSnp.Tests;
 
 public class ModelTests
 {
-    static (long[][] Ids, double[][][] Logits, double[] Nll) Golden(string dir)
+    /// <summary>A golden.json: input ids, float64 reference logits and mean NLL per sequence.</summary>
+    internal static (long[][] Ids, double[][][] Logits, double[] Nll) Golden(string dir)
     {
         using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "golden.json")));
         var r = doc.RootElement;
