@@ -35,7 +35,7 @@ static class OptionChecks
     public static readonly IReadOnlyDictionary<string, Rule> Rules = new Dictionary<string, Rule>(StringComparer.Ordinal)
     {
         // Windows need two tokens: one predicted from another.
-        ["--seqlen"] = Int(2, MaxSeqLen), ["--calib-seqlen"] = Int(2, MaxSeqLen), ["--eval-seqlen"] = Int(2, MaxSeqLen),
+        ["--seqlen"] = Int(2, MaxSeqLen), ["--llama-cpp-prefill"] = Int(1, MaxSeqLen), ["--calib-seqlen"] = Int(2, MaxSeqLen), ["--eval-seqlen"] = Int(2, MaxSeqLen),
         ["--calib-samples"] = Int(1, 1_000_000),
         ["--max-windows"] = Int(1, int.MaxValue), ["--eval-limit"] = Int(1, int.MaxValue), ["--limit"] = Int(1, int.MaxValue),
         ["--eval-windows"] = Int(1, int.MaxValue), ["--eval-images"] = Int(1, int.MaxValue),

@@ -23,6 +23,8 @@ public sealed record BenchOptions
     public double Ratio { get; init; } = 0.2;
     /// <summary>Decode steps of the llama.cpp speed runs (LLaMA family).</summary>
     public int DecodeSteps { get; init; } = 8;
+    /// <summary>llama.cpp prefill length (a 2048-token prefill of a 7B model takes many minutes on 2 cores).</summary>
+    public int LlamaCppPrefill { get; init; } = 512;
 }
 
 /// <summary>
@@ -74,6 +76,7 @@ public static class Bench
             log?.Invoke($"random {s.Name} ({s.Layers} layers) written: {fileBytes / 1e9:F2} GB in {sw.Elapsed.TotalSeconds:F0}s");
             var rng = new Random(0);
             LlamaCppSpeed? denseCpp = null;
+            int cppPrefill = Math.Min(o.LlamaCppPrefill, seq);
             int seq = Math.Min(o.SeqLen, s.MaxPositions);
             if (!o.SkipEval)
             {
@@ -93,12 +96,13 @@ public static class Bench
                 if (ModelFamilies.Of(dir).ExportsGguf)
                 {
                     // The strongest CPU engine a user would pick, on the same weights (F16), prefilling the same length.
-                    var (cpp, skipped) = InferenceBench.LlamaCpp(dir, Export.GgufDType.F16, seq, o.DecodeSteps, s.Vocab, log);
+                    var (cpp, skipped) = InferenceBench.LlamaCpp(dir, Export.GgufDType.F16, cppPrefill, o.DecodeSteps, s.Vocab, log);
                     denseCpp = cpp;
                     result["llama_cpp"] = new JsonObject
                     {
                         ["dense"] = cpp?.ToJson(), ["skipped"] = skipped,
                         ["llmsnp_eval_over_llama_cpp_prefill"] = cpp is null ? null : r.TokensPerSecond / cpp.PrefillTokensPerSecond,
+                        ["note"] = $"LlmSnp evaluates {seq}-token windows; llama.cpp prefills {cppPrefill} tokens",
                     };
                 }
             }
@@ -131,7 +135,7 @@ public static class Bench
                 if (denseCpp != null)
                 {
                     // Pruned against dense in llama.cpp, next to the ratio of weight FLOPs per token (embeddings excluded).
-                    var (cpp, skipped) = InferenceBench.LlamaCpp(outDir, Export.GgufDType.F16, seq, o.DecodeSteps, s.Vocab, log);
+                    var (cpp, skipped) = InferenceBench.LlamaCpp(outDir, Export.GgufDType.F16, cppPrefill, o.DecodeSteps, s.Vocab, log);
                     long embed = (long)report["params_before"]! - (long)report["prunable_params"]!;
                     double flopRatio = (double)((long)report["params_before"]! - embed) / ((long)report["params_after"]! - embed);
                     result["llama_cpp_pruned"] = new JsonObject
