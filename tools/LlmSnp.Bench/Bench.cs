@@ -76,8 +76,8 @@ public static class Bench
             log?.Invoke($"random {s.Name} ({s.Layers} layers) written: {fileBytes / 1e9:F2} GB in {sw.Elapsed.TotalSeconds:F0}s");
             var rng = new Random(0);
             LlamaCppSpeed? denseCpp = null;
-            int cppPrefill = Math.Min(o.LlamaCppPrefill, seq);
             int seq = Math.Min(o.SeqLen, s.MaxPositions);
+            int cppPrefill = Math.Min(o.LlamaCppPrefill, seq);
             if (!o.SkipEval)
             {
                 var ids = Enumerable.Range(0, o.EvalWindows * seq).Select(_ => rng.Next(3, s.Vocab)).ToArray();
