@@ -10,7 +10,7 @@ trap 'rc=$?; say "error: setup.sh line $LINENO failed (exit $rc)"' ERR   # never
 command -v dotnet >/dev/null || { say "error: the .NET SDK (dotnet) is not on PATH; install .NET 10 first"; exit 1; }
 command -v python3 >/dev/null || { say "error: python3 is needed to check TorchSharp's native library"; exit 1; }
 
-say "dotnet restore (NuGet packages: TorchSharp-cpu, Microsoft.ML.Tokenizers, System.CommandLine, SkiaSharp, ScottPlot, xunit)"
+say "dotnet restore (NuGet packages: TorchSharp-cpu, Microsoft.ML.Tokenizers, Tokenizers.DotNet, LLamaSharp + its CPU backend, System.CommandLine, SkiaSharp, ScottPlot, xunit)"
 # A package feed can fail for a moment (network, feed restart): retry, and show NuGet's own error lines.
 log="$(mktemp)"; trap 'rm -f "$log"' EXIT
 for attempt in 1 2 3 4; do
