@@ -21,14 +21,7 @@ public class GenerationTests
     static string Stories => Path.Combine(Repo.Root, "models", "stories260k");
 
     /// <summary>The full forward, every block in turn over the whole sequence (the path the golden tests check).</summary>
-    static Tensor FullLogits(ILanguageModel m, Tensor ids)
-    {
-        using var scope = NewDisposeScope();
-        var h = m.Embed(ids);
-        for (int i = 0; i < m.BlockCount; i++)
-            using (var b = m.LoadBlock(i)) h = b.Forward(h)!;
-        return m.Head(h).MoveToOuterDisposeScope();
-    }
+    static Tensor FullLogits(ILanguageModel m, Tensor ids) => LlamaTests.Forward(m, ids);
 
     /// <summary>
     /// The same ids through the cache in uneven pieces: a prefill, single tokens, a multi-token chunk past position 0

@@ -18,7 +18,7 @@ public class LlamaTests
     static int[] Ids(string file) => JsonSerializer.Deserialize<int[]>(File.ReadAllText(Path.Combine(TinyStoriesDir, file)))!;
 
     /// <summary>Full forward with every block in turn (the streamed path the jobs use, one sequence).</summary>
-    static Tensor Forward(IPrunableModel m, Tensor ids)
+    internal static Tensor Forward(IPrunableModel m, Tensor ids)
     {
         using var scope = NewDisposeScope();
         var h = m.Embed(ids);
