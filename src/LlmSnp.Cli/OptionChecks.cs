@@ -41,6 +41,7 @@ static class OptionChecks
         ["--eval-windows"] = Int(1, int.MaxValue), ["--eval-images"] = Int(1, int.MaxValue),
         ["--batch"] = Int(1, 65536),
         ["--layers"] = Int(1, 4096),
+        ["--width-multiple"] = Int(1, 65536),
         ["--cases"] = Int(1, 100_000_000),
         ["--seed"] = Int(0, int.MaxValue),
         ["--ratio"] = new(0, 1, false, MaxOpen: true), ["--budget"] = new(0, 1, false, MaxOpen: true),

@@ -134,7 +134,9 @@ static class Cli
         var evalWindows = new Option<int?>("--eval-limit", "--eval-max-windows") { Description = "evaluate the first N windows (text) or images" };
         var seed = new Option<int>("--seed") { DefaultValueFactory = _ => 0, Description = "seed" };
         var images = new Option<string?>("--images") { Description = "image models: labelled image folder; --calib-samples images calibrate, the others are evaluated" };
-        var cmd = new Command("compare", "every method at every ratio on one calibration set: JSON, CSV and plots") { model, outDir, ratios, methods, targets, calib, samples, calibLen, eval, evalLen, evalWindows, seed, images, Json };
+        var widthMultiple = PruneCliOptions.WidthMultipleOption();
+        var noSpeed = new Option<bool>("--no-speed") { Description = "language models: skip measuring each pruned model's prefill and decode speed against dense" };
+        var cmd = new Command("compare", "every method at every ratio on one calibration set: JSON, CSV and plots") { model, outDir, ratios, methods, targets, calib, samples, calibLen, eval, evalLen, evalWindows, seed, images, widthMultiple, noSpeed, Json };
         cmd.SetAction(p => Run(p, () => LlmSnp.Reporting.CompareJob.Run(new LlmSnp.Reporting.CompareOptions
         {
             ModelDir = p.GetValue(model)!, OutDir = p.GetValue(outDir)!,
@@ -143,6 +145,7 @@ static class Cli
             TargetSets = p.GetValue(targets)!.Split(';', StringSplitOptions.RemoveEmptyEntries).Select(t => t.Split(',').All(x => x is "mlp" or "heads") ? t : throw new LlmSnpException($"--targets: unknown target set '{t}'")).ToList(),
             Calib = p.GetValue(calib)!, CalibSamples = p.GetValue(samples), CalibSeqLen = p.GetValue(calibLen),
             Eval = p.GetValue(eval)!, EvalSeqLen = p.GetValue(evalLen), EvalLimit = p.GetValue(evalWindows), Seed = p.GetValue(seed), Images = p.GetValue(images),
+            WidthMultiple = p.GetValue(widthMultiple), MeasureSpeed = !p.GetValue(noSpeed),
             CommandLine = "llmsnp " + string.Join(' ', Environment.GetCommandLineArgs().Skip(1)),
         }, Log)));
         return cmd;
@@ -155,12 +158,13 @@ static class Cli
         var windows = new Option<int>("--eval-windows") { Description = "perplexity windows", DefaultValueFactory = _ => 4 };
         var seqlen = new Option<int>("--seqlen") { Description = "window length", DefaultValueFactory = _ => 2048 };
         var samples = new Option<int>("--calib-samples") { Description = "calibration windows for the pruning run", DefaultValueFactory = _ => 32 };
-        var skipEval = new Option<bool>("--skip-eval") { Description = "only the pruning run" };
+        var skipEval = new Option<bool>("--skip-eval") { Description = "skip LlmSnp's perplexity evaluation (llama.cpp's dense and pruned speed are still measured)" };
+        var benchMultiple = PruneCliOptions.WidthMultipleOption();
         var work = new Option<string>("--work-dir") { Description = "where the random checkpoint is generated", DefaultValueFactory = _ => Path.GetTempPath() };
         var ordering = new Option<string>("--ordering") { Description = "ordering of the pruning run (zca; variance skips the eigendecomposition)", DefaultValueFactory = _ => "zca" };
         var cppPrefill = new Option<int>("--llama-cpp-prefill") { Description = "tokens llama.cpp prefills (LLaMA shapes; at most --seqlen)", DefaultValueFactory = _ => 512 };
         var benchRatio = new Option<double>("--ratio") { Description = "fraction of MLP neurons and heads (K/V groups) the pruning run removes", DefaultValueFactory = _ => 0.2 };
-        var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random model of a released shape") { shape, layers, windows, seqlen, samples, skipEval, work, ordering, benchRatio, cppPrefill, Json };
+        var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random model of a released shape") { shape, layers, windows, seqlen, samples, skipEval, work, ordering, benchRatio, benchMultiple, cppPrefill, Json };
         var cases = new Option<int>("--cases") { Description = "mutated checkpoints and configs to try", DefaultValueFactory = _ => 20000 };
         var fuzzSeed = new Option<int>("--seed") { Description = "fuzz seed", DefaultValueFactory = _ => 20240611 };
         var fuzz = new Command("fuzz", "hostile-input fuzzing of the safetensors reader, sharded index and config parsing") { cases, fuzzSeed, Json };
@@ -179,6 +183,7 @@ static class Cli
             {
                 Shape = s, EvalWindows = p.GetValue(windows), SeqLen = p.GetValue(seqlen), CalibSamples = p.GetValue(samples),
                 SkipEval = p.GetValue(skipEval), WorkDir = p.GetValue(work)!, Ordering = Orderings.Parse(p.GetValue(ordering)!), Ratio = p.GetValue(benchRatio), LlamaCppPrefill = p.GetValue(cppPrefill),
+                WidthMultiple = p.GetValue(benchMultiple),
             }, Log);
         }));
         return cmd;
@@ -243,6 +248,12 @@ static class Cli
 /// <summary>The options `prune` (and `demo`) share.</summary>
 sealed class PruneCliOptions
 {
+    public static Option<int> WidthMultipleOption() => new("--width-multiple")
+    {
+        Description = "every pruned MLP layer keeps a multiple of N neurons (16 lets llama.cpp's fast F16/F32 GEMM run the down_proj on AVX-512 CPUs)",
+        DefaultValueFactory = _ => 1,
+    };
+
     readonly Option<string> _out = new("--out") { Description = "output directory (written atomically)", Required = true };
     readonly Option<string> _ordering = new("--ordering") { Description = "zca, zca-precision, id, obs, variance, weight-norm, fluctuation, wanda-sp, magnitude, random", DefaultValueFactory = _ => "zca" };
     readonly Option<string> _reconstruct = new("--reconstruct") { Description = "lstsq (least squares, with the mean term wherever the consumer has a bias or its stock class can hold one; else without), lstsq-nobias, lstsq-bias, bias (means only, FLAP) or none", DefaultValueFactory = _ => "lstsq" };
@@ -251,6 +262,7 @@ sealed class PruneCliOptions
     readonly Option<double?> _budget = new("--budget") { Description = "fraction of prunable parameters to remove (τ found by bisection)" };
     readonly Option<bool> _uniform = new("--uniform") { Description = "with --ratio or --budget: the same kept count per node kind in every layer, so the stock config states the pruned widths" };
     readonly Option<string> _targets = new("--targets") { Description = "mlp, heads or mlp,heads", DefaultValueFactory = _ => "mlp,heads" };
+    readonly Option<int> _widthMultiple = WidthMultipleOption();
     readonly Option<string> _calib = new("--calib") { Description = "calibration data: c4 (bundled sample), wikitext2, tinystories (bundled calibration part) or a text file; a labelled image folder for image models", DefaultValueFactory = _ => "c4" };
     readonly Option<int> _samples = new("--calib-samples") { Description = "calibration windows (text) or images", DefaultValueFactory = _ => 128 };
     readonly Option<int?> _calibLen = new("--calib-seqlen") { Description = "calibration window length (default: 2048 or max positions)" };
@@ -265,7 +277,7 @@ sealed class PruneCliOptions
 
     public void AddTo(Command c)
     {
-        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _uniform, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
+        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _uniform, _widthMultiple, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
             c.Options.Add(o);
     }
 
@@ -287,7 +299,7 @@ sealed class PruneCliOptions
             {
                 Ordering = Orderings.Parse(p.GetValue(_ordering)!), Reconstruct = reconstruct, Policy = kind, Amount = amount,
                 PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
-                UniformWidths = p.GetValue(_uniform),
+                UniformWidths = p.GetValue(_uniform), WidthMultiple = p.GetValue(_widthMultiple),
             },
             CalibSource = p.GetValue(_calib)!, CalibSamples = p.GetValue(_samples), CalibSeqLen = p.GetValue(_calibLen),
             EvalDataset = p.GetValue(_eval), EvalSeqLen = p.GetValue(_evalLen), EvalLimit = p.GetValue(_evalWindows), EvalImages = p.GetValue(_images),

@@ -25,6 +25,7 @@ public sealed record BenchOptions
     public int DecodeSteps { get; init; } = 8;
     /// <summary>llama.cpp prefill length (a 2048-token prefill of a 7B model takes many minutes on 2 cores).</summary>
     public int LlamaCppPrefill { get; init; } = 512;
+    public int WidthMultiple { get; init; } = 1;
 }
 
 /// <summary>
@@ -93,18 +94,19 @@ public static class Bench
                     ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["bytes_read"] = model.BytesRead,
                 };
                 log?.Invoke($"eval: {r.TokensPerSecond:F0} tokens/s, {flops / r.Seconds / 1e9:F1} GFLOP/s = {flops / r.Seconds / peak:P0} of peak");
-                if (ModelFamilies.Of(dir).ExportsGguf)
+            }
+            if (ModelFamilies.Of(dir).ExportsGguf)
+            {
+                // The strongest CPU engine a user would pick, on the same weights (F16), prefilling the same length.
+                var (cpp, skipped) = InferenceBench.LlamaCpp(dir, Export.GgufDType.F16, cppPrefill, o.DecodeSteps, s.Vocab, log);
+                denseCpp = cpp;
+                double? own = result["eval"]?["tokens_per_second"]?.GetValue<double>();
+                result["llama_cpp"] = new JsonObject
                 {
-                    // The strongest CPU engine a user would pick, on the same weights (F16), prefilling the same length.
-                    var (cpp, skipped) = InferenceBench.LlamaCpp(dir, Export.GgufDType.F16, cppPrefill, o.DecodeSteps, s.Vocab, log);
-                    denseCpp = cpp;
-                    result["llama_cpp"] = new JsonObject
-                    {
-                        ["dense"] = cpp?.ToJson(), ["skipped"] = skipped,
-                        ["llmsnp_eval_over_llama_cpp_prefill"] = cpp is null ? null : r.TokensPerSecond / cpp.PrefillTokensPerSecond,
-                        ["note"] = $"LlmSnp evaluates {seq}-token windows; llama.cpp prefills {cppPrefill} tokens",
-                    };
-                }
+                    ["dense"] = cpp?.ToJson(), ["skipped"] = skipped,
+                    ["llmsnp_eval_over_llama_cpp_prefill"] = cpp is null || own is null ? null : own / cpp.PrefillTokensPerSecond,
+                    ["note"] = $"LlmSnp evaluates {seq}-token windows; llama.cpp prefills {cppPrefill} tokens",
+                };
             }
             {
                 var calib = Enumerable.Range(0, o.CalibSamples)
@@ -114,7 +116,7 @@ public static class Bench
                 string outDir = dir + "-pruned";
                 var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
                 {
-                    Model = model, Options = new PruneOptions { Ordering = o.Ordering, Policy = RatioPolicyKind.Ratio, Amount = o.Ratio },
+                    Model = model, Options = new PruneOptions { Ordering = o.Ordering, Policy = RatioPolicyKind.Ratio, Amount = o.Ratio, WidthMultiple = o.WidthMultiple },
                     Calibration = calib, CalibrationInfo = new JsonObject { ["source"] = "random ids", ["samples"] = o.CalibSamples, ["seqlen"] = seq },
                     OutDir = outDir, SourceDir = dir, ParamsBefore = model.ParameterCount(),
                 }, log);
@@ -125,7 +127,7 @@ public static class Bench
                 double total = (double)report["seconds"]!["total"]!;
                 result["prune"] = new JsonObject
                 {
-                    ["ordering"] = Orderings.Name(o.Ordering), ["ratio"] = o.Ratio, ["calibration_tokens"] = tokens, ["seconds"] = report["seconds"]!.DeepClone(),
+                    ["ordering"] = Orderings.Name(o.Ordering), ["ratio"] = o.Ratio, ["width_multiple"] = o.WidthMultiple, ["calibration_tokens"] = tokens, ["seconds"] = report["seconds"]!.DeepClone(),
                     ["flop_bound_seconds"] = bound, ["ratio_to_bound"] = total / bound,
                     ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["peak_anon_over_file_size"] = (double)mem.PeakAnonBytes / fileBytes,
                     ["bytes_read"] = model.BytesRead,
@@ -141,6 +143,8 @@ public static class Bench
                     result["llama_cpp_pruned"] = new JsonObject
                     {
                         ["pruned"] = cpp?.ToJson(), ["skipped"] = skipped, ["weight_flop_ratio"] = flopRatio,
+                        // Kept widths: llama.cpp's fast F16 GEMM needs the down_proj's inner (MLP) width aligned (--width-multiple).
+                        ["mlp_widths_kept"] = KeptWidths(report, "mlp"), ["heads_kept"] = KeptWidths(report, "heads"),
                         ["prefill_speedup"] = cpp is null ? null : cpp.PrefillTokensPerSecond / denseCpp.PrefillTokensPerSecond,
                         ["decode_speedup"] = cpp is null ? null : denseCpp.DecodeMsPerToken / cpp.DecodeMsPerToken,
                     };
@@ -154,6 +158,10 @@ public static class Bench
         }
         return result;
     }
+
+    /// <summary>The distinct kept unit counts of one node kind over the layers of a pruning report.</summary>
+    static JsonArray KeptWidths(JsonObject report, string kind) =>
+        new(report["layers"]!.AsArray().Where(l => (string)l!["kind"]! == kind).Select(l => (int)l!["units_kept"]!).Distinct().Select(w => (JsonNode)w).ToArray());
 }
 
 /// <summary>

@@ -533,7 +533,7 @@ public static partial class HeaderFuzzer
                 case "sp-drop-fields":
                     {
                         // Keep a prefix of the top-level fields: no pieces at all, or no normalizer/trainer spec.
-                        var top = lens.Where(l => l.At > 0 && (b[l.At - 1] & 7) == 2).Select(l => l.At - 1).Distinct().Where(i => i == 0 || true).ToList();
+                        var top = lens.Where(l => l.At > 0 && (b[l.At - 1] & 7) == 2).Select(l => l.At - 1).Distinct().ToList();
                         int cut = top.Count == 0 ? 0 : top[rng.Next(top.Count)];
                         b = rng.NextDouble() < 0.5 ? b[..cut] : b[cut..];
                     }

@@ -32,6 +32,12 @@ public static class TextSources
         _ => Path.GetFileName(source),
     };
 
+    /// <summary>A name short enough for a plot's axis label.</summary>
+    public static string ShortName(string source) => source switch
+    {
+        WikiText2 => "WikiText-2", C4 => "C4 sample", TinyStories => "TinyStories", _ => Path.GetFileName(source),
+    };
+
     /// <summary>The evaluation text as the published protocol joins it: rows with "\n\n", documents with " ".</summary>
     public static string EvaluationText(string source)
     {

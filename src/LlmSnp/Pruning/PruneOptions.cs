@@ -19,6 +19,12 @@ public sealed record PruneOptions
     /// state the pruned widths; SNP still chooses which groups each layer keeps.
     /// </summary>
     public bool UniformWidths { get; init; }
+    /// <summary>
+    /// Every pruned MLP layer keeps a multiple of this many neurons (nearest to the policy's count). Runtimes' fast
+    /// GEMM kernels want the inner dimension aligned: llama.cpp's F16/F32 tinyBLAS needs a multiple of 16 with AVX-512
+    /// (8 with AVX2) and otherwise falls back to a much slower path for the whole down_proj.
+    /// </summary>
+    public int WidthMultiple { get; init; } = 1;
 
     public bool Targets(NodeKind k) => k == NodeKind.Heads ? PruneHeads : PruneMlp;
 
@@ -35,6 +41,7 @@ public sealed record PruneOptions
         }
         if (UniformWidths && Policy == RatioPolicyKind.Variance)
             throw new LlmSnpException("--uniform works with --ratio or --budget: --variance chooses each layer's width from its own spectrum");
+        if (WidthMultiple < 1) throw new LlmSnpException($"--width-multiple must be a positive integer (got {WidthMultiple})");
         if (!PruneHeads && !PruneMlp) throw new LlmSnpException("--targets selects nothing to prune (use mlp, heads or mlp,heads)");
         if (!(Damp >= 0) || double.IsInfinity(Damp)) throw new LlmSnpException($"--damp must be a non-negative number (got {Damp})");
     }
@@ -60,6 +67,17 @@ public static class ReconstructModes
 public static class RatioPolicy
 {
     public static int KeepForRatio(int groups, double r) => Math.Clamp(groups - (int)Math.Round(r * groups), 1, groups);
+
+    /// <summary>
+    /// <paramref name="keep"/> moved to the nearest multiple of <paramref name="multiple"/> (ties up), at least one
+    /// multiple; where that would pass the layer's width, or the policy keeps it whole, the layer stays whole.
+    /// </summary>
+    public static int RoundToMultiple(int keep, int units, int multiple)
+    {
+        if (multiple <= 1 || keep >= units) return Math.Min(keep, units);
+        int nearest = (int)Math.Round((double)keep / multiple, MidpointRounding.AwayFromZero) * multiple;
+        return nearest > units ? units : Math.Max(nearest, multiple);
+    }
 
     /// <summary>Smallest k with Σ_{j≤k} D_j ≥ τ·Σ_j D_j (D in π order); τ ≥ 1 keeps everything.</summary>
     public static int KeepForVariance(IReadOnlyList<double> d, double tau)

@@ -30,6 +30,8 @@ public static class PrunedCheckpoint
         public bool Force { get; init; }
         public bool ExportPadded { get; init; }
         public long ShardBytes { get; init; } = 2L << 30;
+        /// <summary>Called with each pruned block once its tensors are written (compare evaluates it in the same pass).</summary>
+        public Action<IPrunableBlock, int>? AfterBlockWritten { get; init; }
     }
 
     /// <summary>Prunes and writes; returns the report that was written as pruning_config.json.</summary>
@@ -95,11 +97,14 @@ public static class PrunedCheckpoint
                     }
             }
             var engine = new SnpEngine(model, req.Options, log);
-            var result = engine.Run(req.Calibration, (block, _) =>
+            var result = engine.Run(req.Calibration, (block, b) =>
             {
                 Add(writer, block.Tensors(dtype), true);
                 if (padded != null) Add(padded, block.PaddedTensors(dtype), false);
+                req.AfterBlockWritten?.Invoke(block, b);
             });
+            if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).ExportsGguf && result.Layers.Count(l => l.Kind == "mlp" && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
+                log?.Invoke($"note: {odd} MLP layers keep a width that is not a multiple of 16; llama.cpp's fast F16/F32 GEMM then takes a slow path for their down_proj (--width-multiple 16 aligns them)");
             Add(writer, model.OuterTensors(dtype), true);
             if (padded != null) Add(padded, model.OuterTensors(dtype), false);
             var files = writer.Finish();
@@ -158,6 +163,7 @@ public static class PrunedCheckpoint
                 ["damp"] = o.Damp,
                 ["seed"] = o.Seed,
                 ["uniform_widths"] = o.UniformWidths,
+                ["width_multiple"] = o.WidthMultiple,
                 ["dtype_written"] = SafeDTypes.ConfigName(req.Model.StoredDType),
                 ["compute_dtype"] = SafeDTypes.ConfigName(req.Model.ComputeDType),
             },

@@ -196,6 +196,7 @@ public sealed class SnpEngine
             RatioPolicyKind.Ratio => RatioPolicy.KeepForRatio(info.Groups, _opt.Amount),
             _ => RatioPolicy.KeepForVariance(Subspace.GroupResiduals(gram, Units(groupOrder, gs), gs, _opt.Damp, info.Name), _opt.Amount),
         };
+        if (info.Kind == NodeKind.Mlp) keepGroups = RatioPolicy.RoundToMultiple(keepGroups, info.Groups, _opt.WidthMultiple);
         var keptGroups = groupOrder.Take(keepGroups).OrderBy(x => x).ToArray();
         var prunedGroups = groupOrder.Skip(keepGroups).OrderBy(x => x).ToArray();
         var keptUnits = Units(keptGroups, gs);

@@ -25,6 +25,10 @@ public sealed record CompareOptions
     public string? Images { get; init; }
     public double Damp { get; init; } = 0.01;
     public int Seed { get; init; }
+    /// <summary>Every pruned MLP layer keeps a multiple of this many neurons.</summary>
+    public int WidthMultiple { get; init; } = 1;
+    /// <summary>Language models: time each pruned model (prefill, decode) against dense.</summary>
+    public bool MeasureSpeed { get; init; } = true;
     public string CommandLine { get; init; } = "";
 }
 
@@ -46,10 +50,11 @@ public static class CompareJob
         using var calib = ImageInputs.Load(calibSet, cfg, log);
         using var eval = ImageInputs.Load(rest, cfg, log);
         var metric = new AccuracyMetric(eval.Pixels, eval.Labels);
-        var (dense, rows) = Comparison.Run(new Comparison.Request
+        var result = Comparison.Run(new Comparison.Request
         {
             OpenModel = () => ModelFamilies.Open(o.ModelDir), Calibration = ImageInputs.MicroBatches(calib.Pixels, 32), Metric = metric,
             Methods = o.Methods, Ratios = o.Ratios, TargetSets = o.TargetSets, ParamsBefore = paramsBefore, Damp = o.Damp, Seed = o.Seed,
+            WidthMultiple = o.WidthMultiple, SourceDir = o.ModelDir,
         }, log);
         var provenance = new JsonObject
         {
@@ -59,7 +64,7 @@ public static class CompareJob
             ["evaluation"] = $"{eval.Labels.Length} other images of the same folder (none used for calibration), {eval.Skipped} unreadable",
             ["damp"] = o.Damp, ["command"] = o.CommandLine, ["date"] = DateTime.UtcNow.ToString("yyyy-MM-dd"),
         };
-        return Comparison.Write(o.OutDir, $"{provenance["model"]}: top-1", "top-1 accuracy (%)", true, dense, rows, provenance);
+        return Comparison.Write(o.OutDir, $"{provenance["model"]}: top-1", "top-1 accuracy (%)", true, result, provenance);
     }
 
     /// <summary>Language models: perplexity on the evaluation text, calibration from a different text.</summary>
@@ -76,19 +81,24 @@ public static class CompareJob
         var batches = Enumerable.Range(0, (o.CalibSamples + micro - 1) / micro)
             .Select(i => calib.Ids.narrow(0, i * micro, Math.Min(micro, o.CalibSamples - i * micro))).ToList();
         var metric = new PerplexityMetric(tok.Encode(TextSources.EvaluationText(o.Eval)), evalLen, o.EvalLimit);
-        var (dense, rows) = Comparison.Run(new Comparison.Request
+        // Speed at the evaluation length (less the decode steps where that is the model's limit), as `prune --eval` measures it.
+        int prompt = Math.Min(evalLen, maxPos - InferenceBench.DecodeSteps);
+        var result = Comparison.Run(new Comparison.Request
         {
             OpenModel = () => ModelFamilies.Open(o.ModelDir), Calibration = batches, Metric = metric, Methods = o.Methods,
             Ratios = o.Ratios, TargetSets = o.TargetSets, ParamsBefore = paramsBefore, Damp = o.Damp, Seed = o.Seed,
+            WidthMultiple = o.WidthMultiple, SourceDir = o.ModelDir,
+            MeasureSpeed = o.MeasureSpeed ? dir => { using var m = ModelFamilies.OpenLanguageModel(dir); return InferenceBench.Measure(m, prompt); } : null,
         }, log);
         var provenance = new JsonObject
         {
             ["model"] = Path.GetFileName(Path.GetFullPath(o.ModelDir).TrimEnd('/')), ["params_before"] = paramsBefore,
             ["calibration"] = $"{o.CalibSamples} windows × {calibLen} tokens from {TextSources.Describe(o.Calib)}, seed {o.Seed}",
             ["evaluation"] = $"{TextSources.Describe(o.Eval)}, {metric.Windows} windows × {evalLen} tokens",
-            ["damp"] = o.Damp, ["command"] = o.CommandLine,
+            ["damp"] = o.Damp, ["width_multiple"] = o.WidthMultiple, ["command"] = o.CommandLine,
             ["date"] = DateTime.UtcNow.ToString("yyyy-MM-dd"),
+            ["speed"] = o.MeasureSpeed ? $"prefill of {prompt} tokens and batch-1 decode, best of {InferenceBench.Repeats}, each pruned model written and timed against dense in this run" : null,
         };
-        return Comparison.Write(o.OutDir, $"{provenance["model"]}: perplexity", $"perplexity ({TextSources.Describe(o.Eval)})", false, dense, rows, provenance);
+        return Comparison.Write(o.OutDir, $"{provenance["model"]}: perplexity", $"perplexity ({TextSources.ShortName(o.Eval)})", false, result, provenance);
     }
 }

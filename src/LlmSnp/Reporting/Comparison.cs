@@ -44,8 +44,22 @@ public sealed record Method(string Label, Ordering Ordering, ReconstructMode Rec
     public static ReconstructMode ParseReconstruct(string s) => ReconstructModes.Parse(s);
 }
 
+/// <summary>One pruned model of a comparison; the speed-ups (pruned over dense, same run) are null when speed is not measured.</summary>
 public sealed record ComparisonRow(string Targets, string Method, string Ordering, string Reconstruct, string Policy,
-    double Ratio, double FractionRemoved, long ParamsAfter, double Metric, double Seconds);
+    double Ratio, double FractionRemoved, long ParamsAfter, double Metric, double Seconds)
+{
+    public double? FlopRatio { get; init; }
+    public double? PrefillSpeedup { get; init; }
+    public double? DecodeSpeedup { get; init; }
+    public double? LlamaCppPrefillSpeedup { get; init; }
+    public double? LlamaCppDecodeSpeedup { get; init; }
+
+    public ComparisonRow WithSpeed(SpeedUp s) => this with
+    {
+        FlopRatio = s.FlopRatio, PrefillSpeedup = s.PrefillSpeedUp, DecodeSpeedup = s.DecodeSpeedUp,
+        LlamaCppPrefillSpeedup = s.LlamaCppPrefillSpeedUp, LlamaCppDecodeSpeedup = s.LlamaCppDecodeSpeedUp,
+    };
+}
 
 /// <summary>
 /// `llmsnp compare`: every method at every ratio, on one calibration set, each pruned model
@@ -64,13 +78,24 @@ public static class Comparison
         public required long ParamsBefore { get; init; }
         public double Damp { get; init; } = 0.01;
         public int Seed { get; init; }
+        public int WidthMultiple { get; init; } = 1;
+        /// <summary>
+        /// The model's speed from a checkpoint directory; with it, every pruned model is timed as the file a user would load.
+        /// </summary>
+        public Func<string, ModelSpeed>? MeasureSpeed { get; init; }
+        /// <summary>The checkpoint directory <see cref="OpenModel"/> reads.</summary>
+        public required string SourceDir { get; init; }
     }
 
-    public static (double Dense, List<ComparisonRow> Rows) Run(Request req, Action<string>? log)
+    public sealed record Result(double Dense, List<ComparisonRow> Rows, ModelSpeed? DenseSpeed);
+
+    public static Result Run(Request req, Action<string>? log)
     {
         double dense;
         using (var m = req.OpenModel()) dense = StreamedMetrics.Dense(m, req.Metric);
         log?.Invoke($"dense {req.Metric.Name}: {dense:F3}");
+        ModelSpeed? denseSpeed = null;
+        if (req.MeasureSpeed != null) denseSpeed = req.MeasureSpeed(req.SourceDir);
         var rows = new List<ComparisonRow>();
         foreach (var targets in req.TargetSets)
             foreach (var method in req.Methods)
@@ -80,29 +105,54 @@ public static class Comparison
                     var opt = new PruneOptions
                     {
                         Ordering = method.Ordering, Reconstruct = method.Reconstruct, Policy = method.Policy, Amount = ratio,
-                        PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = req.Damp, Seed = req.Seed,
+                        PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = req.Damp, Seed = req.Seed, WidthMultiple = req.WidthMultiple,
                     };
                     using var model = req.OpenModel();
                     var hidden = req.Metric.Embed(model);
-                    var result = new SnpEngine(model, opt).Run(req.Calibration, (block, _) => block.Advance(hidden));
+                    // Written (to a temporary directory, removed after) so that each row counts the parameters of the file a
+                    // user would get (a Llama consumer may gain a bias) and can be timed as that file.
+                    string written = Path.Combine(Path.GetTempPath(), $"llmsnp-compare-{Guid.NewGuid():N}");
+                    var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request   // publishes only once complete
+                    {
+                        Model = model, Options = opt, Calibration = req.Calibration, CalibrationInfo = new JsonObject { ["source"] = "compare" },
+                        OutDir = written, SourceDir = req.SourceDir, ParamsBefore = req.ParamsBefore,
+                        AfterBlockWritten = (block, _) => block.Advance(hidden),
+                    });
+                    long prunable = (long)report["prunable_params"]!, removed = (long)report["prunable_params_removed"]!;
                     double metric = req.Metric.Finish(model, hidden);
-                    double frac = result.PrunableParams > 0 ? (double)result.ParamsRemoved / result.PrunableParams : 0;
-                    rows.Add(new ComparisonRow(targets, method.Label, Orderings.Name(method.Ordering), ReconstructModes.Name(method.Reconstruct),
-                        method.Policy == RatioPolicyKind.Budget ? "variance" : "ratio", ratio, frac, req.ParamsBefore - result.ParamsRemoved, metric, sw.Elapsed.TotalSeconds));
-                    log?.Invoke($"{targets,-9} {method.Label,-30} r={ratio:F2} removed {frac:P1}: {req.Metric.Name} {metric:F3} ({sw.Elapsed.TotalSeconds:F1}s)");
+                    double frac = prunable > 0 ? (double)removed / prunable : 0;
+                    var row = new ComparisonRow(targets, method.Label, Orderings.Name(method.Ordering), ReconstructModes.Name(method.Reconstruct),
+                        method.Policy == RatioPolicyKind.Budget ? "variance" : "ratio", ratio, frac, (long)report["params_after"]!, metric, sw.Elapsed.TotalSeconds);
+                    string speedNote = "";
+                    try
+                    {
+                        if (denseSpeed != null)
+                        {
+                            var speed = new SpeedUp(denseSpeed, req.MeasureSpeed!(written), FlopRatio: (double)prunable / Math.Max(1, prunable - removed));
+                            row = row.WithSpeed(speed);
+                            speedNote = $", prefill {speed.PrefillSpeedUp:F2}×, decode {speed.DecodeSpeedUp:F2}×";
+                        }
+                    }
+                    finally { Directory.Delete(written, recursive: true); }
+                    rows.Add(row);
+                    log?.Invoke($"{targets,-9} {method.Label,-30} r={ratio:F2} removed {frac:P1}: {req.Metric.Name} {metric:F3}{speedNote} ({sw.Elapsed.TotalSeconds:F1}s)");
                 }
-        return (dense, rows);
+        return new Result(dense, rows, denseSpeed);
     }
 
     /// <summary>Writes comparison.json, comparison.csv and one PNG per target set into <paramref name="dir"/>.</summary>
-    public static JsonObject Write(string dir, string title, string metricName, bool higherIsBetter, double dense, IReadOnlyList<ComparisonRow> rows, JsonObject provenance)
+    public static JsonObject Write(string dir, string title, string metricName, bool higherIsBetter, Result result, JsonObject provenance)
     {
+        var (dense, rows) = (result.Dense, result.Rows);
         Directory.CreateDirectory(dir);
         var ci = CultureInfo.InvariantCulture;
-        var csv = new StringBuilder("targets,method,ordering,reconstruct,policy,ratio,fraction_removed,params_after,metric,seconds\n");
-        csv.Append(string.Create(ci, $"dense,dense,,,,0,0,{provenance["params_before"]},{dense},\n"));
+        var csv = new StringBuilder("targets,method,ordering,reconstruct,policy,ratio,fraction_removed,params_after,metric,seconds,"
+            + "flop_ratio,prefill_speedup,decode_speedup,llama_cpp_prefill_speedup,llama_cpp_decode_speedup\n");
+        csv.Append(string.Create(ci, $"dense,dense,,,,0,0,{provenance["params_before"]},{dense},,,,,,\n"));
+        static string F(double? x) => x is double v ? v.ToString("F4", CultureInfo.InvariantCulture) : "";
         foreach (var r in rows)
-            csv.Append(string.Create(ci, $"{r.Targets.Replace(',', '+')},\"{r.Method}\",{r.Ordering},{r.Reconstruct},{r.Policy},{r.Ratio},{r.FractionRemoved:F6},{r.ParamsAfter},{r.Metric},{r.Seconds:F2}\n"));
+            csv.Append(string.Create(ci, $"{r.Targets.Replace(',', '+')},\"{r.Method}\",{r.Ordering},{r.Reconstruct},{r.Policy},{r.Ratio},{r.FractionRemoved:F6},{r.ParamsAfter},{r.Metric},{r.Seconds:F2},"
+                + $"{F(r.FlopRatio)},{F(r.PrefillSpeedup)},{F(r.DecodeSpeedup)},{F(r.LlamaCppPrefillSpeedup)},{F(r.LlamaCppDecodeSpeedup)}\n"));
         AtomicFile.WriteAllText(Path.Combine(dir, "comparison.csv"), csv.ToString());
         var plots = new JsonArray();
         foreach (var targets in rows.Select(r => r.Targets).Distinct())
@@ -115,6 +165,7 @@ public static class Comparison
         var json = new JsonObject
         {
             ["title"] = title, ["metric"] = metricName, ["dense"] = dense, ["provenance"] = provenance.DeepClone(), ["plots"] = plots,
+            ["dense_speed"] = result.DenseSpeed?.ToJson(),
             ["rows"] = JsonSerializer.SerializeToNode(rows, new JsonSerializerOptions { PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower }),
         };
         AtomicFile.WriteAllText(Path.Combine(dir, "comparison.json"), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));
