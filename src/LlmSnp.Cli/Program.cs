@@ -160,11 +160,12 @@ static class Cli
         var samples = new Option<int>("--calib-samples") { Description = "calibration windows for the pruning run", DefaultValueFactory = _ => 32 };
         var skipEval = new Option<bool>("--skip-eval") { Description = "skip LlmSnp's perplexity evaluation (llama.cpp's dense and pruned speed are still measured)" };
         var benchMultiple = PruneCliOptions.WidthMultipleOption();
+        var skipPrune = new Option<bool>("--skip-prune") { Description = "only the evaluation (and llama.cpp's dense speed)" };
         var work = new Option<string>("--work-dir") { Description = "where the random checkpoint is generated", DefaultValueFactory = _ => Path.GetTempPath() };
         var ordering = new Option<string>("--ordering") { Description = "ordering of the pruning run (zca; variance skips the eigendecomposition)", DefaultValueFactory = _ => "zca" };
         var cppPrefill = new Option<int>("--llama-cpp-prefill") { Description = "tokens llama.cpp prefills (LLaMA shapes; at most --seqlen)", DefaultValueFactory = _ => 512 };
         var benchRatio = new Option<double>("--ratio") { Description = "fraction of MLP neurons and heads (K/V groups) the pruning run removes", DefaultValueFactory = _ => 0.2 };
-        var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random model of a released shape") { shape, layers, windows, seqlen, samples, skipEval, work, ordering, benchRatio, benchMultiple, cppPrefill, Json };
+        var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random model of a released shape") { shape, layers, windows, seqlen, samples, skipEval, skipPrune, work, ordering, benchRatio, benchMultiple, cppPrefill, Json };
         var cases = new Option<int>("--cases") { Description = "mutated checkpoints and configs to try", DefaultValueFactory = _ => 20000 };
         var fuzzSeed = new Option<int>("--seed") { Description = "fuzz seed", DefaultValueFactory = _ => 20240611 };
         var fuzz = new Command("fuzz", "hostile-input fuzzing of the safetensors reader, sharded index and config parsing") { cases, fuzzSeed, Json };
@@ -183,7 +184,7 @@ static class Cli
             {
                 Shape = s, EvalWindows = p.GetValue(windows), SeqLen = p.GetValue(seqlen), CalibSamples = p.GetValue(samples),
                 SkipEval = p.GetValue(skipEval), WorkDir = p.GetValue(work)!, Ordering = Orderings.Parse(p.GetValue(ordering)!), Ratio = p.GetValue(benchRatio), LlamaCppPrefill = p.GetValue(cppPrefill),
-                WidthMultiple = p.GetValue(benchMultiple),
+                WidthMultiple = p.GetValue(benchMultiple), SkipPrune = p.GetValue(skipPrune),
             }, Log);
         }));
         return cmd;

@@ -26,6 +26,8 @@ public sealed record BenchOptions
     /// <summary>llama.cpp prefill length (a 2048-token prefill of a 7B model takes many minutes on 2 cores).</summary>
     public int LlamaCppPrefill { get; init; } = 512;
     public int WidthMultiple { get; init; } = 1;
+    /// <summary>Only the evaluation and llama.cpp's dense speed.</summary>
+    public bool SkipPrune { get; init; }
 }
 
 /// <summary>
@@ -108,6 +110,7 @@ public static class Bench
                     ["note"] = $"LlmSnp evaluates {seq}-token windows; llama.cpp prefills {cppPrefill} tokens",
                 };
             }
+            if (!o.SkipPrune)
             {
                 var calib = Enumerable.Range(0, o.CalibSamples)
                     .Select(_ => torch.tensor(Enumerable.Range(0, seq).Select(_ => (long)rng.Next(3, s.Vocab)).ToArray(), new long[] { 1, seq })).ToList();

@@ -42,6 +42,9 @@ public sealed class PerplexityMetric : IStreamedMetric
     public bool HigherIsBetter => false;
     public int Windows => _windows.Length;
 
+    /// <summary>Positions whose logits are formed at once.</summary>
+    const long HeadChunk = 512;
+
     /// <summary>Mean next-token NLL of each window in the last <see cref="Finish"/>.</summary>
     public double[] LastNll { get; private set; } = Array.Empty<double>();
 
@@ -76,10 +79,19 @@ public sealed class PerplexityMetric : IStreamedMetric
             for (int j = 0; j < h.shape[0]; j++, w++)
             {
                 using var scope = NewDisposeScope();
-                var logits = model.Head(h[j].unsqueeze(0)).squeeze(0).to(ScalarType.Float32);
                 var target = torch.tensor(_windows[w], device: model.Device).narrow(0, 1, seq - 1);
-                // Softmax in F32 whatever the weights' dtype (the protocol).
-                nll[w] = F.cross_entropy(logits.narrow(0, 0, seq - 1), target).to(ScalarType.Float64).item<double>();
+                // Logits a chunk of positions at a time: a 2048 × 128256 window is 1 GB of logits and as much again
+                // for the softmax, memory the page cache then lacks for the next window's weights.
+                double sum = 0;
+                for (long at = 0; at < seq - 1; at += HeadChunk)
+                {
+                    using var chunk = NewDisposeScope();
+                    long n = Math.Min(HeadChunk, seq - 1 - at);
+                    var logits = model.Head(h[j].narrow(0, at, n).unsqueeze(0)).squeeze(0).to(ScalarType.Float32);
+                    // Softmax in F32 whatever the weights' dtype (the protocol); the sum over chunks in F64.
+                    sum += F.cross_entropy(logits, target.narrow(0, at, n), reduction: nn.Reduction.Sum).to(ScalarType.Float64).item<double>();
+                }
+                nll[w] = sum / (seq - 1);
             }
             h.Dispose();
         }
