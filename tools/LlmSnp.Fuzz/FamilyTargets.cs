@@ -227,8 +227,15 @@ public static partial class HeaderFuzzer
             case "llama-layer-count": Set(j, "num_hidden_layers", Pick(rng, 1, 3, 0)); break;
             default: throw new InvalidOperationException($"unknown llama mutation {plan.Mutation}");
         }
-        if (plan.Stack > 1) Stacked(() => MutateConfig(cfg, ConfigMutations[rng.Next(ConfigMutations.Length)], rng, LlamaFields));
-        var tensors = s.Tensors(rng);
+        return WriteCase(plan, rng, dir, cfg, LlamaFields, s.Tensors, tensorEdits, shards, ckEdits);
+    }
+
+    /// <summary>A family case's last steps, shared: stacked config mutations, then the tensors drawn, edited and written.</summary>
+    static Built WriteCase(CasePlan plan, Random rng, string dir, CfgBuild cfg, ConfigFields fields, Func<Random, List<StTensor>> draw,
+        List<Action<List<StTensor>>> tensorEdits, int shards, List<Action<CkBuild>> ckEdits)
+    {
+        if (plan.Stack > 1) Stacked(() => MutateConfig(cfg, ConfigMutations[rng.Next(ConfigMutations.Length)], rng, fields));
+        var tensors = draw(rng);
         foreach (var e in tensorEdits) e(tensors);
         var ck = new CkBuild(tensors, shards);
         foreach (var e in ckEdits) e(ck);
@@ -376,14 +383,7 @@ public static partial class HeaderFuzzer
                 break;
             default: throw new InvalidOperationException($"unknown vit mutation {plan.Mutation}");
         }
-        if (plan.Stack > 1) Stacked(() => MutateConfig(cfg, ConfigMutations[rng.Next(ConfigMutations.Length)], rng, VitFields));
-        var tensors = s.Tensors(rng);
-        foreach (var e in tensorEdits) e(tensors);
-        var ck = new CkBuild(tensors, shards);
-        foreach (var e in ckEdits) e(ck);
-        ck.Write(dir);
-        File.WriteAllBytes(Path.Combine(dir, "config.json"), cfg.Bytes());
-        return new Built(dir, null);
+        return WriteCase(plan, rng, dir, cfg, VitFields, s.Tensors, tensorEdits, shards, ckEdits);
     }
 
     // ------------------------------------------------------------------ tokenizer files
