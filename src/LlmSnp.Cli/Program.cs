@@ -10,8 +10,8 @@ using LlmSnp.Pruning;
 
 // The CLI only parses options, calls the library and prints: JSON results on stdout (and --json FILE),
 // progress and errors on stderr, one line per error, never a stack trace.
+Runtime.ConfigureHostMemory();   // before any tensor op: libtorch reads its allocator settings once
 Runtime.ConfigureThreads();
-Runtime.ConfigureHostMemory();
 LlmSnp.Models.ModelFamilies.Warn = Cli.Log;   // unused stored tensors: one warning line on stderr
 using var signals = Signals.Install();
 return OptionChecks.Invoke(Cli.Build(), args);

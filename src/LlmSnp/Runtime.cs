@@ -55,15 +55,25 @@ public static partial class Runtime
     /// them there when freed: a 1.3b-wide pruning run's 16 MiB per-sample activations left ~1.5 GB of
     /// freed heap resident. From 4 MiB up, tensors are mapped and unmapped on their own, so anonymous
     /// memory follows what is live (the same speed, measured).
+    /// Every such mapping is fresh memory that the kernel faults in and zeroes; libtorch's
+    /// THP_MEM_ALLOC_ENABLE aligns tensors of 2 MiB and more to huge pages and asks for them, so a
+    /// 117 MB activation takes 56 faults instead of 28 672 (llama3-8b evaluation: 15× fewer faults,
+    /// blocks 7.5 → 6.5 s). libtorch reads it at its first allocation: call this before any tensor op.
     /// </summary>
     public static void ConfigureHostMemory()
     {
         if (_hostMemoryConfigured || !OperatingSystem.IsLinux()) return;
         _hostMemoryConfigured = true;
         const int M_MMAP_THRESHOLD = -3;
-        try { MallOpt(M_MMAP_THRESHOLD, 4 << 20); }
+        try
+        {
+            if (string.IsNullOrEmpty(Environment.GetEnvironmentVariable(HugePagesVariable))) SetEnv(HugePagesVariable, "1", 0);
+            MallOpt(M_MMAP_THRESHOLD, 4 << 20);
+        }
         catch (DllNotFoundException) { } catch (EntryPointNotFoundException) { }   // not glibc
     }
+
+    public const string HugePagesVariable = "THP_MEM_ALLOC_ENABLE";
 
     /// <summary>Returns freed heap pages to the system (glibc's malloc_trim), where available.</summary>
     public static void TrimHostHeap()

@@ -4,7 +4,11 @@ namespace LlmSnp.Tests;
 
 static class AssemblySetup
 {
-    /// <summary>GEMM thread settings must reach libtorch before its first use.</summary>
+    /// <summary>Allocator and GEMM thread settings must reach libtorch before its first use, as the CLI sets them.</summary>
     [ModuleInitializer]
-    internal static void Init() => Runtime.ConfigureThreads();
+    internal static void Init()
+    {
+        Runtime.ConfigureHostMemory();
+        Runtime.ConfigureThreads();
+    }
 }

@@ -160,6 +160,28 @@ public sealed class SafeTensorsTests : IDisposable
     }
 
     [Fact]
+    public void ReadConverted_equals_reading_whole_then_converting_across_staging_chunks()
+    {
+        // 1.5 Mi F16/BF16 elements: three 1 MiB staging chunks, the last one partial; every dtype as well.
+        var gen = new torch.Generator(5);
+        var big = torch.randn(new long[] { 1536, 1025 }, generator: gen) * 100;
+        var tensors = AllDTypes();
+        tensors.Add(("big_f16", big.to(ScalarType.Float16)));
+        tensors.Add(("big_bf16", big.to(ScalarType.BFloat16)));
+        SafeTensorsWriter.WriteAll(_dir, tensors);
+        using var f = SafeTensorsFile.Open(Path.Combine(_dir, SafeTensorsWriter.SingleFileName));
+        foreach (var (name, t) in tensors)
+            foreach (var to in new[] { ScalarType.Float32, ScalarType.Float64, t.dtype })
+            {
+                if (t.dtype == ScalarType.Bool && to != ScalarType.Bool) continue;
+                using var whole = f.Read(name);
+                using var expected = whole.to(to);
+                using var converted = f.ReadConverted(name, to);
+                AssertBitEqual(expected, converted, $"{name} as {to}");
+            }
+    }
+
+    [Fact]
     public void RoundTrip_NonContiguousInput_IsWrittenInLogicalOrder()
     {
         var t = torch.arange(12, ScalarType.Float32).reshape(3, 4);

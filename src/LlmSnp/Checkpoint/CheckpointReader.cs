@@ -91,6 +91,7 @@ public sealed class CheckpointReader : IDisposable
     {
         if (!_byTensor.TryGetValue(name, out var f)) throw new LlmSnpException($"{Directory}: missing tensor '{name}'");
         BytesRead += f.Tensors[name].ByteLength;
+        if (device.type == DeviceType.CPU) return f.ReadConverted(name, dtype);
         using var raw = f.Read(name);
         return raw.to(dtype, device);
     }

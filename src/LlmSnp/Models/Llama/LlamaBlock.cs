@@ -62,7 +62,8 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
         using var scope = NewDisposeScope();
         if (layer == 0) return SelfAttention(RmsNorm(input, T("input_layernorm.weight"), _eps)).MoveToOuterDisposeScope();
         var x = RmsNorm(input, T("post_attention_layernorm.weight"), _eps);
-        return (F.silu(Linear(x, "mlp.gate_proj")) * Linear(x, "mlp.up_proj")).MoveToOuterDisposeScope();
+        // In place on the fresh gate output: two [tokens, intermediate] temporaries fewer a block.
+        return F.silu(Linear(x, "mlp.gate_proj"), inplace: true).mul_(Linear(x, "mlp.up_proj")).MoveToOuterDisposeScope();
     }
 
     /// <summary>

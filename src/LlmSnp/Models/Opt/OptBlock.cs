@@ -56,7 +56,7 @@ public sealed class OptBlock : PrunableBlock, ICachedBlock
         using var scope = NewDisposeScope();
         if (layer == 0) return HeadOutputs(input, null, 0).MoveToOuterDisposeScope();
         var z = F.linear(_preLayerNorm ? LayerNorm(input, "final_layer_norm") : input, T("fc1.weight"), T("fc1.bias"));
-        return F.relu(z).MoveToOuterDisposeScope();
+        return z.relu_().MoveToOuterDisposeScope();   // in place on the fresh fc1 output
     }
 
     /// <summary>The heads' outputs (node layer 0) of the whole sequence, or with a cache of the tokens from <paramref name="position"/>.</summary>
