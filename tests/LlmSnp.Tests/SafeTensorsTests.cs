@@ -182,6 +182,41 @@ public sealed class SafeTensorsTests : IDisposable
     }
 
     [Fact]
+    public void Recycled_tensors_are_overwritten_by_the_next_read_of_their_shape_and_nothing_else_is_kept()
+    {
+        var gen = new torch.Generator(9);
+        var tensors = new List<(string, Tensor)>
+        {
+            ("a0", torch.randn(new long[] { 700, 800 }, generator: gen).to(ScalarType.Float16)),
+            ("a1", torch.randn(new long[] { 700, 800 }, generator: gen).to(ScalarType.Float16)),
+            ("b0", torch.randn(new long[] { 30, 40 }, generator: gen)),
+        };
+        SafeTensorsWriter.WriteAll(_dir, tensors);
+        using var r = new CheckpointReader(_dir);
+        var t0 = r.Read("a0", ScalarType.Float32, CPU);
+        r.Recycle(new[] { t0 });
+        var t1 = r.Read("a1", ScalarType.Float32, CPU);
+        Assert.Same(t0, t1);   // the buffer was reused ...
+        using (var fresh = tensors[1].Item2.to(ScalarType.Float32)) AssertBitEqual(fresh, t1, "a1 read into a recycled buffer");   // ... and fully overwritten
+
+        // A tensor the reader did not return (a view, a derived tensor) is disposed, never reused.
+        var foreign = torch.zeros(700, 800);
+        r.Recycle(new[] { foreign });
+        Assert.True(foreign.IsInvalid);
+        var t2 = r.Read("a0", ScalarType.Float32, CPU);
+        Assert.NotSame(foreign, t2);
+
+        // What the next reads do not claim is released by the next call, an empty one included.
+        r.Recycle(new[] { t2 });
+        using var other = r.Read("b0", ScalarType.Float32, CPU);
+        Assert.NotSame(t2, other);
+        Assert.False(t2.IsInvalid);
+        r.Recycle(Array.Empty<Tensor>());
+        Assert.True(t2.IsInvalid);
+        t1.Dispose();
+    }
+
+    [Fact]
     public void RoundTrip_NonContiguousInput_IsWrittenInLogicalOrder()
     {
         var t = torch.arange(12, ScalarType.Float32).reshape(3, 4);

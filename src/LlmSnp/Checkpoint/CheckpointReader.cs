@@ -1,3 +1,4 @@
+using System.Runtime.CompilerServices;
 using System.Security.Cryptography;
 using System.Text.Json;
 using static TorchSharp.torch;
@@ -90,10 +91,74 @@ public sealed class CheckpointReader : IDisposable
     public Tensor Read(string name, ScalarType dtype, Device device)
     {
         if (!_byTensor.TryGetValue(name, out var f)) throw new LlmSnpException($"{Directory}: missing tensor '{name}'");
-        BytesRead += f.Tensors[name].ByteLength;
-        if (device.type == DeviceType.CPU) return f.ReadConverted(name, dtype);
-        using var raw = f.Read(name);
-        return raw.to(dtype, device);
+        var e = f.Tensors[name];
+        BytesRead += e.ByteLength;
+        if (device.type != DeviceType.CPU)
+        {
+            using var raw = f.Read(name);
+            return raw.to(dtype, device);
+        }
+        var spare = TakeSpare(dtype, e.Shape);
+        if (spare is null) return Issue(f.ReadConverted(name, dtype));
+        try { f.ReadInto(name, spare); }
+        catch { spare.Dispose(); throw; }
+        return Issue(spare);
+    }
+
+    // Streaming a model block by block allocates the same weight shapes again for every block, and each
+    // fresh allocation is memory the kernel maps and zeroes (~10 % of a llama3-8b evaluation's time):
+    // a streamed block hands its weights back, and the next block's reads of equal dtype and shape
+    // overwrite them. Only tensors this reader returned are taken back (never a view or a derived tensor
+    // that something else may still hold), and at most one block's worth waits at a time.
+    readonly ConditionalWeakTable<Tensor, object> _issued = new();
+    readonly List<Tensor> _spare = new();
+
+    Tensor Issue(Tensor t)
+    {
+        _issued.AddOrUpdate(t, this);
+        return t;
+    }
+
+    Tensor? TakeSpare(ScalarType dtype, long[] shape)
+    {
+        lock (_spare) return TakeSpareLocked(dtype, shape);
+    }
+
+    Tensor? TakeSpareLocked(ScalarType dtype, long[] shape)
+    {
+        int i = _spare.FindIndex(t => t.dtype == dtype && t.shape.SequenceEqual(shape));
+        if (i < 0) return null;
+        var t = _spare[i];
+        _spare.RemoveAt(i);
+        return t;
+    }
+
+    /// <summary>
+    /// Takes a streamed block's tensors for the next reads of the same dtype and shape (their values will be
+    /// overwritten: the caller must hold no other reference to them); the ones this reader did not return are
+    /// disposed, as is whatever the previous call left unclaimed. An empty call just releases that.
+    /// </summary>
+    public void Recycle(IEnumerable<Tensor> tensors)
+    {
+        lock (_spare)
+        {
+            ReleaseSpare();
+            foreach (var t in tensors)
+            {
+                if (t.IsInvalid) continue;
+                if (_issued.TryGetValue(t, out _) && t.is_contiguous()) { _issued.Remove(t); _spare.Add(t); }
+                else t.Dispose();
+            }
+        }
+    }
+
+    void ReleaseSpare()
+    {
+        lock (_spare)
+        {
+            foreach (var t in _spare) t.Dispose();
+            _spare.Clear();
+        }
     }
 
     /// <summary>Reads a tensor after checking its stored shape against the one the config gives (one line naming both).</summary>
@@ -123,6 +188,7 @@ public sealed class CheckpointReader : IDisposable
 
     public void Dispose()
     {
+        ReleaseSpare();
         foreach (var f in _files.Values) f.Dispose();
         _files.Clear();
     }

@@ -205,21 +205,37 @@ public sealed class SafeTensorsFile : IDisposable
     /// the stored-dtype copy never exists whole (a llama3-8b block's F16 weights are 436 MB of fresh pages
     /// that the kernel would zero for one pass). Values equal <c>Read(name).to(dtype)</c> (the same conversion).
     /// </summary>
-    public unsafe Tensor ReadConverted(string name, ScalarType dtype)
+    public Tensor ReadConverted(string name, ScalarType dtype)
     {
         if (!Tensors.TryGetValue(name, out var e)) throw new LlmSnpException($"{Path}: no tensor '{name}'");
-        var stored = SafeDTypes.ToTorch(e.DType);
-        if (stored == dtype) return Read(name);
+        if (SafeDTypes.ToTorch(e.DType) == dtype) return Read(name);
         var t = torch.empty(e.Shape, dtype);
-        if (e.ByteLength == 0) return t;
-        long elem = SafeDTypes.Size(e.DType), numel = e.ByteLength / elem, per = Math.Max(1, StagingBytes / elem);
+        try { ReadInto(name, t); }
+        catch { t.Dispose(); throw; }
+        return t;
+    }
+
+    /// <summary>Reads one tensor into a contiguous CPU tensor of its shape (any dtype: converted as <c>to</c> converts), overwriting it.</summary>
+    public unsafe void ReadInto(string name, Tensor destination)
+    {
+        if (!Tensors.TryGetValue(name, out var e)) throw new LlmSnpException($"{Path}: no tensor '{name}'");
+        if (!destination.shape.SequenceEqual(e.Shape) || !destination.is_contiguous() || destination.device_type != DeviceType.CPU)
+            throw new ArgumentException($"{name}: destination [{string.Join(", ", destination.shape)}] is not a contiguous CPU tensor of the stored shape", nameof(destination));
+        if (e.ByteLength == 0) return;
+        var stored = SafeDTypes.ToTorch(e.DType);
         byte* basePtr = null;
         _view!.SafeMemoryMappedViewHandle.AcquirePointer(ref basePtr);
         try
         {
             byte* src = basePtr + _view.PointerOffset + _dataStart + e.Begin;
+            if (stored == destination.dtype)
+            {
+                TensorBytes.Chunked(destination, (offset, dst) => new ReadOnlySpan<byte>(src + offset, dst.Length).CopyTo(dst));
+                return;
+            }
+            long elem = SafeDTypes.Size(e.DType), numel = e.ByteLength / elem, per = Math.Max(1, StagingBytes / elem);
             using var staging = torch.empty(Math.Min(per, numel), stored);
-            using var flat = t.view(-1);
+            using var flat = destination.view(-1);
             for (long i = 0; i < numel; i += per)
             {
                 long n = Math.Min(per, numel - i);
@@ -229,9 +245,7 @@ public sealed class SafeTensorsFile : IDisposable
                 to.copy_(from);
             }
         }
-        catch { t.Dispose(); throw; }
         finally { _view.SafeMemoryMappedViewHandle.ReleasePointer(); }
-        return t;
     }
 
     public void Dispose()

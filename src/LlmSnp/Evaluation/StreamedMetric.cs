@@ -27,7 +27,13 @@ public static class StreamedMetrics
         var hidden = metric.Embed(model);
         for (int b = 0; b < model.BlockCount; b++)
         {
-            using (var block = model.LoadBlock(b)) block.Advance(hidden);
+            var block = model.LoadBlock(b);
+            try { block.Advance(hidden); }
+            finally
+            {
+                // Each block's weights become the next one's buffers; the last block's are released before the head.
+                if (b < model.BlockCount - 1) block.Recycle(); else block.Dispose();
+            }
             afterBlock?.Invoke(b);
         }
         return metric.Finish(model, hidden);

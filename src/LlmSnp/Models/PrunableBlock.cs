@@ -214,9 +214,20 @@ public abstract class PrunableBlock : IPrunableBlock
         }
     }
 
+    /// <summary>Where <see cref="Recycle"/> hands the block's tensors (the reader they came from); null: they are disposed.</summary>
+    public Action<IEnumerable<Tensor>>? Recycler { get; init; }
+
+    public void Recycle()
+    {
+        if (Recycler is null) { Dispose(); return; }
+        Recycler(W.Values);
+        W.Clear();
+    }
+
     public void Dispose()
     {
         foreach (var t in W.Values) t.Dispose();
         W.Clear();
+        Recycler?.Invoke(Array.Empty<Tensor>());   // what an earlier block left unclaimed
     }
 }

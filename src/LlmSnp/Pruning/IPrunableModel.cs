@@ -22,6 +22,13 @@ public enum NodeKind { Heads, Mlp }
 /// </summary>
 public interface IPrunableBlock : IDisposable
 {
+    /// <summary>
+    /// Disposes the block, handing its weights to the next <c>LoadBlock</c> of the same model for reuse
+    /// (for a dense stream that loads block after block: no fresh memory per block). Nothing else may
+    /// still hold one of its tensors.
+    /// </summary>
+    void Recycle();
+
     /// <summary>Node layers in the order they are pruned (heads, then the MLP).</summary>
     IReadOnlyList<NodeLayerInfo> NodeLayers { get; }
 

@@ -108,7 +108,7 @@ public sealed class LlamaModel : ILanguageModel
         var c = Config;
         string prefix = $"{Prefix}layers.{i}.";
         var w = PrunableBlock.ReadAll(w => { foreach (var (name, shape) in BlockTensors(i)) w[prefix + name] = ReadAs(prefix + name, ComputeDType, shape); });
-        return new LlamaBlock(prefix, i, c.HeadDim, c.QueriesPerKv, c.RmsNormEps, _rope, c.SlidingWindow, w, c.NoConsumerBias);
+        return new LlamaBlock(prefix, i, c.HeadDim, c.QueriesPerKv, c.RmsNormEps, _rope, c.SlidingWindow, w, c.NoConsumerBias) { Recycler = Checkpoint.Recycle };
     }
 
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);

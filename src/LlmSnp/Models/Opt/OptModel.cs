@@ -120,7 +120,7 @@ public sealed class OptModel : ILanguageModel
         var shapes = OptBlock.Shapes((long)c.HeadsPerLayer[i] * c.HeadDim, c.FfnDims[i], c.Hidden);
         string prefix = $"{Prefix}layers.{i}.";
         var w = PrunableBlock.ReadAll(w => { for (int k = 0; k < OptBlock.Names.Length; k++) w[prefix + OptBlock.Names[k]] = Read(prefix + OptBlock.Names[k], shapes[k]); });
-        return new OptBlock(prefix, c.Hidden, c.HeadDim, c.PreLayerNorm, i, w);
+        return new OptBlock(prefix, c.Hidden, c.HeadDim, c.PreLayerNorm, i, w) { Recycler = Checkpoint.Recycle };
     }
 
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);

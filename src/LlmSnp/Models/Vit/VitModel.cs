@@ -203,7 +203,7 @@ public sealed class VitModel : IImageClassifier
         });
         // Write order is the checkpoint's: the layout's names in table order.
         var ordered = names.ToDictionary(n => prefix + n, n => w[prefix + n], StringComparer.Ordinal);
-        return new VitBlock(prefix, Timm, c.Hidden, c.HeadDim, c.LayerNormEps, Timm ? $"blocks.{i}" : $"encoder.layer.{i}", ordered);
+        return new VitBlock(prefix, Timm, c.Hidden, c.HeadDim, c.LayerNormEps, Timm ? $"blocks.{i}" : $"encoder.layer.{i}", ordered) { Recycler = Checkpoint.Recycle };
     }
 
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
