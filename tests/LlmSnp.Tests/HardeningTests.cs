@@ -135,22 +135,48 @@ public sealed class HardeningTests : IDisposable
     [Theory]
     [InlineData(SIGTERM, 143, "SIGTERM")]
     [InlineData(SIGINT, 130, "SIGINT")]
-    public async Task Prune_interrupted_by_a_signal_ends_with_one_line_and_removes_its_temporary_directory(int signal, int exit, string name)
+    public void Prune_interrupted_by_a_signal_ends_with_one_line_and_removes_its_temporary_directory(int signal, int exit, string name)
     {
         string model = new TinyOpt { Vocab = 50272, Hidden = 64, Heads = 4, Ffn = 256, Layers = 6, MaxPositions = 128 }.Write(_tmp.Sub("model"));
         string parent = _tmp.Sub("dest");
         Directory.CreateDirectory(parent);
         string outDir = Path.Combine(parent, "out");
         string[] args = { "prune", "--model", model, "--out", outDir, "--calib", "wikitext2", "--calib-samples", "1024", "--calib-seqlen", "64", "--ratio", "0.3" };
-        // bash starts the CLI, waits for its staging directory, lets it write for 0.3 s, signals it by
-        // pid and reports its exit status (the shell, not this test host, is its parent).
-        // set -m: a background job of a non-interactive shell would otherwise start with SIGINT ignored.
-        // A shell started in the background has SIGINT ignored, and an ignored signal stays ignored across exec
-        // (bash cannot undo it): python3 restores the default disposition before exec'ing the CLI.
+        var r = SignalledRun(args, $"ls -a '{parent}' | grep -q '^\\.out\\.tmp-'", 0.3, signal);
+        string line = CliHarness.FailsWithOneLine(r, onlyLine: false, exit, name);
+        _out.WriteLine(line);
+        Assert.False(Directory.Exists(outDir));
+        Assert.Empty(Siblings(parent, "out"));
+    }
+
+    [Fact]
+    public void Compare_interrupted_while_a_row_is_timed_removes_the_rows_checkpoint_and_its_gguf()
+    {
+        // A private TMPDIR: compare writes each row's pruned model there, and the timing its GGUF.
+        string tmp = _tmp.Sub("tmpdir");
+        Directory.CreateDirectory(tmp);
+        string[] args = { "compare", "--model", Path.Combine(Repo.Root, "models", "stories260k"), "--out", _tmp.Sub("cmp"), "--methods", "magnitude",
+            "--ratios", "0.1,0.2,0.3,0.4,0.5", "--targets", "mlp", "--calib", "tinystories", "--calib-samples", "4", "--calib-seqlen", "64",
+            "--eval", "tinystories", "--eval-seqlen", "64", "--eval-limit", "4" };
+        // Signalled as soon as a row's checkpoint is published there (its timing follows at once).
+        var r = SignalledRun(args, $"ls '{tmp}' | grep -q '^llmsnp-compare-'", 0.0, SIGTERM, new Dictionary<string, string> { ["TMPDIR"] = tmp });
+        _out.WriteLine(CliHarness.FailsWithOneLine(r, onlyLine: false, 143, "SIGTERM"));
+        Assert.DoesNotContain(Directory.GetFileSystemEntries(tmp).Select(Path.GetFileName), n => n!.Contains("llmsnp-"));
+    }
+
+    /// <summary>
+    /// bash starts the CLI, waits until <paramref name="ready"/> (a shell condition) holds, lets it work for
+    /// <paramref name="after"/> s, signals it by pid and reports its exit status (the shell, not this test
+    /// host, is its parent). set -m: a background job of a non-interactive shell would otherwise start with
+    /// SIGINT ignored, and an ignored signal stays ignored across exec (bash cannot undo it): python3
+    /// restores the default disposition before exec'ing the CLI.
+    /// </summary>
+    static CliHarness.Result SignalledRun(string[] args, string ready, double after, int signal, IDictionary<string, string>? env = null)
+    {
         string script = "set -m; python3 -c 'import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execvp(sys.argv[1], sys.argv[1:])' \"$0\" \"$@\" & pid=$!; " +
-                        $" for i in $(seq 1 1200); do ls -a '{parent}' | grep -q '^\\.out\\.tmp-' && break; sleep 0.05; done; " +
-                        $"sleep 0.3; kill -{signal} $pid; wait $pid; echo \"exit=$?\" >&2";
-        var psi = CliHarness.Psi(args);
+                        $" for i in $(seq 1 1200); do {ready} && break; sleep 0.05; done; " +
+                        $"sleep {after.ToString(System.Globalization.CultureInfo.InvariantCulture)}; kill -{signal} $pid; wait $pid; echo \"exit=$?\" >&2";
+        var psi = CliHarness.Psi(args, env: env);
         psi.ArgumentList.Insert(0, psi.FileName);
         psi.ArgumentList.Insert(0, script);
         psi.ArgumentList.Insert(0, "-c");
@@ -158,15 +184,11 @@ public sealed class HardeningTests : IDisposable
         using var p = Process.Start(psi)!;
         var stderr = p.StandardError.ReadToEndAsync();
         var stdout = p.StandardOutput.ReadToEndAsync();
-        await p.WaitForExitAsync();
-        string err = await stderr;
+        p.WaitForExit();
+        string err = stderr.Result;
         var lines = err.TrimEnd('\n').Split('\n');
         Assert.True(lines[^1].StartsWith("exit="), err);   // (job-control notices, "[1]+ Exit ...", are the shell's, not the CLI's)
-        var r = new CliHarness.Result(int.Parse(lines[^1]["exit=".Length..]), await stdout, string.Join('\n', lines[..^1].Where(l => !l.StartsWith("[1]"))) + "\n", "llmsnp " + string.Join(' ', args));
-        string line = CliHarness.FailsWithOneLine(r, onlyLine: false, exit, name);
-        _out.WriteLine(line);
-        Assert.False(Directory.Exists(outDir));
-        Assert.Empty(Siblings(parent, "out"));
+        return new CliHarness.Result(int.Parse(lines[^1]["exit=".Length..]), stdout.Result, string.Join('\n', lines[..^1].Where(l => !l.StartsWith("[1]"))) + "\n", "llmsnp " + string.Join(' ', args));
     }
 
     [Fact]

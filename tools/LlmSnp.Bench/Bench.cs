@@ -1,6 +1,7 @@
 using TorchSharp;
 using System.Diagnostics;
 using System.Text.Json.Nodes;
+using LlmSnp.Checkpoint;
 using LlmSnp.Evaluation;
 using LlmSnp.Models;
 using LlmSnp.Pruning;
@@ -67,6 +68,7 @@ public static class Bench
         }
         double peak = MeasurePeak("start");
         string dir = Path.Combine(o.WorkDir, $"llmsnp-bench-{s.Name}-{s.Layers}l-{Guid.NewGuid():N}");
+        if (!o.KeepModel) StagingDirectory.Track(dir);   // a signal removes the random checkpoint (tens of GB) too
         var result = new JsonObject
         {
             ["machine"] = new JsonObject
@@ -129,6 +131,7 @@ public static class Bench
                 using var mem = new MemoryMonitor();
                 using var model = ModelFamilies.OpenLanguageModel(dir);
                 string outDir = dir + "-pruned";
+                StagingDirectory.Track(outDir);
                 var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
                 {
                     Model = model, Options = new PruneOptions { Ordering = o.Ordering, Policy = RatioPolicyKind.Ratio, Amount = o.Ratio, WidthMultiple = o.WidthMultiple },
@@ -165,11 +168,13 @@ public static class Bench
                     };
                 }
                 if (Directory.Exists(outDir)) Directory.Delete(outDir, true);
+                StagingDirectory.Release(outDir);
             }
         }
         finally
         {
             if (!o.KeepModel && Directory.Exists(dir)) Directory.Delete(dir, true);
+            StagingDirectory.Release(dir);
         }
         return result;
     }

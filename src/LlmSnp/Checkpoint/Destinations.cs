@@ -106,15 +106,26 @@ public static class StagingDirectory
     /// <summary>The directory was published or removed: a signal no longer needs to clean it.</summary>
     public static void Release(string dir) => Live.TryRemove(dir, out _);
 
-    /// <summary>Removes every staging directory of this process that is still live (for a signal handler); returns them.</summary>
+    /// <summary>
+    /// A scratch file or directory of this run (a timed GGUF, compare's pruned rows, a benchmark's
+    /// checkpoint) that a signal should remove as well; <see cref="Release"/> it once it is deleted.
+    /// </summary>
+    public static void Track(string path) => Live[path] = 0;
+
+    /// <summary>Removes every staging directory and tracked scratch path of this process that is still live (for a signal handler); returns them.</summary>
     public static IReadOnlyList<string> RemoveAllLive()
     {
         var removed = new List<string>();
         foreach (var dir in Live.Keys)
         {
             Live.TryRemove(dir, out _);
-            if (!Directory.Exists(dir)) continue;
-            try { Directory.Delete(dir, recursive: true); removed.Add(dir); }
+            try
+            {
+                if (Directory.Exists(dir)) Directory.Delete(dir, recursive: true);
+                else if (File.Exists(dir)) File.Delete(dir);
+                else continue;
+                removed.Add(dir);
+            }
             catch (Exception e) when (e is IOException or UnauthorizedAccessException) { }
         }
         return removed;

@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using LlmSnp.Checkpoint;
 using LlmSnp.Export;
 using LlmSnp.Generation;
 using LlmSnp.Models;
@@ -57,6 +58,7 @@ public static class InferenceBench
     public static (LlamaCppSpeed? Speed, string? Skipped) LlamaCpp(string modelDir, GgufDType dtype, int promptLength, int decodeSteps, int vocab, Action<string>? log)
     {
         string tmp = Path.Combine(Path.GetTempPath(), $"llmsnp-speed-{Guid.NewGuid():N}.gguf");
+        StagingDirectory.Track(tmp);   // a signal during the timing removes it too
         try
         {
             GgufExport.Run(modelDir, tmp, dtype);
@@ -75,6 +77,7 @@ public static class InferenceBench
         finally
         {
             try { File.Delete(tmp); } catch (IOException) { }
+            StagingDirectory.Release(tmp);
         }
     }
 }

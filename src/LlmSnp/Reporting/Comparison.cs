@@ -112,20 +112,23 @@ public static class Comparison
                     // Written (to a temporary directory, removed after) so that each row counts the parameters of the file a
                     // user would get (a Llama consumer may gain a bias) and can be timed as that file.
                     string written = Path.Combine(Path.GetTempPath(), $"llmsnp-compare-{Guid.NewGuid():N}");
-                    var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request   // publishes only once complete
-                    {
-                        Model = model, Options = opt, Calibration = req.Calibration, CalibrationInfo = new JsonObject { ["source"] = "compare" },
-                        OutDir = written, SourceDir = req.SourceDir, ParamsBefore = req.ParamsBefore,
-                        AfterBlockWritten = (block, _) => block.Advance(hidden),
-                    });
-                    long prunable = (long)report["prunable_params"]!, removed = (long)report["prunable_params_removed"]!;
-                    double metric = req.Metric.Finish(model, hidden);
-                    double frac = prunable > 0 ? (double)removed / prunable : 0;
-                    var row = new ComparisonRow(targets, method.Label, Orderings.Name(method.Ordering), ReconstructModes.Name(method.Reconstruct),
-                        method.Policy == RatioPolicyKind.Budget ? "variance" : "ratio", ratio, frac, (long)report["params_after"]!, metric, sw.Elapsed.TotalSeconds);
+                    StagingDirectory.Track(written);   // removed after the row, or by a signal
+                    ComparisonRow row;
+                    double metric, frac;
                     string speedNote = "";
                     try
                     {
+                        var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request   // publishes only once complete
+                        {
+                            Model = model, Options = opt, Calibration = req.Calibration, CalibrationInfo = new JsonObject { ["source"] = "compare" },
+                            OutDir = written, SourceDir = req.SourceDir, ParamsBefore = req.ParamsBefore,
+                            AfterBlockWritten = (block, _) => block.Advance(hidden),
+                        });
+                        long prunable = (long)report["prunable_params"]!, removed = (long)report["prunable_params_removed"]!;
+                        metric = req.Metric.Finish(model, hidden);
+                        frac = prunable > 0 ? (double)removed / prunable : 0;
+                        row = new ComparisonRow(targets, method.Label, Orderings.Name(method.Ordering), ReconstructModes.Name(method.Reconstruct),
+                            method.Policy == RatioPolicyKind.Budget ? "variance" : "ratio", ratio, frac, (long)report["params_after"]!, metric, sw.Elapsed.TotalSeconds);
                         if (denseSpeed != null)
                         {
                             var speed = new SpeedUp(denseSpeed, req.MeasureSpeed!(written), FlopRatio: (double)prunable / Math.Max(1, prunable - removed));
@@ -133,7 +136,11 @@ public static class Comparison
                             speedNote = $", prefill {speed.PrefillSpeedUp:F2}×, decode {speed.DecodeSpeedUp:F2}×";
                         }
                     }
-                    finally { Directory.Delete(written, recursive: true); }
+                    finally
+                    {
+                        if (Directory.Exists(written)) Directory.Delete(written, recursive: true);
+                        StagingDirectory.Release(written);
+                    }
                     rows.Add(row);
                     log?.Invoke($"{targets,-9} {method.Label,-30} r={ratio:F2} removed {frac:P1}: {req.Metric.Name} {metric:F3}{speedNote} ({sw.Elapsed.TotalSeconds:F1}s)");
                 }
