@@ -180,21 +180,10 @@ public sealed class SafeTensorsFile : IDisposable
     static string FirstLine(string s) => s.Split('\n')[0].Trim();
 
     /// <summary>Reads one tensor in its stored dtype, on the CPU.</summary>
-    public unsafe Tensor Read(string name)
+    public Tensor Read(string name)
     {
         if (!Tensors.TryGetValue(name, out var e)) throw new LlmSnpException($"{Path}: no tensor '{name}'");
-        var t = torch.empty(e.Shape, SafeDTypes.ToTorch(e.DType));
-        if (e.ByteLength == 0) return t;
-        byte* basePtr = null;
-        _view!.SafeMemoryMappedViewHandle.AcquirePointer(ref basePtr);
-        try
-        {
-            byte* src = basePtr + _view.PointerOffset + _dataStart + e.Begin;
-            TensorBytes.Chunked(t, (offset, dst) => new ReadOnlySpan<byte>(src + offset, dst.Length).CopyTo(dst));
-        }
-        catch { t.Dispose(); throw; }
-        finally { _view.SafeMemoryMappedViewHandle.ReleasePointer(); }
-        return t;
+        return ReadConverted(name, SafeDTypes.ToTorch(e.DType));
     }
 
     /// <summary>Bytes of the stored dtype converted at a time by <see cref="ReadConverted"/>: below glibc's mmap threshold, so the staging buffer is heap memory reused from call to call.</summary>
@@ -203,12 +192,11 @@ public sealed class SafeTensorsFile : IDisposable
     /// <summary>
     /// Reads one tensor converted to <paramref name="dtype"/>, on the CPU, a MiB of stored bytes at a time:
     /// the stored-dtype copy never exists whole (a llama3-8b block's F16 weights are 436 MB of fresh pages
-    /// that the kernel would zero for one pass). Values equal <c>Read(name).to(dtype)</c> (the same conversion).
+    /// that the kernel would zero for one pass). Values equal reading, then <c>to(dtype)</c> (the same conversion).
     /// </summary>
     public Tensor ReadConverted(string name, ScalarType dtype)
     {
         if (!Tensors.TryGetValue(name, out var e)) throw new LlmSnpException($"{Path}: no tensor '{name}'");
-        if (SafeDTypes.ToTorch(e.DType) == dtype) return Read(name);
         var t = torch.empty(e.Shape, dtype);
         try { ReadInto(name, t); }
         catch { t.Dispose(); throw; }
