@@ -121,16 +121,14 @@ public sealed class CheckpointReader : IDisposable
 
     Tensor? TakeSpare(ScalarType dtype, long[] shape)
     {
-        lock (_spare) return TakeSpareLocked(dtype, shape);
-    }
-
-    Tensor? TakeSpareLocked(ScalarType dtype, long[] shape)
-    {
-        int i = _spare.FindIndex(t => t.dtype == dtype && t.shape.SequenceEqual(shape));
-        if (i < 0) return null;
-        var t = _spare[i];
-        _spare.RemoveAt(i);
-        return t;
+        lock (_spare)
+        {
+            int i = _spare.FindIndex(t => t.dtype == dtype && t.shape.SequenceEqual(shape));
+            if (i < 0) return null;
+            var t = _spare[i];
+            _spare.RemoveAt(i);
+            return t;
+        }
     }
 
     /// <summary>
