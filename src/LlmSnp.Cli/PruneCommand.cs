@@ -1,0 +1,81 @@
+using System.CommandLine;
+using LlmSnp;
+using LlmSnp.Pruning;
+
+/// <summary>`llmsnp prune`: SNP (or a baseline) on a checkpoint, written atomically, optionally measured dense and pruned.</summary>
+static class PruneCommand
+{
+    public static Command Build()
+    {
+        var model = Cli.ModelOption();
+        var o = new PruneCliOptions();
+        var cmd = new Command("prune", "prune a checkpoint with SNP (or a baseline ordering) and write it") { model };
+        o.AddTo(cmd);
+        cmd.Options.Add(Cli.Device); cmd.Options.Add(Cli.DType); cmd.Options.Add(Cli.Json);
+        cmd.SetAction(p => Cli.Run(p, () => PruneJob.Run(o.ToJobOptions(p, p.GetValue(model)!, Cli.ComputeDevice(p), Cli.ComputeDType(p)), Cli.Log).ToJson()));
+        return cmd;
+    }
+}
+
+/// <summary>The options `prune` (and `demo`) share.</summary>
+sealed class PruneCliOptions
+{
+    public static Option<int> WidthMultipleOption() => new("--width-multiple")
+    {
+        Description = "every pruned MLP layer keeps a multiple of N neurons (16 lets llama.cpp's fast F16/F32 GEMM run the down_proj on AVX-512 CPUs)",
+        DefaultValueFactory = _ => 1,
+    };
+
+    readonly Option<string> _out = new("--out") { Description = "output directory (written atomically)", Required = true };
+    readonly Option<string> _ordering = new("--ordering") { Description = "zca, zca-precision, id, obs, variance, weight-norm, fluctuation, wanda-sp, magnitude, random", DefaultValueFactory = _ => "zca" };
+    readonly Option<string> _reconstruct = new("--reconstruct") { Description = "lstsq (least squares, with the mean term wherever the consumer has a bias or its stock class can hold one; else without), lstsq-nobias, lstsq-bias, bias (means only, FLAP) or none", DefaultValueFactory = _ => "lstsq" };
+    readonly Option<double?> _ratio = new("--ratio") { Description = "uniform fraction of units removed per layer" };
+    readonly Option<double?> _variance = new("--variance") { Description = "τ: keep the smallest prefix holding this fraction of residual variance (automatic per-layer ratios)" };
+    readonly Option<double?> _budget = new("--budget") { Description = "fraction of prunable parameters to remove (τ found by bisection)" };
+    readonly Option<bool> _uniform = new("--uniform") { Description = "with --ratio or --budget: the same kept count per node kind in every layer, so the stock config states the pruned widths" };
+    readonly Option<string> _targets = new("--targets") { Description = "mlp, heads or mlp,heads", DefaultValueFactory = _ => "mlp,heads" };
+    readonly Option<int> _widthMultiple = WidthMultipleOption();
+    readonly Option<string> _calib = new("--calib") { Description = "calibration data: c4 (bundled sample), wikitext2, tinystories (bundled calibration part) or a text file; a labelled image folder for image models", DefaultValueFactory = _ => "c4" };
+    readonly Option<int> _samples = new("--calib-samples") { Description = "calibration windows (text) or images", DefaultValueFactory = _ => 128 };
+    readonly Option<int?> _calibLen = new("--calib-seqlen") { Description = "calibration window length (default: 2048 or max positions)" };
+    readonly Option<int> _seed = new("--seed") { Description = "seed for calibration sampling and the random ordering", DefaultValueFactory = _ => 0 };
+    readonly Option<double> _damp = new("--damp") { Description = "damping, relative to the mean unit diagonal of G", DefaultValueFactory = _ => 0.01 };
+    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned: perplexity on wikitext2, c4, tinystories or a text file; 'accuracy' (with --images) for image models" };
+    readonly Option<int?> _evalLen = new("--eval-seqlen") { Description = "evaluation window length" };
+    readonly Option<int?> _evalWindows = new("--eval-limit", "--eval-max-windows") { Description = "evaluate only the first N windows (text) or images" };
+    readonly Option<string?> _images = new("--images") { Description = "labelled image folder for --eval accuracy (image models)" };
+    readonly Option<bool> _padded = new("--export-padded") { Description = "also write a zero-padded copy with the original shapes (OUT/padded) that stock tools load" };
+    readonly Option<bool> _force = new("--force") { Description = "replace an existing output directory" };
+
+    public void AddTo(Command c)
+    {
+        foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _uniform, _widthMultiple, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
+            c.Options.Add(o);
+    }
+
+    public PruneJobOptions ToJobOptions(ParseResult p, string modelDir, TorchSharp.torch.Device device, TorchSharp.torch.ScalarType dtype)
+    {
+        var policies = new (double? Value, RatioPolicyKind Kind)[] { (p.GetValue(_ratio), RatioPolicyKind.Ratio), (p.GetValue(_variance), RatioPolicyKind.Variance), (p.GetValue(_budget), RatioPolicyKind.Budget) }
+            .Where(x => x.Value != null).ToList();
+        if (policies.Count > 1) throw new LlmSnpException("give only one of --ratio, --variance, --budget");
+        var (amount, kind) = policies.Count == 1 ? (policies[0].Value!.Value, policies[0].Kind) : (0.99, RatioPolicyKind.Variance);
+        var targets = p.GetValue(_targets)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        foreach (var t in targets)
+            if (t is not ("mlp" or "heads")) throw new LlmSnpException($"--targets: unknown target '{t}' (mlp, heads)");
+        var reconstruct = ReconstructModes.Names.TryGetValue(p.GetValue(_reconstruct)!, out var r) ? r
+            : throw new LlmSnpException($"--reconstruct: unknown mode '{p.GetValue(_reconstruct)}' ({string.Join(", ", ReconstructModes.Names.Keys)})");
+        return new PruneJobOptions
+        {
+            ModelDir = modelDir, OutDir = p.GetValue(_out)!,
+            Prune = new PruneOptions
+            {
+                Ordering = Orderings.Parse(p.GetValue(_ordering)!), Reconstruct = reconstruct, Policy = kind, Amount = amount,
+                PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
+                UniformWidths = p.GetValue(_uniform), WidthMultiple = p.GetValue(_widthMultiple),
+            },
+            CalibSource = p.GetValue(_calib)!, CalibSamples = p.GetValue(_samples), CalibSeqLen = p.GetValue(_calibLen),
+            EvalDataset = p.GetValue(_eval), EvalSeqLen = p.GetValue(_evalLen), EvalLimit = p.GetValue(_evalWindows), EvalImages = p.GetValue(_images),
+            Force = p.GetValue(_force), ExportPadded = p.GetValue(_padded), Device = device, DType = dtype,
+        };
+    }
+}
