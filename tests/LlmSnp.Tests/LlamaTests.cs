@@ -64,7 +64,7 @@ public class LlamaTests
         using var tmp = new TempDir();
         var spec = new TinyLlama { ModelType = type, AttentionBias = attnBias, MlpBias = mlpBias, Tied = tied, KvHeads = 1 };
         string dir = spec.Write(tmp.Sub("m"));
-        using var m = (LlmSnp.Pruning.ILanguageModel)LlmSnp.Models.ModelFamilies.Open(dir);
+        using var m = (LlmSnp.Models.ILanguageModel)LlmSnp.Models.ModelFamilies.Open(dir);
         Assert.Empty(m.UnusedTensors);
         using var ck = new LlmSnp.Checkpoint.CheckpointReader(dir);
         Assert.Equal(ck.Names.Sum(n => ck.Entry(n).Shape.Aggregate(1L, (a, d) => a * d)), m.ParameterCount());

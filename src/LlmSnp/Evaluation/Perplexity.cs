@@ -1,3 +1,4 @@
+using LlmSnp.Models;
 using System.Diagnostics;
 using LlmSnp.Pruning;
 using static TorchSharp.torch;

@@ -1,3 +1,4 @@
+using LlmSnp.Models;
 using LlmSnp.Pruning;
 using static TorchSharp.torch;
 using F = TorchSharp.torch.nn.functional;

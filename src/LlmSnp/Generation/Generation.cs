@@ -1,3 +1,4 @@
+using LlmSnp.Models;
 using System.Diagnostics;
 using System.Text.Json.Nodes;
 using LlmSnp.Checkpoint;

@@ -48,4 +48,12 @@ public static class Attention
         var m = j <= i;
         return window is int w ? m.logical_and(i - j < w) : m;
     }
+
+    /// <summary>Causal attention limited to the last <paramref name="window"/> positions (true = attend).</summary>
+    public static Tensor SlidingWindowMask(long t, int window, Device device)
+    {
+        var i = torch.arange(t, device: device).unsqueeze(1);
+        var j = torch.arange(t, device: device).unsqueeze(0);
+        return (j <= i).logical_and(i - j < window);
+    }
 }

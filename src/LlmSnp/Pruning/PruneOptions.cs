@@ -1,3 +1,5 @@
+using LlmSnp.Models;
+
 namespace LlmSnp.Pruning;
 
 public enum RatioPolicyKind { Ratio, Variance, Budget }

@@ -1,3 +1,4 @@
+using LlmSnp.Models;
 using System.Diagnostics;
 using static TorchSharp.torch;
 

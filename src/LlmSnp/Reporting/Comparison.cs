@@ -1,3 +1,4 @@
+using LlmSnp.Models;
 using System.Diagnostics;
 using System.Globalization;
 using System.Text;

@@ -48,20 +48,11 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
 
     Tensor Linear(Tensor x, string linear) => F.linear(x, T(linear + ".weight"), Optional(_p + linear + ".bias"));
 
-    /// <summary>RMSNorm as HF computes it: in float32 at least, cast back before the weight.</summary>
-    public static Tensor RmsNorm(Tensor x, Tensor weight, double eps)
-    {
-        var dtype = x.dtype;
-        var xf = dtype is ScalarType.Float16 or ScalarType.BFloat16 ? x.to(ScalarType.Float32) : x;
-        var normed = xf * torch.rsqrt(xf.pow(2).mean(new long[] { -1 }, keepdim: true) + eps);
-        return weight * normed.to(dtype);
-    }
-
     public override Tensor Activations(int layer, Tensor input)
     {
         using var scope = NewDisposeScope();
-        if (layer == 0) return SelfAttention(RmsNorm(input, T("input_layernorm.weight"), _eps)).MoveToOuterDisposeScope();
-        var x = RmsNorm(input, T("post_attention_layernorm.weight"), _eps);
+        if (layer == 0) return SelfAttention(Norms.Rms(input, T("input_layernorm.weight"), _eps)).MoveToOuterDisposeScope();
+        var x = Norms.Rms(input, T("post_attention_layernorm.weight"), _eps);
         // In place on the fresh gate output: two [tokens, intermediate] temporaries fewer a block.
         return F.silu(Linear(x, "mlp.gate_proj"), inplace: true).mul_(Linear(x, "mlp.up_proj")).MoveToOuterDisposeScope();
     }
@@ -88,7 +79,7 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
         if (position == 0)
         {
             // Mistral's window applies only when the sequence is longer than it.
-            mask = _window is int w && w < t ? Rope.SlidingWindowMask(t, w, x.device) : null;
+            mask = _window is int w && w < t ? Attention.SlidingWindowMask(t, w, x.device) : null;
             causal = mask is null;
         }
         else
@@ -105,7 +96,7 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
     public Tensor Step(Tensor hidden, KvCache cache, int position)
     {
         using var scope = NewDisposeScope();
-        var a = SelfAttention(RmsNorm(hidden, T("input_layernorm.weight"), _eps), cache, position);
+        var a = SelfAttention(Norms.Rms(hidden, T("input_layernorm.weight"), _eps), cache, position);
         var h = Residual(0, hidden, a);
         return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
     }
@@ -122,57 +113,5 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
     {
         foreach (var linear in layer == 0 ? new[] { "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj" } : new[] { "mlp.gate_proj", "mlp.up_proj" })
             AddZeroBias(_p + linear + ".weight", _p + linear + ".bias");
-    }
-}
-
-/// <summary>Rotary position embeddings, rotate-half form (HF `apply_rotary_pos_emb`), positions from 0 or a given start.</summary>
-public sealed class Rope : IDisposable
-{
-    readonly Tensor _cos, _sin;   // [maxPositions, headDim], compute dtype
-
-    public Rope(double[] inverseFrequencies, int maxPositions, ScalarType dtype, Device device)
-    {
-        using var scope = NewDisposeScope();
-        var inv = torch.tensor(inverseFrequencies, ScalarType.Float64);
-        var pos = torch.arange(maxPositions, ScalarType.Float64);
-        var freqs = torch.outer(pos, inv);
-        var emb = torch.cat(new[] { freqs, freqs }, 1);
-        _cos = emb.cos().to(dtype, device).DetachFromDisposeScope();
-        _sin = emb.sin().to(dtype, device).DetachFromDisposeScope();
-    }
-
-    /// <summary>q [b, heads, t, d], k [b, kv_heads, t, d] rotated by their positions start..start+t-1 (a cached sequence continues past 0).</summary>
-    public (Tensor Q, Tensor K) Apply(Tensor q, Tensor k, int start = 0)
-    {
-        long t = q.shape[2];
-        if (start < 0) throw new ArgumentOutOfRangeException(nameof(start));
-        if (start + t > _cos.shape[0]) throw new LlmSnpException($"sequence of {start + t} tokens exceeds max_position_embeddings {_cos.shape[0]}");
-        var cos = _cos.narrow(0, start, t);
-        var sin = _sin.narrow(0, start, t);
-        return (Rotate(q, cos, sin), Rotate(k, cos, sin));
-    }
-
-    /// <summary>x·cos + rotate_half(x)·sin, with one new tensor (five temporaries written out: 3 % of a llama3-8b block).</summary>
-    static Tensor Rotate(Tensor x, Tensor cos, Tensor sin)
-    {
-        long half = x.shape[^1] / 2;
-        var r = torch.empty_like(x);
-        r.narrow(-1, 0, half).copy_(x.narrow(-1, half, half)).neg_();   // rotate_half: [-x2, x1]
-        r.narrow(-1, half, half).copy_(x.narrow(-1, 0, half));
-        return r.mul_(sin).addcmul_(x, cos, 1);
-    }
-
-    /// <summary>Causal attention limited to the last <paramref name="window"/> positions (true = attend).</summary>
-    public static Tensor SlidingWindowMask(long t, int window, Device device)
-    {
-        var i = torch.arange(t, device: device).unsqueeze(1);
-        var j = torch.arange(t, device: device).unsqueeze(0);
-        return (j <= i).logical_and(i - j < window);
-    }
-
-    public void Dispose()
-    {
-        _cos.Dispose();
-        _sin.Dispose();
     }
 }

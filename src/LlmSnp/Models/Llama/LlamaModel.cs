@@ -82,7 +82,7 @@ public sealed class LlamaModel : ILanguageModel
     public Tensor Head(Tensor h)
     {
         using var scope = NewDisposeScope();
-        return F.linear(LlamaBlock.RmsNorm(h, _norm, Config.RmsNormEps), HeadWeight).MoveToOuterDisposeScope();
+        return F.linear(Norms.Rms(h, _norm, Config.RmsNormEps), HeadWeight).MoveToOuterDisposeScope();
     }
 
     /// <summary>The layer's tensors (local names) and shapes for its widths, in HF module order.</summary>

@@ -1,7 +1,7 @@
 using System.Text.Json.Nodes;
 using static TorchSharp.torch;
 
-namespace LlmSnp.Pruning;
+namespace LlmSnp.Models;
 
 /// <summary>
 /// A set of units whose outputs feed one linear consumer y = W a (+ c) (snp.md §1). Units come in
@@ -145,7 +145,7 @@ public interface ICachedBlock : IPrunableBlock
     /// Hidden states [batch, t, width] of the tokens at positions position..position+t-1 → the block's output for
     /// them; their keys and values are appended to <paramref name="cache"/>, which holds exactly the positions before.
     /// </summary>
-    Tensor Step(Tensor hidden, Models.KvCache cache, int position);
+    Tensor Step(Tensor hidden, KvCache cache, int position);
 }
 
 /// <summary>A language model: token ids in, next-token logits out.</summary>
