@@ -111,7 +111,7 @@ public static class Bench
                 };
                 log?.Invoke($"eval: {r.TokensPerSecond:F0} tokens/s, {flops / r.Seconds / 1e9:F1} GFLOP/s = {flops / r.Seconds / peak:P0} of peak");
             }
-            if (ModelFamilies.Of(dir).ExportsGguf)
+            if (ModelFamilies.Of(dir).Gguf is not null)
             {
                 // The strongest CPU engine a user would pick, on the same weights (F16), prefilling the same length.
                 var (cpp, skipped) = InferenceBench.LlamaCpp(dir, Export.GgufDType.F16, cppPrefill, o.DecodeSteps, s.Vocab, log);

@@ -84,6 +84,8 @@ public sealed class ConfigFile
         for (int i = 0; i < layers; i++)
         {
             if (a[i] is JsonValue v && v.TryGetValue<JsonElement>(out var e) && e.ValueKind == JsonValueKind.Number && e.TryGetInt32(out int x) && x >= 1) r[i] = x;
+            else if (a[i] is JsonValue z && z.TryGetValue<JsonElement>(out var ze) && ze.ValueKind == JsonValueKind.Number && ze.TryGetInt32(out int zero) && zero == 0)
+                throw new LlmSnpException($"{Path}: field '{field}'[{i}] is 0: layer {i} would have no units (a removed layer leaves the config instead)");
             else throw new LlmSnpException($"{Path}: field '{field}'[{i}] is not a positive integer");
         }
         return r;
