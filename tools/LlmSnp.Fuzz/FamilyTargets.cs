@@ -27,7 +27,7 @@ public static partial class HeaderFuzzer
         Tensor input = m switch
         {
             ILanguageModel lm => (torch.arange(Math.Max(1, Math.Min(4, lm.MaxPositions)), ScalarType.Int64) % Math.Max(1, lm.VocabSize)).unsqueeze(0),
-            VitModel v => torch.rand(new long[] { 1, v.Config.Channels, v.Config.ImageSize, v.Config.ImageSize }, generator: new Generator(1)),
+            IImageClassifier ic => torch.rand(new long[] { 1, ic.Channels, ic.ImageSize, ic.ImageSize }, generator: new Generator(1)),
             _ => throw new InvalidOperationException($"{m.Family}: no forward input for this family"),
         };
         var h = m.Embed(input);

@@ -167,6 +167,9 @@ public interface ILanguageModel : IPrunableModel
 public interface IImageClassifier : IPrunableModel
 {
     int Classes { get; }
+    /// <summary>Input images are [batch, Channels, ImageSize, ImageSize], already normalised.</summary>
+    int Channels { get; }
+    int ImageSize { get; }
 }
 
 public static class PrunableBlockExtensions
