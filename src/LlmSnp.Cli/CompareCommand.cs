@@ -1,6 +1,7 @@
 using System.CommandLine;
 
 using LlmSnp;
+using LlmSnp.Models;
 using LlmSnp.Reporting;
 
 /// <summary>`llmsnp compare`: every method at every ratio on one calibration set, with speed.</summary>
@@ -46,6 +47,5 @@ static class CompareCommand
     static List<Method> ParseMethods(string s) => s.Split(',').Select(Method.Parse).ToList();
 
     static List<string> ParseTargetSets(string s) =>
-        s.Split(';', StringSplitOptions.RemoveEmptyEntries).Select(t => t.Split(',').All(x => x is "mlp" or "heads") ? t
-            : throw new LlmSnpException($"--targets: unknown target set '{t}'")).ToList();
+        s.Split(';', StringSplitOptions.RemoveEmptyEntries).Select(t => NodeKinds.Describe(NodeKinds.ParseSet(t, "--targets"))).ToList();
 }

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using LlmSnp;
+using LlmSnp.Models;
 using LlmSnp.Pruning;
 
 /// <summary>`llmsnp prune`: SNP (or a baseline) on a checkpoint, written atomically, optionally measured dense and pruned.</summary>
@@ -59,9 +60,7 @@ sealed class PruneCliOptions
             .Where(x => x.Value != null).ToList();
         if (policies.Count > 1) throw new LlmSnpException("give only one of --ratio, --variance, --budget");
         var (amount, kind) = policies.Count == 1 ? (policies[0].Value!.Value, policies[0].Kind) : (0.99, RatioPolicyKind.Variance);
-        var targets = p.GetValue(_targets)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
-        foreach (var t in targets)
-            if (t is not ("mlp" or "heads")) throw new LlmSnpException($"--targets: unknown target '{t}' (mlp, heads)");
+        var targets = NodeKinds.ParseSet(p.GetValue(_targets)!, "--targets");
         var reconstruct = ReconstructModes.Names.TryGetValue(p.GetValue(_reconstruct)!, out var r) ? r
             : throw new LlmSnpException($"--reconstruct: unknown mode '{p.GetValue(_reconstruct)}' ({string.Join(", ", ReconstructModes.Names.Keys)})");
         return new PruneJobOptions
@@ -70,7 +69,7 @@ sealed class PruneCliOptions
             Prune = new PruneOptions
             {
                 Ordering = Orderings.Parse(p.GetValue(_ordering)!), Reconstruct = reconstruct, Policy = kind, Amount = amount,
-                PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
+                Targets = targets, Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
                 UniformWidths = p.GetValue(_uniform), WidthMultiple = p.GetValue(_widthMultiple),
             },
             CalibSource = p.GetValue(_calib)!, CalibSamples = p.GetValue(_samples), CalibSeqLen = p.GetValue(_calibLen),

@@ -137,7 +137,7 @@ public class StockLoadTests
         var ratio = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.25, UniformWidths = true };
 
         // OPT, MLP only: stock OPT expresses it through ffn_dim.
-        PruneJob.Run(TextJob(Model("opt-tiny-c4-v2"), tmp.Sub("opt"), ratio with { PruneHeads = false }, TextSources.C4, 64), null);
+        PruneJob.Run(TextJob(Model("opt-tiny-c4-v2"), tmp.Sub("opt"), ratio with { Targets = new HashSet<NodeKind> { NodeKind.Mlp } }, TextSources.C4, 64), null);
         Assert.Equal(768, I(Config(tmp.Sub("opt")), "ffn_dim"));
         AssertStockShapes(tmp.Sub("opt"), OptShapes);
         Assert.True((bool)Report(tmp.Sub("opt"))["stock_loadable"]!);

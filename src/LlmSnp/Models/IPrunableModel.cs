@@ -15,6 +15,29 @@ public sealed record NodeLayerInfo(string Name, NodeKind Kind, int Units, int Gr
 
 public enum NodeKind { Heads, Mlp }
 
+/// <summary>The node kinds' names, as options (`--targets`) and reports spell them: the one place they are spelled.</summary>
+public static class NodeKinds
+{
+    public static readonly IReadOnlyList<NodeKind> All = new[] { NodeKind.Mlp, NodeKind.Heads };
+
+    public static string Name(NodeKind k) => k switch { NodeKind.Heads => "heads", _ => "mlp" };
+
+    public static NodeKind Parse(string s, string option) =>
+        All.Cast<NodeKind?>().FirstOrDefault(k => Name(k!.Value) == s)
+        ?? throw new LlmSnpException($"{option}: unknown target '{s}' ({string.Join(", ", All.Select(Name))})");
+
+    /// <summary>A comma-separated target set ("mlp,heads"); empty or unknown entries are refused.</summary>
+    public static IReadOnlySet<NodeKind> ParseSet(string s, string option)
+    {
+        var parts = s.Split(',', StringSplitOptions.TrimEntries);
+        if (parts.All(p => p.Length == 0)) throw new LlmSnpException($"{option}: empty target set ({string.Join(", ", All.Select(Name))})");
+        return parts.Select(p => p.Length == 0 ? throw new LlmSnpException($"{option}: empty entry in '{s}'") : Parse(p, option)).ToHashSet();
+    }
+
+    /// <summary>The set as options spell it, in a fixed order (mlp before heads).</summary>
+    public static string Describe(IReadOnlySet<NodeKind> kinds) => string.Join(",", All.Where(kinds.Contains).Select(Name));
+}
+
 /// <summary>
 /// One transformer block, resident on the device, as the pruning engine sees it. The engine
 /// never learns which family the block belongs to: it runs it, reads the consumer of a node
@@ -31,6 +54,24 @@ public interface IPrunableBlock : IDisposable
 
     /// <summary>Node layers in the order they are pruned (heads, then the MLP).</summary>
     IReadOnlyList<NodeLayerInfo> NodeLayers { get; }
+
+    /// <summary>
+    /// The node layers grouped by the sub-block they belong to, in order: one node layer reads each sub-block's
+    /// input in a chain (attention, then a dense MLP); several read the same input where they run in parallel and
+    /// their consumers' outputs are summed with weights (the experts of a mixture).
+    /// </summary>
+    IReadOnlyList<int[]> SubBlocks { get; }
+
+    /// <summary>
+    /// Sub-block <paramref name="subBlock"/>'s node layers on the residual stream entering it: each layer's activations
+    /// [rows, units] and the weight its consumer's output carries per row ([rows]; null: 1) go to
+    /// <paramref name="collect"/>; nothing past them is computed. A least-squares fit of a consumer then weighs each
+    /// row as the block's output does.
+    /// </summary>
+    void Collect(int subBlock, Tensor input, Action<int, Tensor, Tensor?> collect);
+
+    /// <summary>The residual stream leaving sub-block <paramref name="subBlock"/>, given the one entering it.</summary>
+    Tensor Advance(int subBlock, Tensor input);
 
     /// <summary>
     /// Runs the block on hidden states [batch, tokens, width]. With <paramref name="captureLayer"/> ≥ 0,
@@ -77,8 +118,11 @@ public interface IPrunableBlock : IDisposable
     IEnumerable<(string Name, Tensor Tensor)> PaddedTensors(ScalarType dtype);
 }
 
-/// <summary>What one pruned block kept: per node layer the original group indices, and whether its consumer now has a bias.</summary>
-public sealed record KeptBlock(IReadOnlyList<long[]> Groups, IReadOnlyList<bool> ConsumerBias);
+/// <summary>
+/// What one pruned block kept: its original layer index (a checkpoint written without some blocks renumbers the
+/// rest), per node layer the original group indices, and whether its consumer now has a bias.
+/// </summary>
+public sealed record KeptBlock(int Layer, IReadOnlyList<long[]> Groups, IReadOnlyList<bool> ConsumerBias);
 
 /// <summary>A model family as the pruning engine and the jobs see it: streamed block by block.</summary>
 public interface IPrunableModel : IDisposable

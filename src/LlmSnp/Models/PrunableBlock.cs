@@ -117,15 +117,36 @@ public abstract class PrunableBlock : IPrunableBlock
 
     public abstract Tensor Residual(int layer, Tensor input, Tensor activations);
 
+    /// <summary>By default each node layer is its own sub-block, in a chain; a block with parallel node layers overrides these.</summary>
+    public virtual IReadOnlyList<int[]> SubBlocks => _maps.Select((_, j) => new[] { j }).ToArray();
+
+    public virtual void Collect(int subBlock, Tensor input, Action<int, Tensor, Tensor?> collect)
+    {
+        int j = SubBlocks[subBlock].Single();
+        using var a = Activations(j, input);
+        using var flat = a.reshape(-1, a.shape[^1]);
+        collect(j, flat, null);
+    }
+
+    public virtual Tensor Advance(int subBlock, Tensor input)
+    {
+        using var scope = NewDisposeScope();
+        int j = SubBlocks[subBlock].Single();
+        return Residual(j, input, Activations(j, input)).MoveToOuterDisposeScope();
+    }
+
     public Tensor? Forward(Tensor hidden, int captureLayer = -1, Action<Tensor>? capture = null)
     {
         using var scope = NewDisposeScope();
         var h = hidden;
-        for (int j = 0; j < _maps.Count; j++)
+        foreach (var (sub, s) in SubBlocks.Select((sub, s) => (sub, s)))
         {
-            var a = Activations(j, h);
-            if (captureLayer == j) { capture!(a.reshape(-1, a.shape[2])); return null; }
-            h = Residual(j, h, a);
+            if (sub.Contains(captureLayer))
+            {
+                Collect(s, h, (j, a, _) => { if (j == captureLayer) capture!(a); });
+                return null;
+            }
+            h = Advance(s, h);
         }
         return h.MoveToOuterDisposeScope();
     }

@@ -12,8 +12,8 @@ public sealed record PruneOptions
     public RatioPolicyKind Policy { get; init; } = RatioPolicyKind.Variance;
     /// <summary>r for Ratio, τ for Variance, p for Budget.</summary>
     public double Amount { get; init; } = 0.99;
-    public bool PruneHeads { get; init; } = true;
-    public bool PruneMlp { get; init; } = true;
+    /// <summary>The node kinds pruned (`--targets`).</summary>
+    public IReadOnlySet<NodeKind> Targets { get; init; } = new HashSet<NodeKind> { NodeKind.Mlp, NodeKind.Heads };
     public double Damp { get; init; } = 0.01;
     public int Seed { get; init; }
     /// <summary>
@@ -28,7 +28,7 @@ public sealed record PruneOptions
     /// </summary>
     public int WidthMultiple { get; init; } = 1;
 
-    public bool Targets(NodeKind k) => k == NodeKind.Heads ? PruneHeads : PruneMlp;
+    public bool Prunes(NodeKind k) => Targets.Contains(k);
 
     public void Validate()
     {
@@ -44,7 +44,7 @@ public sealed record PruneOptions
         if (UniformWidths && Policy == RatioPolicyKind.Variance)
             throw new LlmSnpException("--uniform works with --ratio or --budget: --variance chooses each layer's width from its own spectrum");
         if (WidthMultiple < 1) throw new LlmSnpException($"--width-multiple must be a positive integer (got {WidthMultiple})");
-        if (!PruneHeads && !PruneMlp) throw new LlmSnpException("--targets selects nothing to prune (use mlp, heads or mlp,heads)");
+        if (Targets.Count == 0) throw new LlmSnpException("--targets selects nothing to prune (use mlp, heads or mlp,heads)");
         if (!(Damp >= 0) || double.IsInfinity(Damp)) throw new LlmSnpException($"--damp must be a non-negative number (got {Damp})");
     }
 

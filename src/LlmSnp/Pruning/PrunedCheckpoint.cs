@@ -104,7 +104,7 @@ public static class PrunedCheckpoint
                 if (padded != null) Add(padded, block.PaddedTensors(dtype), false);
                 req.AfterBlockWritten?.Invoke(block, b);
             });
-            if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).Gguf is not null && result.Layers.Count(l => l.Kind == "mlp" && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
+            if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).Gguf is not null && result.Layers.Count(l => l.Kind == NodeKinds.Name(NodeKind.Mlp) && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
                 log?.Invoke($"note: {odd} MLP layers keep a width that is not a multiple of 16; llama.cpp's fast F16/F32 GEMM then takes a slow path for their down_proj (--width-multiple 16 aligns them)");
             Add(writer, model.OuterTensors(dtype), true);
             if (padded != null) Add(padded, model.OuterTensors(dtype), false);
@@ -135,7 +135,7 @@ public static class PrunedCheckpoint
             {
                 ["name"] = l.Name, ["kind"] = l.Kind, ["units"] = l.Units, ["group_size"] = l.GroupSize,
                 ["units_kept"] = l.UnitsKept, ["groups_kept"] = l.UnitsKept / l.GroupSize,
-                [l.Kind == "heads" ? "kept_heads" : "kept_neurons"] = new JsonArray(l.KeptIndices.Select(i => (JsonNode)i).ToArray()),
+                [l.Kind == NodeKinds.Name(NodeKind.Heads) ? "kept_heads" : "kept_neurons"] = new JsonArray(l.KeptIndices.Select(i => (JsonNode)i).ToArray()),
                 ["error"] = l.Error, ["relative_error"] = l.RelativeError,
                 ["damping_lambda"] = l.Lambda, ["damping_escalations"] = l.DampingEscalations,
                 ["reconstruct_constant"] = l.Constant,
@@ -160,7 +160,7 @@ public static class PrunedCheckpoint
                 ["reconstruct"] = ReconstructModes.Name(o.Reconstruct),
                 ["policy"] = o.PolicyName,
                 [o.PolicyName] = o.Amount,
-                ["targets"] = string.Join(",", new[] { o.PruneMlp ? "mlp" : null, o.PruneHeads ? "heads" : null }.Where(x => x != null)),
+                ["targets"] = NodeKinds.Describe(o.Targets),
                 ["damp"] = o.Damp,
                 ["seed"] = o.Seed,
                 ["uniform_widths"] = o.UniformWidths,
@@ -171,7 +171,7 @@ public static class PrunedCheckpoint
             ["calibration"] = req.CalibrationInfo.DeepClone(),
             ["tau"] = r.Tau,
             ["uniform_kept_groups"] = r.UniformKept is { } u
-                ? new JsonObject(u.OrderBy(kv => kv.Key).Select(kv => KeyValuePair.Create(kv.Key == NodeKind.Heads ? "heads" : "mlp", (JsonNode?)kv.Value)))
+                ? new JsonObject(u.OrderBy(kv => kv.Key).Select(kv => KeyValuePair.Create(NodeKinds.Name(kv.Key), (JsonNode?)kv.Value)))
                 : null,
             // Whether the family's stock transformers class builds exactly the stored shapes from config.json alone.
             ["stock_loadable"] = notStock is null,

@@ -106,7 +106,7 @@ public static class Comparison
                     var opt = new PruneOptions
                     {
                         Ordering = method.Ordering, Reconstruct = method.Reconstruct, Policy = method.Policy, Amount = ratio,
-                        PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = req.Damp, Seed = req.Seed, WidthMultiple = req.WidthMultiple,
+                        Targets = NodeKinds.ParseSet(targets, "--targets"), Damp = req.Damp, Seed = req.Seed, WidthMultiple = req.WidthMultiple,
                     };
                     using var model = req.OpenModel();
                     var hidden = req.Metric.Embed(model);
