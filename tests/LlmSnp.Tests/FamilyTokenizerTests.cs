@@ -20,9 +20,9 @@ public class FamilyTokenizerTests
     }
 
     /// <summary>A golden-family fixture with a tokenizer's files beside its weights (both have 512 ids).</summary>
-    internal static string WithTokenizer(TempDir tmp, string fixture, string tokenizer)
+    internal static string WithTokenizer(TempDir tmp, string fixture, string tokenizer, string? name = null)
     {
-        string dir = tmp.Sub(fixture + "-" + tokenizer);
+        string dir = tmp.Sub(name ?? fixture + "-" + tokenizer);
         Directory.CreateDirectory(dir);
         foreach (var f in Directory.GetFiles(FamilyGoldenTests.Fixture(fixture)).Concat(Directory.GetFiles(Tokenizer(tokenizer))))
             if (Path.GetFileName(f) is not ("golden.json" or "expected.json")) File.Copy(f, Path.Combine(dir, Path.GetFileName(f)));

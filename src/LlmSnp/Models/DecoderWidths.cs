@@ -17,7 +17,13 @@ public sealed record DecoderWidths(int[] Heads, int[] KvHeads, int[] Intermediat
         for (int i = 0; i < layers; i++)
             if (h[i] % kv[i] != 0 || h[i] / kv[i] != heads / kvHeads)
                 throw f.Unsupported("num_heads_per_layer", $"[{i}] = {h[i]} with {kv[i]} K/V heads: every layer must keep {heads / kvHeads} query heads per K/V head");
-        return new DecoderWidths(h, kv, f.IntList("intermediate_sizes", layers) ?? Enumerable.Repeat(intermediate, layers).ToArray());
+        var inter = f.IntList("intermediate_sizes", layers) ?? Enumerable.Repeat(intermediate, layers).ToArray();
+        // A list of one value is a uniform prune, which states that value in the stock field too (what a stock class reads).
+        foreach (var (list, stockField, stock, values) in new[] { ("intermediate_sizes", "intermediate_size", intermediate, inter),
+            ("num_heads_per_layer", "num_attention_heads", heads, h), ("num_key_value_heads_per_layer", "num_key_value_heads", kvHeads, kv) })
+            if (f.Has(list) && values.All(x => x == values[0]) && values[0] != stock)
+                throw f.Unsupported(stockField, $"is {stock} but every entry of '{list}' is {values[0]} (a uniformly pruned checkpoint states the pruned value in both)");
+        return new DecoderWidths(h, kv, inter);
     }
 
     public bool Uniform => Heads.Distinct().Count() == 1 && KvHeads.Distinct().Count() == 1 && Intermediate.Distinct().Count() == 1;

@@ -15,8 +15,8 @@ public static class ModelFamilies
     {
         new("opt", new[] { "opt" }, Modality.Text, (d, dev, dt) => new OptModel(d, dev, dt)),
         new("llama", LlamaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new LlamaModel(d, dev, dt), new LlamaGguf()),
-        new("qwen3", Qwen3Config.ModelTypes, Modality.Text, (d, dev, dt) => new Qwen3Model(d, dev, dt)),
-        new("gemma", GemmaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new GemmaModel(d, dev, dt)),
+        new("qwen3", Qwen3Config.ModelTypes, Modality.Text, (d, dev, dt) => new Qwen3Model(d, dev, dt), new Qwen3Gguf()),
+        new("gemma", GemmaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new GemmaModel(d, dev, dt), new GemmaGguf()),
         new("vit", new[] { "vit", "deit" }, Modality.Image, (d, dev, dt) => new VitModel(d, dev, dt)),
     };
 
