@@ -12,6 +12,12 @@ public sealed class GemmaConfig
 {
     public static readonly string[] ModelTypes = { "gemma2", "gemma3_text" };
 
+    /// <summary>The multimodal Gemma 3 (vision tower + language model under other tensor names) is not read.</summary>
+    public static readonly IReadOnlyDictionary<string, string> Refuses = new Dictionary<string, string>
+    {
+        ["gemma3"] = "is the multimodal Gemma 3 (Gemma3ForConditionalGeneration: a vision tower and a language model); LlmSnp prunes text-only Gemma 3 checkpoints (model_type gemma3_text, Gemma3ForCausalLM)",
+    };
+
     public required ConfigFile File { get; init; }
     public required string ModelType { get; init; }
     public bool Gemma3 => ModelType == "gemma3_text";
