@@ -178,4 +178,51 @@ public class FamilyPruningTests
             Assert.True(o.ParamsAfter < o.ParamsBefore || name == "variance", $"{fixture} {name}: nothing removed");
         }
     }
+
+    /// <summary>
+    /// `compare` on Qwen3 and Gemma: each row's perplexity equals what `prune --eval` measures on the written checkpoint
+    /// (its timing is the family-independent part CompareTests checks).
+    /// </summary>
+    [Theory]
+    [InlineData("qwen3")]
+    [InlineData("gemma2")]
+    public void Compare_rows_equal_prune_of_the_same_options(string fixture)
+    {
+        using var tmp = new TempDir();
+        string src = WithTokenizer(tmp, fixture);
+        var json = LlmSnp.Reporting.CompareJob.Run(new LlmSnp.Reporting.CompareOptions
+        {
+            ModelDir = src, OutDir = tmp.Sub("cmp"), Methods = new[] { LlmSnp.Reporting.Method.Parse("zca"), LlmSnp.Reporting.Method.Parse("magnitude") },
+            Ratios = new[] { 0.3 }, TargetSets = new[] { "mlp,heads" }, Calib = TextSources.TinyStories, CalibSamples = 8, CalibSeqLen = 64,
+            Eval = TextSources.TinyStories, EvalSeqLen = 64, EvalLimit = 8, MeasureSpeed = false,
+        }, null);
+        var rows = json["rows"]!.AsArray();
+        Assert.Equal(2, rows.Count);
+        var prune = PruneJob.Run(Job(src, tmp.Sub("zca"), new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.3 }, eval: true), null);
+        Assert.Equal(prune.Eval!.Pruned, (double)rows[0]!["metric"]!, 6);
+        Assert.Equal(prune.ParamsAfter, (long)rows[0]!["params_after"]!);
+        Assert.NotEqual((double)rows[0]!["metric"]!, (double)rows[1]!["metric"]!);
+    }
+
+    /// <summary>`generate` on Gemma 3 (sliding and full layers, two RoPE bases) through the CLI: greedy decoding through the KV cache gives the ids a full forward picks at each step.</summary>
+    [Fact]
+    public void Cli_generate_on_gemma3_follows_the_full_forwards_argmax()
+    {
+        using var tmp = new TempDir();
+        string dir = WithTokenizer(tmp, "gemma3_text");
+        string json = tmp.Sub("g.json");
+        var r = CliHarness.Run(new[] { "generate", "--model", dir, "--prompt", "Once upon a time", "--max-new-tokens", "12", "--json", json });
+        CliHarness.Succeeds(r);
+        var g = Json(json);
+        using var m = ModelFamilies.OpenLanguageModel(dir);
+        var ids = m.Tokenizer().Encode("Once upon a time").Select(x => (long)x).ToList();
+        int promptLength = ids.Count;
+        for (int k = 0; k < 12; k++)
+        {
+            using var logits = LlamaTests.Forward(m, torch.tensor(ids.ToArray(), new long[] { 1, ids.Count }));
+            ids.Add(logits[0, -1].argmax().item<long>());
+        }
+        Assert.Equal(12, (int)g["new_tokens"]!);
+        Assert.Equal(m.Tokenizer().Decode(ids.Skip(promptLength).Select(x => (int)x)), (string)g["text"]!);
+    }
 }
