@@ -11,6 +11,9 @@ namespace LlmSnp.Tests;
 /// </summary>
 public class FamilyGoldenTests
 {
+    readonly Xunit.Abstractions.ITestOutputHelper _out;
+    public FamilyGoldenTests(Xunit.Abstractions.ITestOutputHelper output) { _out = output; }
+
     internal static string Fixture(string name) => Repo.Fixture(Path.Combine("golden-families", name));
 
     [Theory]
@@ -33,6 +36,7 @@ public class FamilyGoldenTests
             using var got = LlamaTests.Forward(model, input).squeeze(0).to(ScalarType.Float64);
             using var want = torch.tensor(logits[s].SelectMany(x => x).ToArray(), new long[] { logits[s].Length, logits[s][0].Length }, ScalarType.Float64);
             double maxAbs = (got - want).abs().max().item<double>();
+            _out.WriteLine($"{fixture} {dtype} seq {s}: max |Δlogit| {maxAbs:E2}");
             Assert.True(maxAbs < tol, $"{fixture} {dtype} seq {s}: max |Δlogit| = {maxAbs:G3} ≥ {tol}");
             var ppl = Perplexity.Evaluate(model, ids[s].Select(x => (int)x).ToArray(), ids[s].Length, null, "golden");
             // The perplexity protocol takes its softmax in F32 whatever the model's dtype.
@@ -84,5 +88,9 @@ public class FamilyGoldenTests
         Assert.True((la.narrow(1, 6, 18) - lb.narrow(1, 6, 18)).abs().max().item<double>() > 1e-3);
         using var ca = GenerationTests.CachedLogits(a, ids);
         Assert.True((ca - la).abs().max().item<double>() < 1e-10);
+        // An explicit null window leaves the sliding layers unwindowed (HF's None), unlike an absent one (4096).
+        using var c = ModelFamilies.OpenLanguageModel(WithConfig(tmp, fixture, cfg => cfg["sliding_window"] = null, "null-window"), CPU, ScalarType.Float64);
+        using var lc = LlamaTests.Forward(c, ids);
+        Assert.True((lc - lb).abs().max().item<double>() < 1e-12);
     }
 }

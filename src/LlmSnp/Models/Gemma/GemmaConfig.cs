@@ -41,7 +41,8 @@ public sealed class GemmaConfig
     public double? FinalSoftcap { get; init; }
     /// <summary>Per layer: true for a sliding-window (local) layer.</summary>
     public required bool[] Sliding { get; init; }
-    public int SlidingWindow { get; init; }
+    /// <summary>`sliding_window` (default 4096); an explicit null leaves the sliding layers unwindowed, as HF does.</summary>
+    public int? SlidingWindow { get; init; }
     /// <summary>`hidden_activation`: the MLP's gate activation.</summary>
     public required string Activation { get; init; }
     public bool AttentionBias { get; init; }
@@ -76,7 +77,7 @@ public sealed class GemmaConfig
         double scalar = Positive(f, "query_pre_attn_scalar", 256);
         double? Cap(string field, double? fallback) => f.Json.ContainsKey(field) ? (f.Json[field] is null ? null : Positive(f, field, 0)) : fallback;
         var sliding = SlidingLayers(f, layers, g3);
-        int window = f.Json["sliding_window"] is JsonNode ? f.Int("sliding_window") : 4096;
+        int? window = !f.Json.ContainsKey("sliding_window") ? 4096 : f.Json["sliding_window"] is null ? null : f.Int("sliding_window");
         return new GemmaConfig
         {
             File = f, ModelType = type,

@@ -90,7 +90,8 @@ public sealed class GemmaGguf : IGgufExporter
                 w.AddUInt32($"{a}.attention.key_length", (uint)D);
                 w.AddUInt32($"{a}.attention.value_length", (uint)D);
                 w.AddFloat32($"{a}.attention.layer_norm_rms_epsilon", (float)c.RmsNormEps);
-                w.AddUInt32($"{a}.attention.sliding_window", (uint)c.SlidingWindow);
+                // No window (null): one as long as the context, which llama.cpp's sliding layers then never reach.
+                w.AddUInt32($"{a}.attention.sliding_window", (uint)(c.SlidingWindow ?? c.MaxPositions));
                 w.AddFloat32($"{a}.rope.freq_base", (float)c.RopeTheta);
                 if (c.Gemma3)
                 {
