@@ -244,6 +244,220 @@ public static partial class HeaderFuzzer
         return new Built(dir, null);
     }
 
+    // ------------------------------------------------------------------ Qwen3, Gemma 2, Gemma 3 (text)
+
+    static readonly string[] DecoderMutations =
+    {
+        "dec-valid", "dec-head-dim", "dec-kv-heads", "dec-qk-norm-shape", "dec-qk-norm-missing", "dec-extra-qk-norm", "dec-norms-missing",
+        "dec-softcaps", "dec-query-scalar", "dec-layer-types", "dec-window", "dec-pattern", "dec-rope", "dec-activation", "dec-tied",
+        "dec-attention-bias", "dec-per-layer-lists", "dec-config-edit", "dec-missing-tensor", "dec-transposed", "dec-half-dtype",
+        "dec-weights-edit", "dec-multimodal", "dec-model-type", "dec-bpe-tokenizer",
+    };
+
+    static readonly ConfigFields DecoderFields = new(
+        new[] { "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+            "max_position_embeddings", "sliding_window", "sliding_window_pattern", "max_window_layers", "bos_token_id", "eos_token_id" },
+        new[] { "attention_bias", "tie_word_embeddings", "pruned", "use_sliding_window", "use_bidirectional_attention" },
+        new[] { "model_type", "hidden_act", "hidden_activation", "rope_scaling", "rope_theta", "rope_local_base_freq", "rms_norm_eps", "query_pre_attn_scalar",
+            "attn_logit_softcapping", "final_logit_softcapping", "layer_types", "intermediate_sizes", "num_heads_per_layer", "num_key_value_heads_per_layer", "torch_dtype" });
+
+    /// <summary>What the tensors are written for: Qwen3 (two norms, q/k norms), Gemma 2 (four norms), Gemma 3 (four norms, q/k norms).</summary>
+    sealed class DecoderShape
+    {
+        public string Type = "qwen3", DType = "F32";
+        public int Vocab = 32, Hidden = 16, HeadDim = 4, Layers = 2, QkNorm = 4;
+        public int[] Heads = { 4, 4 }, Kv = { 2, 2 }, Inter = { 24, 24 };
+        public bool Tied, Bias, QkNorms = true;
+        public bool Gemma => Type != "qwen3";
+
+        // The HF layout Qwen3Model / GemmaModel read (their tensor lists are the families' own, so it is spelled here).
+        public List<StTensor> Tensors(Random rng)
+        {
+            var t = new List<StTensor> { MakeTensor(rng, "model.embed_tokens.weight", DType, Vocab, Hidden), MakeTensor(rng, "model.norm.weight", DType, Hidden) };
+            if (!Tied) t.Add(MakeTensor(rng, "lm_head.weight", DType, Vocab, Hidden));
+            for (int i = 0; i < Layers; i++)
+            {
+                string l = $"model.layers.{i}.";
+                long h = Hidden, q = Heads[i] * HeadDim, kv = Kv[i] * HeadDim, f = Inter[i];
+                foreach (var (name, rows, cols) in new[] { ("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, q) })
+                {
+                    t.Add(MakeTensor(rng, l + name + ".weight", DType, rows, cols));
+                    if (Bias) t.Add(MakeTensor(rng, l + name + ".bias", DType, rows));
+                }
+                if (QkNorms) { t.Add(MakeTensor(rng, l + "self_attn.q_norm.weight", DType, QkNorm)); t.Add(MakeTensor(rng, l + "self_attn.k_norm.weight", DType, QkNorm)); }
+                t.Add(MakeTensor(rng, l + "mlp.gate_proj.weight", DType, f, h));
+                t.Add(MakeTensor(rng, l + "mlp.up_proj.weight", DType, f, h));
+                t.Add(MakeTensor(rng, l + "mlp.down_proj.weight", DType, h, f));
+                foreach (var n in Gemma ? new[] { "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm" }
+                    : new[] { "input_layernorm", "post_attention_layernorm" })
+                    t.Add(MakeTensor(rng, l + n + ".weight", DType, h));
+            }
+            return t;
+        }
+    }
+
+    static JsonObject DecoderConfigJson(string type)
+    {
+        var j = new JsonObject
+        {
+            ["model_type"] = type, ["vocab_size"] = 32, ["hidden_size"] = 16, ["intermediate_size"] = 24, ["num_hidden_layers"] = 2,
+            ["num_attention_heads"] = 4, ["num_key_value_heads"] = 2, ["head_dim"] = 4, ["max_position_embeddings"] = 16, ["rms_norm_eps"] = 1e-6,
+            ["bos_token_id"] = 2, ["eos_token_id"] = 1, ["torch_dtype"] = "float32", ["attention_bias"] = false,
+        };
+        if (type == "qwen3") { j["hidden_act"] = "silu"; j["rope_theta"] = 1e6; j["tie_word_embeddings"] = false; }
+        else
+        {
+            j["hidden_activation"] = "gelu_pytorch_tanh"; j["query_pre_attn_scalar"] = 4; j["sliding_window"] = 3; j["tie_word_embeddings"] = true;
+            if (type == "gemma2") { j["attn_logit_softcapping"] = 50.0; j["final_logit_softcapping"] = 30.0; }
+            else { j["rope_local_base_freq"] = 10000.0; j["sliding_window_pattern"] = 2; j["rope_scaling"] = new JsonObject { ["rope_type"] = "linear", ["factor"] = 2.0 }; }
+        }
+        return j;
+    }
+
+    /// <summary>A byte-level BPE tokenizer.json of 32 ids (Qwen's pre-tokenizer): the 26 letters, space as Ġ, merges, added tokens.</summary>
+    static JsonObject BpeTokenizerJson()
+    {
+        var vocab = new JsonObject();
+        int id = 0;
+        foreach (var c in "abcdefghijklmnopqrstuvwxyz") vocab[c.ToString()] = id++;
+        foreach (var t in new[] { "Ġ", "Ġa", "th", "the" }) vocab[t] = id++;
+        var split = new JsonObject { ["type"] = "Split", ["pattern"] = new JsonObject { ["Regex"] = @"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+" }, ["behavior"] = "Isolated", ["invert"] = false };
+        return new JsonObject
+        {
+            ["version"] = "1.0", ["normalizer"] = new JsonObject { ["type"] = "NFC" },
+            ["added_tokens"] = new JsonArray(new JsonObject { ["id"] = 30, ["content"] = "<|endoftext|>", ["special"] = true }, new JsonObject { ["id"] = 31, ["content"] = "<think>", ["special"] = false }),
+            ["pre_tokenizer"] = new JsonObject { ["type"] = "Sequence", ["pretokenizers"] = new JsonArray(split, new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = false, ["use_regex"] = false }) },
+            ["decoder"] = new JsonObject { ["type"] = "ByteLevel" },
+            ["model"] = new JsonObject { ["type"] = "BPE", ["vocab"] = vocab, ["merges"] = new JsonArray("Ġ a", "t h", "th e") },
+        };
+    }
+
+    static Built BuildDecoder(CasePlan plan, Random rng, string dir)
+    {
+        var s = new DecoderShape { Type = Pick(rng, "qwen3", "gemma2", "gemma3_text") };
+        s.QkNorms = s.Type != "gemma2";
+        s.Tied = s.Gemma;
+        var cfg = new CfgBuild(DecoderConfigJson(s.Type));
+        var j = cfg.Json;
+        var tensorEdits = new List<Action<List<StTensor>>>();
+        var ckEdits = new List<Action<CkBuild>>();
+        int shards = rng.NextDouble() < 0.2 ? 2 : 1;
+        bool follow = rng.NextDouble() < 0.6;
+        JsonObject? tokenizer = null;
+        Note(s.Type);
+        switch (plan.Mutation)
+        {
+            case "dec-valid": break;
+            case "dec-head-dim":
+                {
+                    JsonNode? hd = Pick<Func<JsonNode?>>(rng, () => 2, () => 8, () => 3, () => 0, () => null, () => 1 << 30)();
+                    if (rng.NextDouble() < 0.3) { j.Remove("head_dim"); Note("-head_dim"); }   // qwen3: 128, gemma: 256 by default
+                    else Set(j, "head_dim", hd);
+                    if (follow && hd is JsonValue v && v.TryGetValue<int>(out int d) && d is 2 or 8) s.HeadDim = s.QkNorm = d;
+                }
+                break;
+            case "dec-kv-heads":
+                {
+                    JsonNode? kv = Pick<Func<JsonNode?>>(rng, () => 1, () => 4, () => 3, () => 0, () => null)();
+                    if (kv is null) { j.Remove("num_key_value_heads"); Note("-num_key_value_heads"); }   // qwen3: 32, gemma: 4 by default
+                    else Set(j, "num_key_value_heads", kv);
+                    if (follow && kv is JsonValue v && v.TryGetValue<int>(out int k) && k is 1 or 4) s.Kv = new[] { k, k };
+                }
+                break;
+            case "dec-qk-norm-shape": s.QkNorm = Pick(rng, 3, 8, 16, 1); break;
+            case "dec-qk-norm-missing": s.QkNorms = false; break;
+            case "dec-extra-qk-norm": s.QkNorms = true; break;
+            case "dec-norms-missing": tensorEdits.Add(ts => ts.RemoveAll(t => t.Name.EndsWith(Pick(rng, "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight", "input_layernorm.weight"), StringComparison.Ordinal))); break;
+            case "dec-softcaps": Set(j, Pick(rng, "attn_logit_softcapping", "final_logit_softcapping"), Pick<Func<JsonNode?>>(rng, () => null, () => 0, () => -1, () => 1e-300, () => 1e300, () => "30", () => true)()); break;
+            case "dec-query-scalar": Set(j, "query_pre_attn_scalar", Pick<Func<JsonNode?>>(rng, () => 0, () => -4, () => 1e-300, () => 1e300, () => "4", () => null)()); break;
+            case "dec-layer-types":
+                Set(j, "layer_types", Pick<Func<JsonNode?>>(rng, () => new JsonArray("sliding_attention", "full_attention"), () => new JsonArray("full_attention"),
+                    () => new JsonArray("sliding_attention", "global"), () => new JsonArray(1, 2), () => "sliding_attention", () => new JsonObject(), () => null)());
+                break;
+            case "dec-window":
+                Set(j, "sliding_window", Pick<Func<JsonNode?>>(rng, () => 1, () => 0, () => -3, () => int.MaxValue, () => "3", () => null)());
+                if (s.Type == "qwen3") { Set(j, "use_sliding_window", true); Set(j, "max_window_layers", Pick(rng, 0, 1, 5, -1)); }
+                break;
+            case "dec-pattern": Set(j, "sliding_window_pattern", Pick<Func<JsonNode?>>(rng, () => 1, () => 0, () => -2, () => 1 << 30, () => "6", () => null)()); break;
+            case "dec-rope":
+                Set(j, Pick(rng, "rope_theta", "rope_local_base_freq", "rope_scaling", "rope_parameters"), Pick<Func<JsonNode?>>(rng, () => 0, () => -1, () => 1e300, () => "x",
+                    () => new JsonObject { ["rope_type"] = "linear", ["factor"] = 0.0 }, () => new JsonObject { ["rope_type"] = "yarn", ["factor"] = 4.0 },
+                    () => new JsonObject { ["full_attention"] = new JsonObject { ["rope_type"] = "default" } }, () => null)());
+                break;
+            case "dec-activation": Set(j, Pick(rng, "hidden_act", "hidden_activation"), Pick<Func<JsonNode?>>(rng, () => "gelu", () => "relu", () => "silu", () => null, () => 1, () => "gelu_pytorch_tanh ")()); break;
+            case "dec-tied":
+                Set(j, "tie_word_embeddings", Pick<JsonNode?>(rng, true, false, "false", null));
+                if (follow) s.Tied = !s.Tied;
+                break;
+            case "dec-attention-bias":
+                Set(j, "attention_bias", Pick<JsonNode?>(rng, true, true, "true", 1));
+                s.Bias = follow;
+                break;
+            case "dec-per-layer-lists":
+                Set(j, Pick(rng, "intermediate_sizes", "num_heads_per_layer", "num_key_value_heads_per_layer"), Pick<Func<JsonNode?>>(rng,
+                    () => new JsonArray(12, 24), () => new JsonArray(24, 24), () => new JsonArray(2, 4), () => new JsonArray(1, 2), () => new JsonArray(0, 24),
+                    () => new JsonArray(24), () => new JsonArray(-1, 24), () => "24")());
+                if (follow && j["intermediate_sizes"] is JsonArray { Count: 2 } a && a.All(x => x is JsonValue xv && xv.TryGetValue<int>(out int n) && n > 0))
+                    s.Inter = a.Select(x => (int)x!).ToArray();
+                break;
+            case "dec-config-edit": MutateConfig(cfg, ConfigMutations[rng.Next(ConfigMutations.Length)], rng, DecoderFields); break;
+            case "dec-missing-tensor": tensorEdits.Add(ts => ts.RemoveAt(rng.Next(ts.Count))); break;
+            case "dec-transposed":
+                tensorEdits.Add(ts =>
+                {
+                    var twoD = ts.Where(t => t.Shape.Length == 2 && t.Shape[0] != t.Shape[1]).ToList();
+                    var v = twoD[rng.Next(twoD.Count)];
+                    v.Shape = new[] { v.Shape[1], v.Shape[0] };
+                });
+                break;
+            case "dec-half-dtype": s.DType = Pick(rng, "F16", "BF16", "F64", "I32"); break;
+            case "dec-weights-edit":
+                {
+                    string fm = FileMutations[rng.Next(FileMutations.Length)];
+                    ckEdits.Add(ck => MutateFile(ck.Shards[rng.Next(ck.Shards.Count)], fm, rng));
+                }
+                break;
+            case "dec-multimodal":
+                cfg.Json = j = new JsonObject { ["model_type"] = "gemma3", ["text_config"] = DecoderConfigJson("gemma3_text"), ["vision_config"] = new JsonObject() };
+                break;
+            case "dec-model-type": Set(j, "model_type", Pick<Func<JsonNode?>>(rng, () => "gemma", () => "gemma3", () => "qwen3_moe", () => "Qwen3", () => "gemma3_text", () => "gemma2")()); break;
+            case "dec-bpe-tokenizer":
+                {
+                    // A Qwen3 checkpoint with a tokenizer.json, exported to GGUF as well (the byte-level BPE vocabulary parser).
+                    s.Type = "qwen3"; s.QkNorms = true; s.Tied = false;
+                    cfg.Json = j = DecoderConfigJson("qwen3");
+                    tokenizer = BpeTokenizerJson();
+                    var model = tokenizer["model"]!.AsObject();
+                    switch (rng.Next(8))
+                    {
+                        case 0: break;
+                        case 1: model["vocab"]!["a"] = Pick<JsonNode?>(rng, 40, -1, "0", 1L << 40, 5); break;
+                        case 2: model["merges"] = Pick<Func<JsonNode?>>(rng, () => new JsonArray("a"), () => new JsonArray(new JsonArray("a", "b", "c")), () => new JsonArray(1), () => "a b", () => null)(); break;
+                        case 3: tokenizer["pre_tokenizer"] = Pick<Func<JsonNode?>>(rng, () => null, () => new JsonObject { ["type"] = "Whitespace" }, () => new JsonArray(), () => new JsonObject { ["type"] = "Sequence", ["pretokenizers"] = new JsonObject() })(); break;
+                        case 4: tokenizer["added_tokens"] = Pick<Func<JsonNode?>>(rng, () => new JsonArray(new JsonObject { ["id"] = 3, ["content"] = "<x>" }), () => new JsonArray(new JsonObject { ["id"] = 99, ["content"] = "<x>" }), () => new JsonArray(1), () => new JsonObject())(); break;
+                        case 5: model["type"] = Pick<JsonNode?>(rng, "WordPiece", "Unigram", null, 3); break;
+                        case 6: tokenizer["normalizer"] = Pick<Func<JsonNode?>>(rng, () => new JsonObject { ["type"] = "NFKC" }, () => new JsonObject { ["type"] = "Lowercase" }, () => "NFC")(); break;
+                        default: model["byte_fallback"] = true; break;
+                    }
+                }
+                break;
+            default: throw new InvalidOperationException($"unknown decoder mutation {plan.Mutation}");
+        }
+        var built = WriteCase(plan, rng, dir, cfg, DecoderFields, s.Tensors, tensorEdits, shards, ckEdits);
+        if (tokenizer is not null) File.WriteAllText(Path.Combine(dir, "tokenizer.json"), tokenizer.ToJsonString());
+        return built;
+    }
+
+    /// <summary>Opens a decoder case as the CLI does, and where it carries a tokenizer.json also exports it to GGUF.</summary>
+    static void OpenDecoder(string dir)
+    {
+        OpenFamilyModel(dir);
+        if (!File.Exists(Path.Combine(dir, "tokenizer.json"))) return;
+        string gguf = Path.Combine(dir, "out.gguf");
+        LlmSnp.Export.GgufExport.Run(dir, gguf, LlmSnp.Export.GgufDType.F32);
+        File.Delete(gguf);
+    }
+
     // ------------------------------------------------------------------ ViT / DeiT
 
     static readonly string[] VitMutations =

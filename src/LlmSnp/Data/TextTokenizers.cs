@@ -59,8 +59,13 @@ public sealed class SentencePieceTokenizer : ITextTokenizer
     {
         try
         {
+            // SentencePiece matches user-defined pieces (Gemma's <start_of_turn>, …) whole in any text; LlamaTokenizer does so
+            // only for the pieces it is given as special tokens (otherwise they fall back to bytes).
+            var userDefined = Export.SentencePieceModel.Load(path).Pieces.Select((p, id) => (p, id))
+                .Where(x => x.p.Type == Export.SentencePieceModel.PieceType.UserDefined).ToDictionary(x => x.p.Piece, x => x.id);
             using var s = File.OpenRead(path);
-            return new SentencePieceTokenizer(LlamaTokenizer.Create(s, addBeginOfSentence: addBos, addEndOfSentence: false), $"{path} (SentencePiece)");
+            return new SentencePieceTokenizer(LlamaTokenizer.Create(s, addBeginOfSentence: addBos, addEndOfSentence: false,
+                specialTokens: userDefined.Count > 0 ? userDefined : null), $"{path} (SentencePiece)");
         }
         // NullReferenceException: LlamaTokenizer.Create dereferences trainer_spec / normalizer_spec unchecked, and a
         // protobuf cut at a field boundary (or an empty file) parses without them (found by the fuzzer).

@@ -28,8 +28,12 @@ public sealed record GgufExportResult(
     };
 }
 
-/// <summary>One stored tensor as a GGUF tensor: its checkpoint name, GGUF name, the shape config.json implies (and why), RoPE heads to reorder (0: none).</summary>
-public sealed record GgufTensor(string Source, string Name, long[] Shape, string Why, int RopeHeads = 0);
+/// <summary>
+/// One stored tensor as a GGUF tensor: its checkpoint name, GGUF name, the shape config.json implies (and why), RoPE heads
+/// to reorder (0: none), and a constant added to every value (Gemma's norms store w for a scale of 1 + w; llama.cpp
+/// multiplies by the stored weight, so its converter writes 1 + w).
+/// </summary>
+public sealed record GgufTensor(string Source, string Name, long[] Shape, string Why, int RopeHeads = 0, float Offset = 0);
 
 /// <summary>What a checkpoint being exported offers its family's exporter.</summary>
 public sealed record GgufSource(string ModelDir, ConfigFile Config, CheckpointReader Checkpoint, GgufDType DType);
@@ -113,7 +117,7 @@ public static class GgufExport
             consumed.Add(t.Source);
             // Norms and biases stay F32: they are tiny, and ggml's element-wise ops expect F32 there.
             var type = t.Shape.Length == 2 && dtype == GgufDType.F16 ? GgmlType.F16 : GgmlType.F32;
-            writer.AddTensor(t.Name, t.Shape, type, s => WriteTensor(s, ckpt, t.Source, type, t.RopeHeads));
+            writer.AddTensor(t.Name, t.Shape, type, s => WriteTensor(s, ckpt, t.Source, type, t.RopeHeads, t.Offset));
         }
         foreach (var name in ckpt.Names.OrderBy(n => n, StringComparer.Ordinal))
             if (!consumed.Contains(name)) throw new LlmSnpException($"{modelDir}: tensor '{name}' {plan.Unplaced(name)}");
@@ -145,13 +149,14 @@ public static class GgufExport
         return w.reshape(shape).transpose(1, 2).reshape(w.shape);
     }
 
-    static void WriteTensor(Stream s, CheckpointReader ckpt, string name, GgmlType type, int ropeHeads)
+    static void WriteTensor(Stream s, CheckpointReader ckpt, string name, GgmlType type, int ropeHeads, float offset)
     {
         using var scope = NewDisposeScope();
         // float32 holds every F16/BF16/F32 value exactly; the permutation moves rows only.
         var t = ckpt.Read(name, ScalarType.Float32, CPU);
         if (!torch.isfinite(t).all().item<bool>()) throw new LlmSnpException($"{ckpt.Directory}: tensor '{name}' holds NaN or infinite values");
         if (ropeHeads > 0) t = PermuteForRope(t, ropeHeads);
+        if (offset != 0) t = t + offset;
         if (type == GgmlType.F16)
         {
             t = t.to(ScalarType.Float16);

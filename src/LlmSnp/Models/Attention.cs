@@ -34,6 +34,46 @@ public static class Attention
     }
 
     /// <summary>
+    /// Grouped-query attention of heads already rotated (HF `repeat_kv` + the attention function): q [b, heads, t, d] for
+    /// the positions <paramref name="position"/>..position+t-1, k and v [b, kv_heads, position+t, d] holding every key up to
+    /// the last query (the whole sequence from position 0, or a KV cache's history). Query head h reads K/V head
+    /// h ÷ (heads / kv_heads); each query sees the keys at or before its own position and, with a
+    /// <paramref name="window"/> W, only the last W of them (itself included). Scores are q·kᵀ·<paramref name="scale"/>
+    /// (default 1/√d) and, with a <paramref name="softcap"/> c, c·tanh(score / c) before the mask (Gemma 2), softmaxed in
+    /// float32 at least, as HF's eager attention. Returns the heads' outputs concatenated, [b, t, heads·d].
+    /// </summary>
+    public static Tensor Grouped(Tensor q, Tensor k, Tensor v, int position, int? window, double? scale = null, double? softcap = null)
+    {
+        long b = q.shape[0], t = q.shape[2];
+        long repeat = q.shape[1] / k.shape[1];
+        if (repeat > 1)
+        {
+            k = k.repeat_interleave(repeat, 1);
+            v = v.repeat_interleave(repeat, 1);
+        }
+        // From position 0 the plain causal triangle (a window only when the sequence is longer); later, queries sit at
+        // the bottom right of the cached keys.
+        Tensor? mask = position == 0
+            ? (window is int w && w < t ? SlidingWindowMask(t, w, q.device) : null)
+            : CachedMask(position, t, window, q.device);
+        bool causal = position == 0 && mask is null;
+        Tensor o;
+        if (scale is null && softcap is null) o = F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal);
+        else
+        {
+            var scores = torch.matmul(q, k.transpose(2, 3)).mul_(scale ?? 1.0 / Math.Sqrt(q.shape[3]));
+            if (softcap is double c) scores = scores.div_(c).tanh_().mul_(c);
+            var allowed = mask ?? (causal ? CachedMask(0, t, null, q.device) : null);
+            if (allowed is not null) scores = scores.masked_fill(allowed.logical_not(), double.NegativeInfinity);
+            var p = scores.dtype is ScalarType.Float16 or ScalarType.BFloat16
+                ? F.softmax(scores.to(ScalarType.Float32), -1).to(scores.dtype)
+                : F.softmax(scores, -1);
+            o = torch.matmul(p, v);
+        }
+        return o.transpose(1, 2).reshape(b, t, -1);
+    }
+
+    /// <summary>
     /// Which cached keys the queries at positions start..start+t-1 attend to ([t, start+t], true = attend): those at or
     /// before their own position and, with a sliding window, fewer than <paramref name="window"/> positions back.
     /// Null where every query sees every key (one new token inside the window): SDPA then needs no mask.
