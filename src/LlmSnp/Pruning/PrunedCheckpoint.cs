@@ -104,7 +104,7 @@ public static class PrunedCheckpoint
                 if (padded != null) Add(padded, block.PaddedTensors(dtype), false);
                 req.AfterBlockWritten?.Invoke(block, b);
             });
-            if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).Gguf is not null && result.Layers.Count(l => l.Kind == NodeKinds.Name(NodeKind.Mlp) && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
+            if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).Gguf is not null && result.Layers.Count(l => NodeKinds.IsNeurons(NodeKinds.Parse(l.Kind, "kind")) && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
                 log?.Invoke($"note: {odd} MLP layers keep a width that is not a multiple of 16; llama.cpp's fast F16/F32 GEMM then takes a slow path for their down_proj (--width-multiple 16 aligns them)");
             Add(writer, model.OuterTensors(dtype), true);
             if (padded != null) Add(padded, model.OuterTensors(dtype), false);
