@@ -95,7 +95,9 @@ public sealed record ExpertOptions
 }
 
 /// <summary>One expert's calibration evidence and fate in one sparse layer (original expert index).</summary>
-public sealed record ExpertRecord(long Expert, long Tokens, double Score, bool Kept, double Scale, string? Why);
+/// <param name="Tokens">Tokens the router sent to it before any removal.</param>
+/// <param name="TokensAfter">Tokens it receives once the removed experts' tokens are rerouted (0 for a removed expert).</param>
+public sealed record ExpertRecord(long Expert, long Tokens, long TokensAfter, double Score, bool Kept, double Scale, string? Why);
 
 /// <summary>What happened to the experts of one sparse layer.</summary>
 public sealed record MixtureReport
@@ -322,7 +324,8 @@ public sealed class ExpertRemoval : IDisposable
     }
 
     /// <summary>Solves and applies the fold (scales into the kept experts' down_proj), and reports the layer.</summary>
-    public MixtureReport Finish(IReadOnlyList<(long Expert, long Tokens, string Handled)> fewTokens)
+    /// <param name="tokensAfter">Tokens per kept expert in pass 2.</param>
+    public MixtureReport Finish(long[] tokensAfter, IReadOnlyList<(long Expert, long Tokens, string Handled)> fewTokens)
     {
         int kept = _keptPositions.Length;
         var scales = Enumerable.Repeat(1.0, kept).ToArray();
@@ -350,7 +353,7 @@ public sealed class ExpertRemoval : IDisposable
         var records = _original.Select((orig, p) =>
         {
             int at = Array.IndexOf(_keptPositions, (long)p);
-            return new ExpertRecord(orig, _tokens[p], _scores[p], keptSet.Contains(p), at >= 0 ? scales[at] : 0, keptSet.Contains(p) ? null : _why[p]);
+            return new ExpertRecord(orig, _tokens[p], at >= 0 ? tokensAfter[at] : 0, _scores[p], keptSet.Contains(p), at >= 0 ? scales[at] : 0, keptSet.Contains(p) ? null : _why[p]);
         }).ToList();
         return new MixtureReport
         {

@@ -76,6 +76,7 @@ public static class PruneJob
     {
         if (o.EvalDataset == AccuracyEval) throw new LlmSnpException("--eval accuracy is for image models; use --eval wikitext2, c4, tinystories or a text file");
         using var model = ModelFamilies.OpenLanguageModel(o.ModelDir, o.Device, o.DType, "prune");
+        o.Prune.Experts?.CheckAgainst(model);
         int calibLen = o.CalibSeqLen ?? Math.Min(2048, model.MaxPositions);
         if (calibLen > model.MaxPositions)
             throw new LlmSnpException($"--calib-seqlen {calibLen} exceeds the model's max_position_embeddings ({model.MaxPositions})");

@@ -51,7 +51,7 @@ public sealed partial class SnpEngine
                     : "pruned on the damped Gram";
                 few.Add((experts[e], tokens[e], handled));
             }
-            run.Mixtures.Add(removal?.Finish(few) ?? Unremoved(block, name, experts, tokens, hidden, few));
+            run.Mixtures.Add(removal?.Finish(tokens, few) ?? Unremoved(block, name, experts, tokens, hidden, few));
             for (int e = 0; e < layers.Length; e++)
             {
                 int j = block.ExpertLayer(e);
@@ -77,7 +77,7 @@ public sealed partial class SnpEngine
         IReadOnlyList<(long, long, string)> few) => new()
     {
         Name = name, Experts = experts.Length, TopK = block.TopK, Kept = experts,
-        Records = experts.Select((x, e) => new ExpertRecord(x, tokens[e], tokens[e], true, 1, null)).ToList(),
+        Records = experts.Select((x, e) => new ExpertRecord(x, tokens[e], tokens[e], tokens[e], true, 1, null)).ToList(),
         Tokens = hidden.Sum(h => h.numel() / h.shape[^1]), FewTokens = few,
     };
 
@@ -90,7 +90,7 @@ public sealed partial class SnpEngine
         {
             Name = info.Name, Kind = NodeKinds.Name(info.Kind), Units = info.Units, GroupSize = info.GroupSize,
             UnitsKept = info.Units, KeptIndices = block.KeptGroups(j), Error = 0, RelativeError = 0, Lambda = 0, DampingEscalations = 0,
-            ParamsRemoved = 0, Constant = false, KeptUnits = all, Reconstruct = "none", BiasFreeBecause = why,
+            ParamsRemoved = 0, Constant = false, KeptUnits = all, Reconstruct = "none", KeptWholeBecause = why,
         });
     }
 

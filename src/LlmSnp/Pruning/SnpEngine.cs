@@ -25,6 +25,8 @@ public sealed record NodeLayerReport
     public required string Reconstruct { get; init; }
     /// <summary>Why the bias-free reconstruction replaced a requested one with the mean term; null where it did not.</summary>
     public string? BiasFreeBecause { get; init; }
+    /// <summary>Why the layer was left whole without statistics (an expert with too few calibration tokens); null otherwise.</summary>
+    public string? KeptWholeBecause { get; init; }
     /// <summary>Kept unit indices (a head's units expanded), ascending.</summary>
     [System.Text.Json.Serialization.JsonIgnore] public long[] KeptUnits { get; init; } = Array.Empty<long>();
 }
