@@ -319,4 +319,38 @@ public class ExpertPruningTests
         Assert.All(report["layers"]!.AsArray().Where(l => (string)l!["kind"]! == "experts"), l => Assert.Equal(widthKept, (int)l!["units_kept"]!));
         if (widthKept == 96) Assert.All(report["layers"]!.AsArray().Where(l => (string)l!["kind"]! == "experts"), l => Assert.Contains("kept whole", (string)l!["kept_whole_because"]!));
     }
+
+    /// <summary>Expert options the model cannot honour: one line, exit 1, nothing written (no output, no staging directory).</summary>
+    [Fact]
+    public void Bad_expert_options_are_one_line_and_write_nothing()
+    {
+        using var tmp = new TempDir();
+        string mixtral = tmp.Sub("mixtral");
+        Directory.CreateDirectory(mixtral);
+        foreach (var f in Directory.GetFiles(Fixture("mixtral"))) File.Copy(f, Path.Combine(mixtral, Path.GetFileName(f)));
+        File.Copy(Path.Combine(Repo.Root, "models", "stories260k", "tokenizer.model"), Path.Combine(mixtral, "tokenizer.model"));
+        string badRouter = MixtureTests.Edited(tmp, "mixtral", c => c["num_local_experts"] = 3);
+        string stories = Path.Combine(Repo.Root, "models", "stories260k");
+        var cases = new (string Model, string[] Args, string[] Mentions)[]
+        {
+            (mixtral, ["--experts-keep", "0"], ["--experts-keep 0", "at least one expert"]),
+            (mixtral, ["--experts-keep", "5"], ["--experts-keep 5", "4 experts", "num_local_experts"]),
+            (mixtral, ["--experts-keep", "1"], ["--experts-keep 1", "below the 2", "num_experts_per_tok"]),
+            (mixtral, ["--experts-keep", "0.2"], ["--experts-keep 0.2", "keeps 1 experts", "num_experts_per_tok"]),
+            (mixtral, ["--experts-keep", "2.5"], ["--experts-keep", "'2.5'"]),
+            (mixtral, ["--experts-criterion", "reap"], ["--experts-criterion needs --experts-keep"]),
+            (mixtral, ["--experts-keep", "2", "--experts-criterion", "best"], ["--experts-criterion", "'best'"]),
+            (mixtral, ["--experts-keep", "2", "--export-padded"], ["--export-padded", "removed expert"]),
+            (stories, ["--experts-keep", "2"], ["--experts-keep 2", "dense llama model"]),
+            (badRouter, ["--experts-keep", "2"], ["block_sparse_moe.gate.weight", "[4, 64]", "[3, 64]"]),
+        };
+        foreach (var (model, args, mentions) in cases)
+        {
+            string outDir = tmp.Sub("out");
+            var r = CliHarness.Run(new[] { "prune", "--model", model, "--out", outDir, "--calib", "tinystories", "--calib-samples", "2", "--calib-seqlen", "32", "--ratio", "0.2" }.Concat(args).ToArray());
+            CliHarness.FailsStrict(r, onlyLine: true, completeLine: true, mentions);
+            Assert.False(Directory.Exists(outDir), r.ToString());
+            Assert.Empty(Directory.GetFileSystemEntries(tmp.Path, ".out*"));
+        }
+    }
 }

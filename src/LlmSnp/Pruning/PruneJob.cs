@@ -69,6 +69,7 @@ public static class PruneJob
     public static PruneOutcome Run(PruneJobOptions o, Action<string>? log)
     {
         o.Prune.Validate();
+        if (o.ExportPadded && o.Prune.Experts is not null) throw new LlmSnpException(PrunedCheckpoint.PaddedWithoutExperts);
         return ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
     }
 

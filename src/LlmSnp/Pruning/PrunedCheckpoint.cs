@@ -16,6 +16,7 @@ public static class PrunedCheckpoint
 {
     public const string ReportFile = "pruning_config.json";
     public const string PaddedDir = "padded";
+    public const string PaddedWithoutExperts = "--export-padded with --experts-keep: a removed expert cannot be padded back (its router row would still draw tokens)";
     static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
 
     public sealed record Request
@@ -40,7 +41,7 @@ public static class PrunedCheckpoint
     {
         req.Options.Experts?.CheckAgainst(req.Model);
         if (req.ExportPadded && req.Options.Experts is not null)
-            throw new LlmSnpException("--export-padded with --experts-keep: a removed expert cannot be padded back (its router row would still draw tokens)");
+            throw new LlmSnpException(PaddedWithoutExperts);
         string outDir = Path.GetFullPath(req.OutDir);
         string src = Path.GetFullPath(req.SourceDir);
         if (outDir == src || outDir.StartsWith(src + Path.DirectorySeparatorChar) || src.StartsWith(outDir + Path.DirectorySeparatorChar))
