@@ -145,6 +145,28 @@ sealed class MoeReference : IDisposable
         return a + (Sparse(i) ? Mixture(i, x) : DenseMlp(i, x));
     }
 
+    /// <summary>
+    /// The smallest gap, over the tokens and sparse layers of one forward, between the k-th and (k+1)-th router
+    /// probability: above float32 rounding, any float32 forward chooses the same experts.
+    /// </summary>
+    public double RoutingMargin(long[] ids)
+    {
+        using var scope = NewDisposeScope();
+        double margin = double.PositiveInfinity;
+        var h = Embed(ids);
+        for (int i = 0; i < _layers; i++)
+        {
+            if (Sparse(i) && Experts(i) > _topK)
+            {
+                var p = F.softmax(Linear(MlpInput(i, AfterAttention(i, h)), W(L(i) + _router + ".weight")), -1);
+                var sorted = p.sort(-1, descending: true).Values;
+                margin = Math.Min(margin, (sorted.narrow(1, _topK - 1, 1) - sorted.narrow(1, _topK, 1)).min().item<double>());
+            }
+            h = Layer(i, h);
+        }
+        return margin;
+    }
+
     /// <summary>Logits [T, vocab] of one forward from position 0.</summary>
     public Tensor Logits(long[] ids)
     {

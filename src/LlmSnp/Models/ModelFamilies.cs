@@ -16,8 +16,8 @@ public static class ModelFamilies
         new("opt", new[] { "opt" }, Modality.Text, (d, dev, dt) => new OptModel(d, dev, dt)),
         new("llama", LlamaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new LlamaModel(d, dev, dt), new LlamaGguf()),
         new("vit", new[] { "vit", "deit" }, Modality.Image, (d, dev, dt) => new VitModel(d, dev, dt)),
-        new("mixtral", MixtralConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("mixtral", d, MixtralConfig.Load(d), dev, dt)),
-        new("qwen3_moe", Qwen3MoeConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("qwen3_moe", d, Qwen3MoeConfig.Load(d), dev, dt)),
+        new("mixtral", MixtralConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("mixtral", d, MixtralConfig.Load(d), dev, dt), new MixtralGguf()),
+        new("qwen3_moe", Qwen3MoeConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("qwen3_moe", d, Qwen3MoeConfig.Load(d), dev, dt), new Qwen3MoeGguf()),
     };
 
     static string Supported => string.Join(", ", All.SelectMany(f => f.ModelTypes));
