@@ -121,7 +121,7 @@ public sealed partial class SnpEngine
             keptBlocks.Add(kept);
             onBlockDone(block, b);
             double el = total.Elapsed.TotalSeconds, eta = el / (b + 1) * (_model.BlockCount - b - 1);
-            _log?.Invoke($"block {b + 1}/{_model.BlockCount}: kept {string.Join(", ", layers.Select((l, j) => $"{NodeKinds.Name(l.Kind)} {kept.Groups[j].Length}/{l.Groups}"))}; elapsed {el:F1}s, ETA {eta:F1}s");
+            _log?.Invoke($"block {b + 1}/{_model.BlockCount}: kept {KeptSummary(layers.Select((l, j) => $"{NodeKinds.Name(l.Kind)} {kept.Groups[j].Length}/{l.Groups}"))}; elapsed {el:F1}s, ETA {eta:F1}s");
         }
         hidden.ForEach(h => h.Dispose());
         var reports = run.Reports;
@@ -304,6 +304,16 @@ public sealed partial class SnpEngine
         using var bias = c is null ? torch.zeros(w.shape[0], w.dtype, w.device) : null;
         var input = new OrderingInput(gram, w, c ?? bias!, norms, info.GroupSize, run.Tokens, _opt.Damp, HashSeed(_opt.Seed, info.Name), info.Name);
         return Orderings.Order(_opt.Ordering, input);
+    }
+
+    /// <summary>Equal consecutive entries once, with their count (a mixture's 128 experts are one entry, not 128).</summary>
+    static string KeptSummary(IEnumerable<string> entries)
+    {
+        var runs = new List<(string Entry, int Count)>();
+        foreach (var e in entries)
+            if (runs.Count > 0 && runs[^1].Entry == e) runs[^1] = (e, runs[^1].Count + 1);
+            else runs.Add((e, 1));
+        return string.Join(", ", runs.Select(r => r.Count == 1 ? r.Entry : $"{r.Entry} ×{r.Count}"));
     }
 
     /// <summary>A seed per layer that does not depend on .NET's randomised string hashing.</summary>
