@@ -108,7 +108,8 @@ public static class ExpertCriteria
                 foreach (var criterion in ExpertOptions.Criteria.Values)
                     foreach (var fold in ExpertOptions.Folds.Values)
                         Measure($"keep {keep} {ExpertOptions.Name(criterion)} fold {ExpertOptions.Name(fold)}",
-                            new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0, Targets = onlyExperts, Experts = new ExpertOptions { KeepFraction = keep, Criterion = criterion, Fold = fold } },
+                            // Nothing pruned inside the experts: the cheapest ordering (no eigendecomposition) keeps them whole.
+                            new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0, Ordering = Ordering.Variance, Targets = onlyExperts, Experts = new ExpertOptions { KeepFraction = keep, Criterion = criterion, Fold = fold } },
                             new JsonObject { ["experiment"] = "expert removal", ["keep"] = keep, ["criterion"] = ExpertOptions.Name(criterion), ["fold"] = ExpertOptions.Name(fold) });
             // Few tokens: the same neuron ratio inside every expert, calibrated on one window (most experts then see fewer tokens
             // than they have neurons) and on the full calibration, each expert with few tokens pruned on its damped Gram or kept whole.

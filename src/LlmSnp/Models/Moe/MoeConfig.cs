@@ -96,10 +96,15 @@ public sealed class MoeConfig
             f.Json["eos_token_id"] is JsonValue ? f.Int("eos_token_id", min: 0) : null);
     }
 
+    /// <summary>More experts per layer than any released mixture (they have a few hundred): refused before per-expert arrays are allocated.</summary>
+    public const int MaxExperts = 4096;
+
     /// <summary>The router's fields: experts (at least one), top-k between 1 and the experts.</summary>
     public static (int Experts, int TopK) ReadRouter(ConfigFile f, string expertsField, int expertsDefault, int topKDefault, bool allowNone = false)
     {
         int experts = f.Int(expertsField, expertsDefault, min: allowNone ? 0 : 1);
+        if (experts > MaxExperts) throw f.Unsupported(expertsField, $"is {experts}; more than {MaxExperts} experts per layer is not supported");
+        if ((long)experts * f.Layers() > 1 << 22) throw f.Unsupported(expertsField, $"is {experts} in each of {f.Layers()} layers; more than {1 << 22} experts in all is not supported");
         int topK = f.Int("num_experts_per_tok", topKDefault);
         if (experts > 0 && topK > experts) throw f.Unsupported("num_experts_per_tok", $"is {topK}, more than the {experts} experts ({expertsField})");
         return (experts, topK);
