@@ -320,6 +320,29 @@ public class ExpertPruningTests
         if (widthKept == 96) Assert.All(report["layers"]!.AsArray().Where(l => (string)l!["kind"]! == "experts"), l => Assert.Contains("kept whole", (string)l!["kept_whole_because"]!));
     }
 
+    /// <summary>
+    /// The budget policy plans on the experts the plan pass keeps, and the pruning pass keeps the same ones (else a planned
+    /// width would land on another expert): the removal is close to the budget and the checkpoint computes what the
+    /// reference computes from it.
+    /// </summary>
+    [Fact]
+    public void Budget_with_expert_removal_prunes_the_planned_experts_to_the_budget()
+    {
+        using var tmp = new TempDir();
+        var report = Prune("qwen3_moe", tmp.Sub("out"), new PruneOptions
+        {
+            Policy = RatioPolicyKind.Budget, Amount = 0.3, Experts = new ExpertOptions { Keep = 5 },
+        }, Calibration(4, 32));
+        Assert.InRange((double)report["prunable_fraction_removed"]!, 0.27, 0.33);
+        Assert.All(report["experts"]!.AsArray(), l => Assert.Equal(5, Kept(l!.AsObject()).Length));
+        using var model = ModelFamilies.OpenLanguageModel(tmp.Sub("out"), CPU, ScalarType.Float64);
+        using var r = new MoeReference(tmp.Sub("out"));
+        var ids = Enumerable.Range(0, 20).Select(i => (long)(3 + (i * 53) % 500)).ToArray();
+        using var got = LlamaTests.Forward(model, torch.tensor(ids, new long[] { 1, ids.Length })).squeeze(0);
+        using var want = r.Logits(ids);
+        Assert.True((got - want).abs().max().item<double>() < 1e-9);
+    }
+
     /// <summary>Expert options the model cannot honour: one line, exit 1, nothing written (no output, no staging directory).</summary>
     [Fact]
     public void Bad_expert_options_are_one_line_and_write_nothing()
