@@ -458,6 +458,138 @@ public static partial class HeaderFuzzer
         File.Delete(gguf);
     }
 
+    // ------------------------------------------------------------------ mixtures (Mixtral, Qwen3-MoE)
+
+    static readonly string[] MixtureMutations =
+    {
+        "moe-valid", "moe-qwen3", "moe-experts-count", "moe-top-k", "moe-router-rows", "moe-extra-expert", "moe-mlp-only",
+        "moe-sparse-step", "moe-expert-widths", "moe-norm-topk", "moe-config-edit", "moe-missing-tensor", "moe-transposed",
+        "moe-half-dtype",
+    };
+
+    static readonly ConfigFields MixtureFields = new(
+        new[] { "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+            "moe_intermediate_size", "num_local_experts", "num_experts", "num_experts_per_tok", "decoder_sparse_step", "max_position_embeddings" },
+        new[] { "norm_topk_prob", "tie_word_embeddings", "pruned", "attention_bias", "use_sliding_window" },
+        new[] { "model_type", "hidden_act", "rope_scaling", "rope_theta", "rms_norm_eps", "mlp_only_layers", "expert_intermediate_sizes", "num_heads_per_layer", "torch_dtype" });
+
+    /// <summary>What a mixture case's tensors are written for: Mixtral (hub names) or Qwen3-MoE (q/k norms, a dense layer).</summary>
+    sealed class MixtureShape
+    {
+        public bool Qwen;
+        public int Vocab = 32, Hidden = 16, HeadDim = 4, Heads = 4, Kv = 2, Layers = 2, Experts = 4, Width = 8, Dense = 12, ExtraExpert = -1, RouterRows = -1;
+        public int[] DenseLayers = Array.Empty<int>();
+        public string DType = "F32";
+
+        public List<StTensor> Tensors(Random rng)
+        {
+            var t = new List<StTensor> { MakeTensor(rng, "model.embed_tokens.weight", DType, Vocab, Hidden), MakeTensor(rng, "model.norm.weight", DType, Hidden),
+                MakeTensor(rng, "lm_head.weight", DType, Vocab, Hidden) };
+            string moe = Qwen ? "mlp" : "block_sparse_moe";
+            var (gate, up, down) = Qwen ? ("gate_proj", "up_proj", "down_proj") : ("w1", "w3", "w2");
+            for (int i = 0; i < Layers; i++)
+            {
+                string l = $"model.layers.{i}.";
+                long h = Hidden, q = Heads * HeadDim, kv = Kv * HeadDim;
+                foreach (var (name, rows, cols) in new[] { ("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q) })
+                    t.Add(MakeTensor(rng, $"{l}self_attn.{name}.weight", DType, rows, cols));
+                if (Qwen) { t.Add(MakeTensor(rng, $"{l}self_attn.q_norm.weight", DType, HeadDim)); t.Add(MakeTensor(rng, $"{l}self_attn.k_norm.weight", DType, HeadDim)); }
+                if (DenseLayers.Contains(i))
+                    foreach (var (name, rows, cols) in new[] { ("gate_proj", (long)Dense, h), ("up_proj", Dense, h), ("down_proj", h, Dense) })
+                        t.Add(MakeTensor(rng, $"{l}mlp.{name}.weight", DType, rows, cols));
+                else
+                {
+                    t.Add(MakeTensor(rng, $"{l}{moe}.gate.weight", DType, RouterRows > 0 ? RouterRows : Experts, h));
+                    for (int e = 0; e < Experts + (ExtraExpert == i ? 1 : 0); e++)
+                    {
+                        t.Add(MakeTensor(rng, $"{l}{moe}.experts.{e}.{gate}.weight", DType, Width, h));
+                        t.Add(MakeTensor(rng, $"{l}{moe}.experts.{e}.{up}.weight", DType, Width, h));
+                        t.Add(MakeTensor(rng, $"{l}{moe}.experts.{e}.{down}.weight", DType, h, Width));
+                    }
+                }
+                t.Add(MakeTensor(rng, $"{l}input_layernorm.weight", DType, h));
+                t.Add(MakeTensor(rng, $"{l}post_attention_layernorm.weight", DType, h));
+            }
+            return t;
+        }
+    }
+
+    static JsonObject MixtralConfigJson() => new()
+    {
+        ["architectures"] = new JsonArray("MixtralForCausalLM"), ["model_type"] = "mixtral", ["vocab_size"] = 32, ["hidden_size"] = 16,
+        ["intermediate_size"] = 8, ["num_hidden_layers"] = 2, ["num_attention_heads"] = 4, ["num_key_value_heads"] = 2, ["head_dim"] = 4,
+        ["num_local_experts"] = 4, ["num_experts_per_tok"] = 2, ["hidden_act"] = "silu", ["max_position_embeddings"] = 16, ["rms_norm_eps"] = 1e-5,
+        ["rope_theta"] = 1e6, ["tie_word_embeddings"] = false, ["bos_token_id"] = 1, ["eos_token_id"] = 2, ["torch_dtype"] = "float32",
+    };
+
+    static Built BuildMixture(CasePlan plan, Random rng, string dir)
+    {
+        var s = new MixtureShape();
+        var cfg = new CfgBuild(MixtralConfigJson());
+        var j = cfg.Json;
+        var tensorEdits = new List<Action<List<StTensor>>>();
+        var ckEdits = new List<Action<CkBuild>>();
+        bool follow = rng.NextDouble() < 0.6;
+        void ToQwen()
+        {
+            s.Qwen = true;
+            Set(j, "model_type", "qwen3_moe");
+            j.Remove("num_local_experts");
+            Set(j, "num_experts", 4); Set(j, "moe_intermediate_size", 8); Set(j, "intermediate_size", 12); Set(j, "norm_topk_prob", true);
+            Set(j, "mlp_only_layers", new JsonArray(1));
+            s.DenseLayers = new[] { 1 };
+        }
+        string expertsField() => s.Qwen ? "num_experts" : "num_local_experts";
+        switch (plan.Mutation)
+        {
+            case "moe-valid": break;
+            case "moe-qwen3": ToQwen(); break;
+            case "moe-experts-count":
+                {
+                    if (rng.NextDouble() < 0.5) ToQwen();
+                    JsonNode? v = Pick<Func<JsonNode?>>(rng, () => 3, () => 5, () => 0, () => -1, () => 1, () => "4", () => 1 << 30)();
+                    Set(j, expertsField(), v);
+                    if (follow && v is JsonValue x && x.TryGetValue<int>(out int n) && n is 3 or 5 or 1) s.Experts = n;
+                }
+                break;
+            case "moe-top-k": Set(j, "num_experts_per_tok", Pick<Func<JsonNode?>>(rng, () => 0, () => 5, () => 4, () => 1, () => -2, () => 2.5, () => null)()); break;
+            case "moe-router-rows": s.RouterRows = Pick(rng, 3, 5, 1); break;
+            case "moe-extra-expert": s.ExtraExpert = rng.Next(2); break;
+            case "moe-mlp-only":
+                ToQwen();
+                {
+                    JsonNode? v = Pick<Func<JsonNode?>>(rng, () => new JsonArray(), () => new JsonArray(0), () => new JsonArray(0, 1), () => new JsonArray(2),
+                        () => new JsonArray(-1), () => new JsonArray("1"), () => 1, () => new JsonArray(1, 1))();
+                    Set(j, "mlp_only_layers", v);
+                    if (follow && v is JsonArray a && a.All(x => x is JsonValue xv && xv.TryGetValue<int>(out int k) && k is 0 or 1)) s.DenseLayers = a.Select(x => (int)x!).Distinct().ToArray();
+                }
+                break;
+            case "moe-sparse-step":
+                ToQwen();
+                Set(j, "decoder_sparse_step", Pick<Func<JsonNode?>>(rng, () => 0, () => -1, () => 2, () => 3, () => 1 << 30, () => "1")());
+                break;
+            case "moe-expert-widths":
+                Set(j, "expert_intermediate_sizes", Pick<Func<JsonNode?>>(rng, () => new JsonArray(new JsonArray(8, 8, 8, 8), new JsonArray(8, 8, 8, 8)),
+                    () => new JsonArray(new JsonArray(4, 8, 8, 8), new JsonArray(8, 8, 8, 8)), () => new JsonArray(new JsonArray(8, 8, 8), new JsonArray(8, 8, 8, 8)),
+                    () => new JsonArray(new JsonArray(0, 8, 8, 8), new JsonArray(8, 8, 8, 8)), () => new JsonArray(8, 8), () => "8", () => new JsonArray(new JsonArray(), new JsonArray()))());
+                break;
+            case "moe-norm-topk": ToQwen(); Set(j, "norm_topk_prob", Pick<Func<JsonNode?>>(rng, () => false, () => "true", () => 1, () => null)()); break;
+            case "moe-config-edit": if (rng.NextDouble() < 0.5) ToQwen(); MutateConfig(cfg, ConfigMutations[rng.Next(ConfigMutations.Length)], rng, MixtureFields); break;
+            case "moe-missing-tensor": if (rng.NextDouble() < 0.5) ToQwen(); tensorEdits.Add(ts => ts.RemoveAt(rng.Next(ts.Count))); break;
+            case "moe-transposed":
+                tensorEdits.Add(ts =>
+                {
+                    var twoD = ts.Where(t => t.Shape.Length == 2 && t.Shape[0] != t.Shape[1]).ToList();
+                    var v = twoD[rng.Next(twoD.Count)];
+                    v.Shape = new[] { v.Shape[1], v.Shape[0] };
+                });
+                break;
+            case "moe-half-dtype": s.DType = Pick(rng, "F16", "BF16", "F64", "I32"); break;
+            default: throw new InvalidOperationException($"unknown mixture mutation {plan.Mutation}");
+        }
+        return WriteCase(plan, rng, dir, cfg, MixtureFields, s.Tensors, tensorEdits, 1, ckEdits);
+    }
+
     // ------------------------------------------------------------------ ViT / DeiT
 
     static readonly string[] VitMutations =

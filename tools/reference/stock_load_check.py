@@ -15,7 +15,8 @@ For each bundled model it
   2. writes LlmSnp's float64 logits for a fixed input with `llmsnp eval logits` (token ids for the language models,
      for ViT the pattern image sin(0.05 w + 0.07 h + 1.3 c), already normalised, so no image decoder is involved):
        ./llmsnp eval logits --model OUT/opt --ids 2,31414,6,127,2335,16,11962 --dtype float64 --json OUT/opt.logits.json
-  3. loads OUT/<name> with from_pretrained (OPTForCausalLM, ViTForImageClassification, LlamaForCausalLM) in float64,
+  3. loads OUT/<name> with from_pretrained (OPTForCausalLM, ViTForImageClassification, LlamaForCausalLM,
+     MixtralForCausalLM) in float64,
      strictly: any missing, unexpected or mis-shaped tensor is a failure (transformers reports them in loading_info),
   4. compares the logits; prints one line per model and exits non-zero on any failure.
 
@@ -23,17 +24,20 @@ For each bundled model it
 
 Run it from the repository root after ./scripts/setup.sh.
 """
-import argparse, json, math, os, subprocess, sys, tempfile
+import argparse, json, math, os, shutil, subprocess, sys, tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 LLMSNP = os.path.join(ROOT, "llmsnp")
-IDS = {"opt": [2, 31414, 6, 127, 2335, 16, 11962], "llama": [1, 403, 407, 261, 378, 395, 269, 411]}
+IDS = {"opt": [2, 31414, 6, 127, 2335, 16, 11962], "llama": [1, 403, 407, 261, 378, 395, 269, 411], "mixtral": [1, 403, 407, 261, 378, 395, 269, 411]}
 
 PRUNES = {
     "opt": ["--model", "models/opt-tiny-c4-v2", "--ratio", "0.25", "--uniform", "--targets", "mlp", "--calib", "c4", "--calib-samples", "8", "--calib-seqlen", "128"],
     "opt-heads": ["--model", "models/opt-tiny-c4-v2", "--ratio", "0.25", "--uniform", "--calib", "c4", "--calib-samples", "8", "--calib-seqlen", "128", "--export-padded"],
     "vit": ["--model", "models/vit-tiny", "--ratio", "0.34", "--uniform", "--calib", "eval/data/imagenet-val", "--calib-samples", "8"],
     "llama": ["--model", "models/stories260k", "--ratio", "0.25", "--uniform", "--calib", "tinystories", "--calib-samples", "8", "--calib-seqlen", "128"],
+    # The random Mixtral golden fixture with stories260K's tokenizer (same 512-token vocabulary), a quarter of the experts
+    # removed and a quarter of each kept expert's neurons: MixtralForCausalLM reads the hub's per-expert names.
+    "mixtral": ["--model", "fixture:golden-families/mixtral", "--ratio", "0.25", "--uniform", "--experts-keep", "3", "--calib", "tinystories", "--calib-samples", "8", "--calib-seqlen", "128"],
 }
 
 
@@ -46,8 +50,8 @@ def sh(args):
 
 def stock_logits(kind, model_dir):
     import torch
-    from transformers import LlamaForCausalLM, OPTForCausalLM, ViTForImageClassification
-    cls = {"opt": OPTForCausalLM, "vit": ViTForImageClassification, "llama": LlamaForCausalLM}[kind]
+    from transformers import LlamaForCausalLM, MixtralForCausalLM, OPTForCausalLM, ViTForImageClassification
+    cls = {"opt": OPTForCausalLM, "vit": ViTForImageClassification, "llama": LlamaForCausalLM, "mixtral": MixtralForCausalLM}[kind]
     model, info = cls.from_pretrained(model_dir, torch_dtype=torch.float64, output_loading_info=True)
     bad = {k: v for k, v in info.items() if v}
     if bad:
@@ -80,6 +84,12 @@ def main():
     failures = 0
     for name, args in PRUNES.items():
         d = os.path.join(out, name)
+        if args[1].startswith("fixture:"):
+            # A test fixture has no tokenizer: a copy with stories260K's, for the tinystories calibration.
+            src = os.path.join(out, name + "-source")
+            shutil.copytree(os.path.join(ROOT, "tests", "fixtures", args[1][len("fixture:"):]), src, dirs_exist_ok=True)
+            shutil.copy(os.path.join(ROOT, "models", "stories260k", "tokenizer.model"), src)
+            args = [args[0], src] + args[2:]
         report = json.loads(sh(["prune", "--out", d, "--force"] + args))
         kind = name.split("-")[0]
         target = os.path.join(d, "padded") if name == "opt-heads" else d

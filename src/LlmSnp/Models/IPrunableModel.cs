@@ -13,14 +13,18 @@ public sealed record NodeLayerInfo(string Name, NodeKind Kind, int Units, int Gr
     public int Groups => Units / GroupSize;
 }
 
-public enum NodeKind { Heads, Mlp }
+/// <summary>Heads (or K/V groups) of an attention layer, neurons of a dense MLP, neurons of a mixture's experts.</summary>
+public enum NodeKind { Heads, Mlp, Expert }
 
 /// <summary>The node kinds' names, as options (`--targets`) and reports spell them: the one place they are spelled.</summary>
 public static class NodeKinds
 {
-    public static readonly IReadOnlyList<NodeKind> All = new[] { NodeKind.Mlp, NodeKind.Heads };
+    public static readonly IReadOnlyList<NodeKind> All = new[] { NodeKind.Mlp, NodeKind.Heads, NodeKind.Expert };
 
-    public static string Name(NodeKind k) => k switch { NodeKind.Heads => "heads", _ => "mlp" };
+    public static string Name(NodeKind k) => k switch { NodeKind.Heads => "heads", NodeKind.Expert => "experts", _ => "mlp" };
+
+    /// <summary>Kinds whose units are MLP neurons (a width multiple applies to them).</summary>
+    public static bool IsNeurons(NodeKind k) => k is NodeKind.Mlp or NodeKind.Expert;
 
     public static NodeKind Parse(string s, string option) =>
         All.Cast<NodeKind?>().FirstOrDefault(k => Name(k!.Value) == s)
@@ -34,7 +38,7 @@ public static class NodeKinds
         return parts.Select(p => p.Length == 0 ? throw new LlmSnpException($"{option}: empty entry in '{s}'") : Parse(p, option)).ToHashSet();
     }
 
-    /// <summary>The set as options spell it, in a fixed order (mlp before heads).</summary>
+    /// <summary>The set as options spell it, in a fixed order (mlp, heads, experts).</summary>
     public static string Describe(IReadOnlySet<NodeKind> kinds) => string.Join(",", All.Where(kinds.Contains).Select(Name));
 }
 
@@ -122,7 +126,11 @@ public interface IPrunableBlock : IDisposable
 /// What one pruned block kept: its original layer index (a checkpoint written without some blocks renumbers the
 /// rest), per node layer the original group indices, and whether its consumer now has a bias.
 /// </summary>
-public sealed record KeptBlock(int Layer, IReadOnlyList<long[]> Groups, IReadOnlyList<bool> ConsumerBias);
+public sealed record KeptBlock(int Layer, IReadOnlyList<long[]> Groups, IReadOnlyList<bool> ConsumerBias)
+{
+    /// <summary>A mixture's kept experts (original indices), in the order they are written; null for a dense block.</summary>
+    public IReadOnlyList<long>? Experts { get; init; }
+}
 
 /// <summary>A model family as the pruning engine and the jobs see it: streamed block by block.</summary>
 public interface IPrunableModel : IDisposable

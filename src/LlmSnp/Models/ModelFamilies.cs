@@ -22,6 +22,8 @@ public static class ModelFamilies
         new("qwen3", Qwen3Config.ModelTypes, Modality.Text, (d, dev, dt) => new Qwen3Model(d, dev, dt), new Qwen3Gguf()),
         new("gemma", GemmaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new GemmaModel(d, dev, dt), new GemmaGguf(), GemmaConfig.Refuses),
         new("vit", new[] { "vit", "deit" }, Modality.Image, (d, dev, dt) => new VitModel(d, dev, dt)),
+        new("mixtral", MixtralConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("mixtral", d, MixtralConfig.Load(d), dev, dt), new MixtralGguf()),
+        new("qwen3_moe", Qwen3MoeConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("qwen3_moe", d, Qwen3MoeConfig.Load(d), dev, dt), new Qwen3MoeGguf()),
     };
 
     static string Supported => string.Join(", ", All.SelectMany(f => f.ModelTypes));

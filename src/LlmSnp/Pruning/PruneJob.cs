@@ -69,6 +69,7 @@ public static class PruneJob
     public static PruneOutcome Run(PruneJobOptions o, Action<string>? log)
     {
         o.Prune.Validate();
+        if (o.ExportPadded && o.Prune.Experts is not null) throw new LlmSnpException(PrunedCheckpoint.PaddedWithoutExperts);
         return ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
     }
 
@@ -76,6 +77,7 @@ public static class PruneJob
     {
         if (o.EvalDataset == AccuracyEval) throw new LlmSnpException("--eval accuracy is for image models; use --eval wikitext2, c4, tinystories or a text file");
         using var model = ModelFamilies.OpenLanguageModel(o.ModelDir, o.Device, o.DType, "prune");
+        o.Prune.Experts?.CheckAgainst(model);
         int calibLen = o.CalibSeqLen ?? Math.Min(2048, model.MaxPositions);
         if (calibLen > model.MaxPositions)
             throw new LlmSnpException($"--calib-seqlen {calibLen} exceeds the model's max_position_embeddings ({model.MaxPositions})");

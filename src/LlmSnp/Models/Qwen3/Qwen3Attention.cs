@@ -1,5 +1,4 @@
 using static TorchSharp.torch;
-using F = TorchSharp.torch.nn.functional;
 
 namespace LlmSnp.Models;
 
@@ -53,14 +52,10 @@ public sealed class Qwen3Attention
     /// </summary>
     public Tensor Heads(Func<string, Tensor?> tensor, Tensor x, KvCache? cache = null, int position = 0)
     {
-        long b = x.shape[0], t = x.shape[1];
-        Tensor Project(string name) => F.linear(x, tensor(_p + name + ".weight")!, tensor(_p + name + ".bias")).view(b, t, -1, _headDim);
+        Tensor? T(string name) => tensor(_p + "self_attn." + name);
         // q_norm / k_norm normalise each head over head_dim, before the rotation.
-        var q = Norms.Rms(Project("self_attn.q_proj"), tensor(_p + "self_attn.q_norm.weight")!, _eps).transpose(1, 2);
-        var k = Norms.Rms(Project("self_attn.k_proj"), tensor(_p + "self_attn.k_norm.weight")!, _eps).transpose(1, 2);
-        var v = Project("self_attn.v_proj").transpose(1, 2);
-        (q, k) = _rope.Apply(q, k, position);
-        if (cache is not null) (k, v) = cache.Append(k, v);
-        return Attention.Grouped(q, k, v, position, _window);
+        var w = new RotaryAttentionWeights(T("q_proj.weight")!, T("q_proj.bias"), T("k_proj.weight")!, T("k_proj.bias"), T("v_proj.weight")!, T("v_proj.bias"),
+            T("q_norm.weight")!, T("k_norm.weight")!);
+        return RotaryAttention.Forward(x, w, _headDim, _rope, _window, _eps, cache, position);
     }
 }
