@@ -68,6 +68,7 @@ public static class GgufExport
         var vocab = ReadVocabulary(modelDir, cfg, plan);
 
         using var ckpt = new CheckpointReader(modelDir);
+        plan = plan with { Tied = ckpt.TieHead("model.embed_tokens.weight", "lm_head.weight", plan.Tied) };   // stored under either name
         var consumed = new HashSet<string>(StringComparer.Ordinal);
         // llama.cpp's llama and deci loaders read attn_q.bias at n_embd entries, whatever the layer's head count.
         // Zero q/k/v biases (what a pruned Llama carries beside a reconstructed o_proj bias, for the stock

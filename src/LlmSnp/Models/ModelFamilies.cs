@@ -24,6 +24,7 @@ public static class ModelFamilies
     public static ModelFamily Of(string modelDir)
     {
         var cfg = ConfigFile.Load(modelDir);
+        Checkpoint.Quantization.Refuse(cfg.Path, cfg.Json);   // before anything reads an int8 code as a weight
         string type = cfg.ModelType;
         return All.FirstOrDefault(f => f.ModelTypes.Contains(type))
             ?? throw new LlmSnpException($"{cfg.Path}: model_type '{type}' is not supported (supported: {Supported})");

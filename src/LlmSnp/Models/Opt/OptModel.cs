@@ -28,7 +28,6 @@ public sealed class OptModel : ILanguageModel
 
     readonly Tensor _embedTokens, _embedPositions;
     readonly Tensor? _projectIn, _projectOut, _finalLnW, _finalLnB, _lmHead;
-    readonly bool _lmHeadStored;
 
     public OptModel(string modelDir, Device? device = null, ScalarType computeDType = ScalarType.Float32)
     {
@@ -39,11 +38,13 @@ public sealed class OptModel : ILanguageModel
         Checkpoint = new CheckpointReader(modelDir);
         try
         {
-            Prefix = Checkpoint.Has("model.decoder.embed_tokens.weight") ? "model.decoder."
-                : Checkpoint.Has("decoder.embed_tokens.weight") ? "decoder."
+            // The positions name the prefix too: a tied embedding may be stored only as lm_head.weight.
+            Prefix = Checkpoint.Has("model.decoder.embed_tokens.weight") || Checkpoint.Has("model.decoder.embed_positions.weight") ? "model.decoder."
+                : Checkpoint.Has("decoder.embed_tokens.weight") || Checkpoint.Has("decoder.embed_positions.weight") ? "decoder."
                 : throw new LlmSnpException($"{modelDir}: no OPT embedding tensor (model.decoder.embed_tokens.weight or decoder.embed_tokens.weight)");
-            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             var c = Config;
+            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
+            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             // The token embedding (and an untied head) stay in the stored dtype: rows are converted as they
             // are looked up, the head once on first use, so pruning never holds an F32 copy of the vocabulary.
@@ -59,12 +60,7 @@ public sealed class OptModel : ILanguageModel
                 _finalLnW = Load("final_layer_norm.weight", c.Hidden);
                 _finalLnB = Load("final_layer_norm.bias", c.Hidden);
             }
-            _lmHeadStored = Checkpoint.Has("lm_head.weight");
-            if (!c.TieWordEmbeddings)
-            {
-                if (!_lmHeadStored) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
-                _lmHead = ReadStored("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
-            }
+            if (!c.TieWordEmbeddings) _lmHead = ReadStored("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
         }
         catch
         {
