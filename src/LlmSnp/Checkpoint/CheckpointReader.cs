@@ -144,8 +144,9 @@ public sealed class CheckpointReader : IDisposable
         if (ea.DType != eb.DType || !ea.Shape.SequenceEqual(eb.Shape)) return false;
         using var x = fa.Read(sa);
         using var y = fb.Read(sb);
-        using var same = x.equal(y);
-        return same.item<bool>();
+        using var eq = x.eq(y);
+        using var all = eq.all();
+        return all.item<bool>();
     }
 
     public bool Has(string name) => _byTensor.ContainsKey(Stored(name));

@@ -62,6 +62,7 @@ public static class GgufExport
     {
         var sw = Stopwatch.StartNew();
         var cfg = ConfigFile.Load(modelDir);
+        Quantization.Refuse(cfg.Path, cfg.Json);
         var plan = ReadPlan(cfg);
         string? outDir = Path.GetDirectoryName(Path.GetFullPath(outFile));
         if (outDir == null || !Directory.Exists(outDir)) throw new LlmSnpException($"{outFile}: output directory does not exist");

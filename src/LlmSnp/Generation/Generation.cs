@@ -87,10 +87,10 @@ public static class TextGeneration
     /// model's max positions; <paramref name="onToken"/> sees each new id as it is chosen.
     /// </summary>
     public static TokenGeneration Generate(ILanguageModel model, IReadOnlyList<int> promptIds, GenerationOptions options, int? eosId, Action<int>? onToken = null) =>
-        Generate(model, promptIds, options, eosId is int e ? new[] { e } : Array.Empty<int>(), onToken);
+        GenerateUntil(model, promptIds, options, eosId is int e ? new[] { e } : Array.Empty<int>(), onToken);
 
     /// <summary>The same, stopping at any of <paramref name="eosIds"/> (a model may have several end tokens).</summary>
-    public static TokenGeneration Generate(ILanguageModel model, IReadOnlyList<int> promptIds, GenerationOptions options, IReadOnlyCollection<int> eosIds, Action<int>? onToken = null)
+    public static TokenGeneration GenerateUntil(ILanguageModel model, IReadOnlyList<int> promptIds, GenerationOptions options, IReadOnlyCollection<int> eosIds, Action<int>? onToken = null)
     {
         options.Validate();
         if (promptIds.Count == 0) throw new LlmSnpException("generation needs at least one prompt token");
@@ -164,7 +164,7 @@ public static class TextGeneration
             from = shownUpTo;
             shownUpTo = all.Count;
         }
-        var gen = Generate(model, promptIds, options, tok.EosIds, id => { all.Add(id); Show(final: false); });
+        var gen = GenerateUntil(model, promptIds, options, tok.EosIds, id => { all.Add(id); Show(final: false); });
         Show(final: true);
         return new GenerationResult(model.ModelDir, model.Family, prompt, Continuation(), options, gen);
     }
