@@ -92,7 +92,7 @@ public sealed class CheckpointFormatTests : IDisposable
     [InlineData("(ctorch.nn.modules.linear\nLinear\n)R.", "torch.nn.modules.linear.Linear")]
     [InlineData("(ibuiltins\nlist\n.", "0x69")]
     [InlineData("\u0080\u0002ccollections\nOrderedDict\n)\u0081.", "0x81")]
-    [InlineData("\u0080\u0002ccollections\nOrderedDict\n)R\u008c\u0001xb.", "sets state")]
+    [InlineData("\u0080\u0002]}b.", "sets state")]
     [InlineData("\u0080\u0002}X\u0001\u0000\u0000\u0000aK\u0001s.", "not a tensor")]
     [InlineData("\u0080\u0002]K\u0001a.", "not a state dict")]
     [InlineData("\u0080\u0002}X\u0001\u0000\u0000\u0000a", "truncated")]
@@ -184,9 +184,12 @@ public sealed class CheckpointFormatTests : IDisposable
     public void Pruning_a_bin_checkpoint_writes_safetensors_that_reload()
     {
         string outDir = _tmp.Sub("pruned-from-bin"), model = _tmp.Sub("bin-with-tokenizer");
-        Directory.CreateDirectory(model);
-        foreach (var f in Directory.GetFiles(Bin("opt-tiny-pre-bin-shared-storage"))) File.Copy(f, Path.Combine(model, Path.GetFileName(f)));
-        TinyOpt.CopyTokenizer(model);
+        string safetensors = new TinyOpt { Vocab = 50272, Layers = 3 }.Write(_tmp.Sub("st"));
+        LlmSnp.Benchmarks.PytorchBinWriter.Convert(safetensors, model);
+        var want = AllTensors(safetensors);
+        var got = AllTensors(model);
+        Assert.Equal(want.Keys.Order(), got.Keys.Order());
+        foreach (var (n, t) in want) Assert.True(Same(t, got[n]), n);
         CliHarness.SucceedsJson(CliHarness.Run(new[] { "prune", "--model", model, "--out", outDir, "--ratio", "0.25",
             "--calib", "wikitext2", "--calib-samples", "4", "--calib-seqlen", "16" }));
         Assert.True(File.Exists(Path.Combine(outDir, SafeTensorsWriter.SingleFileName)));
@@ -255,7 +258,14 @@ public sealed class CheckpointFormatTests : IDisposable
     [InlineData("opt", "both-different")]
     public void Tied_head_stored_under_either_name_loads_as_transformers_loads_it(string family, string variant)
     {
-        string Write(string d) => family == "llama" ? new TinyLlama { Tied = true }.Write(d) : new TinyOpt { Tied = true }.Write(d);
+        // Vocabularies of real tokenizers, so the untied variant can be pruned with calibration text.
+        string Write(string d)
+        {
+            if (family == "opt") return new TinyOpt { Tied = true, Vocab = 50272 }.Write(d);
+            new TinyLlama { Tied = true, Vocab = 512 }.Write(d);
+            File.Copy(Path.Combine(Repo.Root, "models", "stories260k", "tokenizer.model"), Path.Combine(d, "tokenizer.model"));
+            return d;
+        }
         string embedName = family == "llama" ? "model.embed_tokens.weight" : "model.decoder.embed_tokens.weight";
         string baseline = Write(_tmp.Sub(family + "-embed-only")), dir = Write(_tmp.Sub($"{family}-{variant}"));
         Restore(dir, embedName, variant);
@@ -305,8 +315,10 @@ public sealed class CheckpointFormatTests : IDisposable
     [Fact]
     public void Gguf_export_reads_a_head_only_tied_checkpoint()
     {
-        string dir = new TinyLlama { Tied = true }.Write(_tmp.Sub("gguf-head-only"));
-        new TinyLlama { Tied = true }.Write(_tmp.Sub("gguf-embed-only"));
+        string dir = new TinyLlama { Tied = true, Vocab = 512 }.Write(_tmp.Sub("gguf-head-only"));
+        new TinyLlama { Tied = true, Vocab = 512 }.Write(_tmp.Sub("gguf-embed-only"));
+        foreach (var d in new[] { dir, _tmp.Sub("gguf-embed-only") })
+            File.Copy(Path.Combine(Repo.Root, "models", "stories260k", "tokenizer.model"), Path.Combine(d, "tokenizer.model"));
         Restore(dir, "model.embed_tokens.weight", "head-only-alias");
         GgufExport.Run(dir, _tmp.Sub("a.gguf"), GgufDType.F32);
         GgufExport.Run(_tmp.Sub("gguf-embed-only"), _tmp.Sub("b.gguf"), GgufDType.F32);
@@ -348,6 +360,7 @@ public sealed class CheckpointFormatTests : IDisposable
     {
         string dir = new TinyLlama().Write(_tmp.Sub("gptq"));
         TinyOpt.CopyTokenizer(dir);
+        File.Copy(Path.Combine(Repo.Root, "models", "stories260k", "tokenizer.model"), Path.Combine(dir, "tokenizer.model"));
         var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!.AsObject();
         cfg["quantization_config"] = new JsonObject { ["quant_method"] = "gptq", ["bits"] = 4 };
         File.WriteAllText(Path.Combine(dir, "config.json"), cfg.ToJsonString());
