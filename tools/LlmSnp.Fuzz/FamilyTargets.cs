@@ -69,7 +69,7 @@ public static partial class HeaderFuzzer
         "llama-valid", "llama-mistral", "llama-qwen2", "llama-kv-heads", "llama-head-dim", "llama-rope-scaling", "llama-rope-theta",
         "llama-sliding-window", "llama-biases", "llama-tied", "llama-per-layer-lists", "llama-hidden-act", "llama-config-edit",
         "llama-missing-tensor", "llama-transposed", "llama-extra-tensor", "llama-half-dtype", "llama-weights-edit",
-        "llama-sharded-edit", "llama-layer-count",
+        "llama-sharded-edit", "llama-layer-count", "llama-quantization",
     };
 
     static readonly ConfigFields LlamaFields = new(
@@ -211,6 +211,17 @@ public static partial class HeaderFuzzer
                 break;
             case "llama-extra-tensor": tensorEdits.Add(ts => ts.Add(MakeTensor(rng, Pick(rng, "model.layers.7.mlp.up_proj.weight", "model.rotary_emb.inv_freq", "lm_head.bias"), "F32", 2))); break;
             case "llama-half-dtype": s.DType = Pick(rng, "F16", "BF16", "F64", "I32"); break;
+            case "llama-quantization":
+                // A quantization_config of any scheme (or a malformed one), or a quantized tensor without it.
+                if (rng.NextDouble() < 0.6)
+                    Set(j, Pick(rng, "quantization_config", "quantization_config", "compression_config"), Pick<Func<JsonNode?>>(rng,
+                        () => new JsonObject { ["quant_method"] = Pick(rng, "gptq", "awq", "fp8", "compressed-tensors", "bitsandbytes", "hqq", "nope", ""), ["bits"] = Pick<JsonNode?>(rng, 4, 8, "4", null, -1) },
+                        () => new JsonObject { ["load_in_8bit"] = Pick<JsonNode?>(rng, true, false, "yes"), ["load_in_4bit"] = Pick<JsonNode?>(rng, true, false, null), ["bnb_4bit_quant_type"] = Pick<JsonNode?>(rng, "nf4", "fp4", 3) },
+                        () => new JsonObject { ["quant_method"] = "compressed-tensors", ["format"] = Pick<JsonNode?>(rng, "pack-quantized", "float-quantized", 7), ["config_groups"] = new JsonObject() },
+                        () => Pick<JsonNode?>(rng, "gptq", 4, new JsonArray(), true), () => new JsonObject())());
+                else
+                    tensorEdits.Add(ts => ts.Add(MakeTensor(rng, "model.layers.0.mlp.up_proj." + Pick(rng, "SCB", "qweight", "qzeros", "g_idx", "weight_scale", "weight.absmax", "weight_packed", "weight_format"), Pick(rng, "F32", "I32", "I8", "U8"), 2)));
+                break;
             case "llama-weights-edit":
                 {
                     string fm = FileMutations[rng.Next(FileMutations.Length)];
@@ -739,6 +750,7 @@ public static partial class HeaderFuzzer
         "sp-valid", "sp-truncated", "sp-byte-flips", "sp-bad-length", "sp-piece-type", "sp-score", "sp-empty", "sp-garbage",
         "sp-drop-fields", "sp-duplicate-pieces", "sp-tokenizer-config",
         "hf-valid", "hf-truncated", "hf-byte-flips", "hf-non-utf8", "hf-model-type", "hf-vocab", "hf-unk", "hf-deep", "hf-empty",
+        "hf-truncation", "hf-padding",
         "bpe-valid", "bpe-vocab-truncated", "bpe-vocab-byte-flips", "bpe-vocab-wrong-type", "bpe-merges-bad", "bpe-merges-non-utf8",
         "bpe-missing-merges", "bpe-bos-moved", "bpe-vocab-huge-id",
     };
@@ -924,6 +936,32 @@ public static partial class HeaderFuzzer
                     }
                     break;
                 case "hf-empty": c.Edits.Add(_ => Array.Empty<byte>()); break;
+                case "hf-truncation":
+                    // Options the tokenizers library panics on (stride ≥ max_length − specials, max_length 0) beside valid ones;
+                    // a post-processor that adds specials moves the bound. The fuzz text is ~12 tokens: small max_lengths truncate.
+                    if (rng.NextDouble() < 0.5)
+                        c.Json["post_processor"] = new JsonObject
+                        {
+                            ["type"] = "TemplateProcessing",
+                            ["single"] = new JsonArray(new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = "[UNK]", ["type_id"] = 0 } }, new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } }),
+                            ["pair"] = new JsonArray(new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } }, new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "B", ["type_id"] = 1 } }),
+                            ["special_tokens"] = new JsonObject { ["[UNK]"] = new JsonObject { ["id"] = "[UNK]", ["ids"] = new JsonArray(0), ["tokens"] = new JsonArray("[UNK]") } },
+                        };
+                    c.Json["truncation"] = Pick<Func<JsonNode?>>(rng,
+                        () => new JsonObject { ["direction"] = Pick(rng, "Right", "Left"), ["max_length"] = Pick<JsonNode?>(rng, 0, 1, 2, 3, 5, 512), ["strategy"] = Pick(rng, "LongestFirst", "OnlyFirst", "OnlySecond"), ["stride"] = Pick<JsonNode?>(rng, 0, 1, 2, 3, 5, 600) },
+                        () => new JsonObject { ["max_length"] = Pick<JsonNode?>(rng, -1, 1e30, "8", null, 4294967296L), ["stride"] = Pick<JsonNode?>(rng, -3, "0", 1.5, null), ["strategy"] = Pick<JsonNode?>(rng, "Nope", 1, null) },
+                        () => Pick<JsonNode?>(rng, "yes", 5, new JsonArray(), true))();
+                    break;
+                case "hf-padding":
+                    c.Json["padding"] = Pick<Func<JsonNode?>>(rng,
+                        () => new JsonObject
+                        {
+                            ["strategy"] = Pick<Func<JsonNode?>>(rng, () => "BatchLongest", () => new JsonObject { ["Fixed"] = Pick<JsonNode?>(rng, 0, 3, 64, 4294967295L, -1) }, () => "Longest", () => 3)(),
+                            ["direction"] = Pick<JsonNode?>(rng, "Right", "Left", "Up"), ["pad_to_multiple_of"] = Pick<JsonNode?>(rng, null, 0, 1, 8, -8),
+                            ["pad_id"] = Pick<JsonNode?>(rng, 0, 5, -1, 1e12), ["pad_type_id"] = 0, ["pad_token"] = Pick<JsonNode?>(rng, "[UNK]", "[PAD]", 7),
+                        },
+                        () => Pick<JsonNode?>(rng, "yes", 5, new JsonArray()))();
+                    break;
             }
             File.WriteAllBytes(Path.Combine(dir, "tokenizer.json"), c.Bytes());
             return new Built(dir, null);

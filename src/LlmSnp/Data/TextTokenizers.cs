@@ -1,4 +1,5 @@
 using System.Text.Json;
+using System.Text.Json.Nodes;
 using Microsoft.ML.Tokenizers;
 
 namespace LlmSnp.Data;
@@ -10,6 +11,8 @@ public interface ITextTokenizer
     string Description { get; }
     int? BosId { get; }
     int? EosId { get; }
+    /// <summary>Every id that ends a generation (Llama 3's generation_config lists several).</summary>
+    IReadOnlyList<int> EosIds => EosId is int e ? new[] { e } : Array.Empty<int>();
     int[] Encode(string text);
     string Decode(IEnumerable<int> ids);
 }
@@ -26,7 +29,7 @@ public static class TextTokenizers
         string F(string name) => Path.Combine(modelDir, name);
         if (File.Exists(F("vocab.json")) && File.Exists(F("merges.txt"))) return OptTokenizer.Load(modelDir);
         if (File.Exists(F("tokenizer.model"))) return SentencePieceTokenizer.Load(F("tokenizer.model"), AddBos(modelDir));
-        if (File.Exists(F("tokenizer.json"))) return HfTokenizer.Load(F("tokenizer.json"));
+        if (File.Exists(F("tokenizer.json"))) return HfTokenizer.Load(F("tokenizer.json"), modelDir);
         throw new LlmSnpException($"{modelDir}: no tokenizer (vocab.json + merges.txt, tokenizer.model or tokenizer.json)");
     }
 
@@ -77,31 +80,64 @@ public sealed class SentencePieceTokenizer : ITextTokenizer
     }
 
     // SentencePiece itself does no pre-tokenization; its normaliser (whitespace, dummy prefix) applies.
-    public int[] Encode(string text) => _sp.EncodeToIds(text, considerPreTokenization: false, considerNormalization: true).ToArray();
+    // An empty text still gets the bos the tokenizer adds (HF LlamaTokenizer("") is [bos]); the library returns nothing.
+    public int[] Encode(string text) => text.Length == 0
+        ? (_sp.AddBeginningOfSentence ? new[] { _sp.BeginningOfSentenceId } : Array.Empty<int>())
+        : _sp.EncodeToIds(text, considerPreTokenization: false, considerNormalization: true).ToArray();
 
     public string Decode(IEnumerable<int> ids) => _sp.Decode(ids) ?? "";
 }
 
-/// <summary>A HF `tokenizer.json` through the HF tokenizers library itself (Tokenizers.DotNet binding).</summary>
+/// <summary>
+/// A HF `tokenizer.json` through the HF tokenizers library itself (Tokenizers.DotNet binding). The file is checked
+/// before the library sees it: its truncation and padding options can make the library panic (a Rust panic
+/// aborts the process), and they are not applied anyway — transformers turns them off for a call without
+/// truncation or padding, and LlmSnp windows the ids itself — so the library gets the file without them.
+/// </summary>
 public sealed class HfTokenizer : ITextTokenizer, IDisposable
 {
     readonly Tokenizers.DotNet.Tokenizer _tok;
     public string Description { get; }
     public int? BosId { get; }
-    public int? EosId => null;
+    public int? EosId => EosIds.Count > 0 ? EosIds[0] : null;
+    public IReadOnlyList<int> EosIds { get; }
 
     readonly string _path;
 
-    HfTokenizer(Tokenizers.DotNet.Tokenizer tok, string path, int? bos) { _tok = tok; _path = path; Description = $"{path} (HF tokenizers)"; BosId = bos; }
-
-    public static HfTokenizer Load(string path)
+    HfTokenizer(Tokenizers.DotNet.Tokenizer tok, string path, int? bos, IReadOnlyList<int> eos)
     {
+        _tok = tok; _path = path; Description = $"{path} (HF tokenizers)"; BosId = bos; EosIds = eos;
+    }
+
+    /// <summary>A tokenizer.json larger than this is not a tokenizer (the largest hub vocabularies are ~30 MB).</summary>
+    const long MaxBytes = 512L << 20;
+
+    /// <param name="modelDir">The model directory, for the eos ids (generation_config.json, config.json, tokenizer_config.json); null: none.</param>
+    public static HfTokenizer Load(string path, string? modelDir = null)
+    {
+        var json = TokenizerJson.Read(path, MaxBytes);
+        TokenizerJson.CheckOptions(path, json);
+        string? stripped = null;
         Tokenizers.DotNet.Tokenizer tok;
-        try { tok = new Tokenizers.DotNet.Tokenizer(path); }
-        catch (Tokenizers.DotNet.TokenizerException e) { throw new LlmSnpException($"{path}: cannot load the tokenizer ({e.Message.Split('\n')[0]})"); }
+        try
+        {
+            string load = path;
+            if (json["truncation"] is not null || json["padding"] is not null)
+            {
+                json["truncation"] = null;
+                json["padding"] = null;
+                stripped = Path.Combine(Path.GetTempPath(), $"llmsnp-tokenizer-{Guid.NewGuid():N}.json");
+                File.WriteAllText(stripped, json.ToJsonString());
+                load = stripped;
+            }
+            try { tok = new Tokenizers.DotNet.Tokenizer(load); }
+            catch (Tokenizers.DotNet.TokenizerException e) { throw new LlmSnpException($"{path}: cannot load the tokenizer ({e.Message.Split('\n')[0]})"); }
+        }
+        finally { if (stripped != null) File.Delete(stripped); }
         // The post-processor decides what is prepended: the first id of an empty text is the bos, if any.
         var empty = tok.Encode("");
-        return new HfTokenizer(tok, path, empty.Length > 0 ? (int)empty[0] : null);
+        var eos = modelDir == null ? Array.Empty<int>() : EosTokens.Find(modelDir, json);
+        return new HfTokenizer(tok, path, empty.Length > 0 ? (int)empty[0] : null, eos);
     }
 
     // A tokenizer.json that loads can still fail on the first real text (e.g. a WordLevel unk_token missing from its vocab).

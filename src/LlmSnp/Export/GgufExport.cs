@@ -43,7 +43,11 @@ public sealed record GgufTensor(string Source, string Name, long[] Shape, string
 }
 
 /// <summary>What a checkpoint being exported offers its family's exporter.</summary>
-public sealed record GgufSource(string ModelDir, ConfigFile Config, CheckpointReader Checkpoint, GgufDType DType);
+public sealed record GgufSource(string ModelDir, ConfigFile Config, CheckpointReader Checkpoint, GgufDType DType)
+{
+    /// <summary>Whether the head is the embedding: a tied head may be stored under either name, or twice (untied where they differ, as transformers loads it).</summary>
+    public bool HeadTied(bool configTies) => Checkpoint.TieHead("model.embed_tokens.weight", "lm_head.weight", configTies);
+}
 
 /// <summary>
 /// A family's GGUF file, as its exporter plans it: llama.cpp's architecture and hyper-parameters, the

@@ -34,6 +34,7 @@ public static class ModelFamilies
     /// <summary>The family that reads a config's model_type, or one line listing the supported ones.</summary>
     public static ModelFamily ForType(ConfigFile cfg)
     {
+        Checkpoint.Quantization.Refuse(cfg.Path, cfg.Json);   // before anything reads an int8 code as a weight
         string type = cfg.ModelType;
         if (All.Select(f => f.Refuses?.GetValueOrDefault(type)).FirstOrDefault(why => why is not null) is string refused)
             throw new LlmSnpException($"{cfg.Path}: model_type '{type}' {refused}");

@@ -46,7 +46,13 @@ public sealed class GemmaConfig
     /// <summary>`hidden_activation`: the MLP's gate activation.</summary>
     public required string Activation { get; init; }
     public bool AttentionBias { get; init; }
-    public bool TieWordEmbeddings { get; init; }
+    public bool TieWordEmbeddings { get; private set; }
+    /// <summary>A tied config whose checkpoint stores a different head is untied, as transformers loads it.</summary>
+    public void Untie()
+    {
+        TieWordEmbeddings = false;
+        File.Json["tie_word_embeddings"] = false;
+    }
     public required DecoderWidths Widths { get; init; }
     public bool Pruned { get; init; }
 

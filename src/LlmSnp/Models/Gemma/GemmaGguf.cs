@@ -15,6 +15,7 @@ public sealed class GemmaGguf : IGgufExporter
     {
         var cfg = src.Config;
         var c = GemmaConfig.From(cfg);
+        if (!src.HeadTied(c.TieWordEmbeddings)) c.Untie();
         string a = c.Gemma3 ? "gemma3" : "gemma2";
         if (!c.Widths.Uniform)
             throw cfg.Unsupported("intermediate_sizes", $"(or num_heads_per_layer) differs across layers; llama.cpp's {a} reads one head count and one FFN width for every layer: prune with --uniform for GGUF");

@@ -36,7 +36,13 @@ public sealed class MoeConfig
     public double RopeTheta { get; init; }
     public required RopeScaling Rope { get; init; }
     public int MaxPositions { get; init; }
-    public bool TieWordEmbeddings { get; init; }
+    public bool TieWordEmbeddings { get; internal set; }
+    /// <summary>A tied config whose checkpoint stores a different head is untied, as transformers loads it.</summary>
+    public void Untie()
+    {
+        TieWordEmbeddings = false;
+        File.Json["tie_word_embeddings"] = false;
+    }
     public int? SlidingWindow { get; init; }
     /// <summary>q/k/v/o biases (Qwen3-MoE's attention_bias).</summary>
     public bool AttentionBias { get; init; }

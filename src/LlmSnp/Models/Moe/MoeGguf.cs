@@ -28,6 +28,7 @@ public abstract class MoeGguf : IGgufExporter
     {
         var cfg = src.Config;
         var c = Parse(cfg);
+        if (!src.HeadTied(c.TieWordEmbeddings)) c.Untie();
         string a = Architecture;
         if (cfg.Has("rope_scaling")) throw cfg.Unsupported("rope_scaling", "is set; only plain RoPE (rope_scaling null) is exported");
         if (c.Pruned && !cfg.Has("head_dim"))

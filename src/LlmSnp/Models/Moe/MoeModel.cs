@@ -38,16 +38,14 @@ public sealed class MoeModel : StreamedModel, ILanguageModel, IMixtureModel
         try
         {
             var c = Config;
+            // A tied head may be stored under either name (or both, then untied if they differ).
+            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
             StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             CheckNoExtraExperts(modelDir);
             _embedTokens = Resident(ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden));
             _norm = Resident(ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden));
-            if (!c.TieWordEmbeddings)
-            {
-                if (!Checkpoint.Has("lm_head.weight")) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
-                _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
-            }
+            if (!c.TieWordEmbeddings) _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
             _rope = new Rope(c.Rope.InverseFrequencies(c.HeadDim, c.RopeTheta), c.MaxPositions, ComputeDType, Device);
         }
         catch

@@ -34,11 +34,13 @@ public sealed class OptModel : StreamedModel, ILanguageModel
         Config = config;
         try
         {
-            Prefix = Checkpoint.Has("model.decoder.embed_tokens.weight") ? "model.decoder."
-                : Checkpoint.Has("decoder.embed_tokens.weight") ? "decoder."
+            // The positions name the prefix too: a tied embedding may be stored only as lm_head.weight.
+            Prefix = Checkpoint.Has("model.decoder.embed_tokens.weight") || Checkpoint.Has("model.decoder.embed_positions.weight") ? "model.decoder."
+                : Checkpoint.Has("decoder.embed_tokens.weight") || Checkpoint.Has("decoder.embed_positions.weight") ? "decoder."
                 : throw new LlmSnpException($"{modelDir}: no OPT embedding tensor (model.decoder.embed_tokens.weight or decoder.embed_tokens.weight)");
-            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             var c = Config;
+            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
+            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             // The token embedding (and an untied head) stay in the stored dtype: rows are converted as they
             // are looked up, the head once on first use, so pruning never holds an F32 copy of the vocabulary.
@@ -54,11 +56,7 @@ public sealed class OptModel : StreamedModel, ILanguageModel
                 _finalLnW = Load("final_layer_norm.weight", c.Hidden);
                 _finalLnB = Load("final_layer_norm.bias", c.Hidden);
             }
-            if (!c.TieWordEmbeddings)
-            {
-                if (!Checkpoint.Has("lm_head.weight")) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
-                _lmHead = ReadStored("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
-            }
+            if (!c.TieWordEmbeddings) _lmHead = ReadStored("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
         }
         catch
         {

@@ -25,7 +25,13 @@ public sealed class Qwen3Config
     public int MaxPositions { get; init; }
     /// <summary>`attention_bias`: q, k, v and o_proj all carry biases.</summary>
     public bool AttentionBias { get; init; }
-    public bool TieWordEmbeddings { get; init; }
+    public bool TieWordEmbeddings { get; private set; }
+    /// <summary>A tied config whose checkpoint stores a different head is untied, as transformers loads it.</summary>
+    public void Untie()
+    {
+        TieWordEmbeddings = false;
+        File.Json["tie_word_embeddings"] = false;
+    }
     /// <summary>Per layer: the sliding window, or null for full causal attention.</summary>
     public required int?[] Windows { get; init; }
     public required DecoderWidths Widths { get; init; }

@@ -13,6 +13,7 @@ public sealed class Qwen3Gguf : IGgufExporter
     {
         var cfg = src.Config;
         var c = Qwen3Config.From(cfg);
+        if (!src.HeadTied(c.TieWordEmbeddings)) c.Untie();
         if (c.Rope.Type is not ("default" or "linear"))
             throw cfg.Unsupported("rope_scaling", $"type '{c.Rope.Type}' is not exported (llama.cpp's qwen3 takes linear scaling or none)");
         if (Enumerable.Range(0, c.Layers).FirstOrDefault(i => c.Windows[i] is int w && w < c.MaxPositions, -1) is int swa && swa >= 0)
