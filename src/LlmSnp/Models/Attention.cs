@@ -16,14 +16,16 @@ public static class Attention
     /// values are appended to the cache and the queries attend to the whole history. Without a cache x is the
     /// whole sequence from position 0.
     /// </param>
+    /// <param name="attend">Packed rows (<see cref="ICachedBlock.ForwardMasked"/>): the caller's mask [batch, t, t], true = attend; replaces <paramref name="causal"/>.</param>
     public static Tensor MultiHead(Tensor x, Tensor qw, Tensor qb, Tensor kw, Tensor kb, Tensor vw, Tensor vb, int headDim, bool causal,
-        KvCache? cache = null, int position = 0)
+        KvCache? cache = null, int position = 0, Tensor? attend = null)
     {
         long b = x.shape[0], t = x.shape[1];
         Tensor Split(Tensor w, Tensor bias) => F.linear(x, w, bias).view(b, t, -1, headDim).transpose(1, 2);
         Tensor q = Split(qw, qb), k = Split(kw, kb), v = Split(vw, vb);
         Tensor? mask = null;
-        if (cache is not null)
+        if (attend is not null) { mask = attend.unsqueeze(1); causal = false; }   // one mask for every head
+        else if (cache is not null)
         {
             (k, v) = cache.Append(k, v);
             // From position 0 the cache holds exactly x's keys: the plain causal path. Later, queries sit at the bottom right.
@@ -47,6 +49,17 @@ public static class Attention
         var j = torch.arange(keys, device: device).unsqueeze(0);
         var m = j <= i;
         return window is int w ? m.logical_and(i - j < w) : m;
+    }
+
+    /// <summary>
+    /// A packed-row mask [batch, t, t] (<see cref="ICachedBlock.ForwardMasked"/>) narrowed to keys fewer than
+    /// <paramref name="window"/> positions before each query, and with one head axis for SDPA: [batch, 1, t, t].
+    /// </summary>
+    public static Tensor PackedMask(Tensor attend, Tensor positions, int? window)
+    {
+        if (window is not int w) return attend.unsqueeze(1);
+        var back = positions.unsqueeze(2) - positions.unsqueeze(1);   // query position − key position
+        return attend.logical_and(back < w).unsqueeze(1);
     }
 
     /// <summary>Causal attention limited to the last <paramref name="window"/> positions (true = attend).</summary>

@@ -71,6 +71,20 @@ public sealed class LlamaModel : ILanguageModel
         if (startPosition < 0) throw new ArgumentOutOfRangeException(nameof(startPosition));
         if (startPosition + ids.shape[1] > Config.MaxPositions)
             throw new LlmSnpException($"sequence of {startPosition + ids.shape[1]} tokens exceeds max_position_embeddings {Config.MaxPositions}");
+        return Lookup(ids);
+    }
+
+    /// <summary>Packed rows: the positions only bound each sequence (RoPE reads them in the blocks); a row may hold several.</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        if (positions.numel() > 0 && positions.max().item<long>() >= Config.MaxPositions)
+            throw new LlmSnpException($"position {positions.max().item<long>()} exceeds max_position_embeddings {Config.MaxPositions}");
+        return Lookup(ids);
+    }
+
+    /// <summary>Embedding rows of ids [batch, t] in the compute dtype, the ids checked against the vocabulary.</summary>
+    Tensor Lookup(Tensor ids)
+    {
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
         long maxId = ids.max().item<long>(), minId = ids.min().item<long>();

@@ -103,6 +103,23 @@ public sealed class OptModel : ILanguageModel
         return h.MoveToOuterDisposeScope();
     }
 
+    /// <summary>Packed rows: each token's learned position embedding from its own position [batch, t] (offset 2, as HF).</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        using var scope = NewDisposeScope();
+        long b = ids.shape[0], t = ids.shape[1];
+        long maxPos = positions.max().item<long>(), minPos = positions.min().item<long>();
+        if (minPos < 0) throw new ArgumentOutOfRangeException(nameof(positions));
+        if (maxPos >= Config.MaxPositions) throw new LlmSnpException($"position {maxPos} exceeds max_position_embeddings {Config.MaxPositions}");
+        long maxId = ids.max().item<long>(), minId = ids.min().item<long>();
+        if (maxId >= Config.VocabSize || minId < 0)
+            throw new LlmSnpException($"token id {(minId < 0 ? minId : maxId)} is outside the vocabulary of {ModelDir} (vocab_size {Config.VocabSize}); is this the model's tokenizer?");
+        var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1);
+        if (_projectIn is not null) h = F.linear(h, _projectIn);
+        h = h + _embedPositions.index_select(0, (positions.reshape(-1) + 2).to(Device)).view(b, t, -1);
+        return h.MoveToOuterDisposeScope();
+    }
+
     /// <summary>Hidden states after the last block → logits [batch, tokens, vocab].</summary>
     public Tensor Head(Tensor h)
     {
