@@ -21,8 +21,10 @@ static class BenchCommand
         var ordering = new Option<string>("--ordering") { Description = "ordering of the pruning run (zca; variance skips the eigendecomposition)", DefaultValueFactory = _ => "zca" };
         var cppPrefill = new Option<int>("--llama-cpp-prefill") { Description = "tokens llama.cpp prefills (LLaMA shapes; at most --seqlen)", DefaultValueFactory = _ => 512 };
         var ratio = new Option<double>("--ratio") { Description = "fraction of MLP neurons and heads (K/V groups) the pruning run removes", DefaultValueFactory = _ => 0.2 };
+        var tasks = new Option<string?>("--tasks") { Description = "instead: zero-shot task throughput (eval tasks) on the random model, e.g. piqa,arc_easy,hellaswag" };
+        var limit = new Option<int?>("--limit") { Description = "with --tasks: the first N documents of each task" };
         var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random model of a released shape")
-            { shape, layers, windows, seqlen, samples, skipEval, skipPrune, work, ordering, ratio, widthMultiple, cppPrefill, Cli.Json };
+            { shape, layers, windows, seqlen, samples, skipEval, skipPrune, work, ordering, ratio, widthMultiple, cppPrefill, tasks, limit, Cli.Json };
         cmd.Subcommands.Add(Fuzz());
         cmd.SetAction(p => Cli.Run(p, () =>
         {
@@ -33,6 +35,7 @@ static class BenchCommand
                 Shape = s, EvalWindows = p.GetValue(windows), SeqLen = p.GetValue(seqlen), CalibSamples = p.GetValue(samples),
                 SkipEval = p.GetValue(skipEval), WorkDir = p.GetValue(work)!, Ordering = Orderings.Parse(p.GetValue(ordering)!), Ratio = p.GetValue(ratio),
                 LlamaCppPrefill = p.GetValue(cppPrefill), WidthMultiple = p.GetValue(widthMultiple), SkipPrune = p.GetValue(skipPrune),
+                Tasks = p.GetValue(tasks), TaskLimit = p.GetValue(limit),
             }, Cli.Log);
         }));
         return cmd;

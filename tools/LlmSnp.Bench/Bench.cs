@@ -29,6 +29,9 @@ public sealed record BenchOptions
     public int WidthMultiple { get; init; } = 1;
     /// <summary>Only the evaluation and llama.cpp's dense speed.</summary>
     public bool SkipPrune { get; init; }
+    /// <summary>Zero-shot task throughput instead (<see cref="TaskBench"/>): comma-separated tasks, the first <see cref="TaskLimit"/> documents of each.</summary>
+    public string? Tasks { get; init; }
+    public int? TaskLimit { get; init; }
 }
 
 /// <summary>
@@ -55,6 +58,7 @@ public static class Bench
 
     public static JsonObject Run(BenchOptions o, Action<string>? log)
     {
+        if (o.Tasks != null) return TaskBench.Run(o, log);
         var s = o.Shape;
         // The peak is measured before and again after the evaluation, and the higher one counts: this
         // machine's GEMM speed drifts by ±15 % over minutes, and a peak caught low would flatter the fraction.
