@@ -22,8 +22,10 @@ static class BenchCommand
         var cppPrefill = new Option<int>("--llama-cpp-prefill") { Description = "tokens llama.cpp prefills (LLaMA shapes; at most --seqlen)", DefaultValueFactory = _ => 512 };
         var ratio = new Option<double>("--ratio") { Description = "fraction of MLP neurons and heads (K/V groups) the pruning run removes", DefaultValueFactory = _ => 0.2 };
         var expertsKeep = new Option<string?>("--experts-keep") { Description = "mixture shapes: experts every layer keeps, a count or a fraction (default 0.5; the run then prunes with --uniform so llama.cpp loads it)" };
+        var tasks = new Option<string?>("--tasks") { Description = "instead: zero-shot task throughput (eval tasks) on the random model, e.g. piqa,arc_easy,hellaswag" };
+        var limit = new Option<int?>("--limit") { Description = "with --tasks: the first N documents of each task" };
         var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random model of a released shape")
-            { shape, layers, windows, seqlen, samples, skipEval, skipPrune, work, ordering, ratio, widthMultiple, cppPrefill, expertsKeep, Cli.Json };
+            { shape, layers, windows, seqlen, samples, skipEval, skipPrune, work, ordering, ratio, widthMultiple, cppPrefill, expertsKeep, tasks, limit, Cli.Json };
         cmd.Subcommands.Add(Fuzz());
         cmd.Subcommands.Add(Experts());
         cmd.SetAction(p => Cli.Run(p, () =>
@@ -39,6 +41,7 @@ static class BenchCommand
                 SkipEval = p.GetValue(skipEval), WorkDir = p.GetValue(work)!, Ordering = Orderings.Parse(p.GetValue(ordering)!), Ratio = p.GetValue(ratio),
                 LlamaCppPrefill = p.GetValue(cppPrefill), WidthMultiple = p.GetValue(widthMultiple), SkipPrune = p.GetValue(skipPrune),
                 Experts = experts, UniformWidths = mixture,
+                Tasks = p.GetValue(tasks), TaskLimit = p.GetValue(limit),
             }, Cli.Log);
         }));
         return cmd;

@@ -41,9 +41,9 @@ sealed class PruneCliOptions
     readonly Option<int?> _calibLen = new("--calib-seqlen") { Description = "calibration window length (default: 2048 or max positions)" };
     readonly Option<int> _seed = new("--seed") { Description = "seed for calibration sampling and the random ordering", DefaultValueFactory = _ => 0 };
     readonly Option<double> _damp = new("--damp") { Description = "damping, relative to the mean unit diagonal of G", DefaultValueFactory = _ => 0.01 };
-    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned: perplexity on wikitext2, c4, tinystories or a text file; 'accuracy' (with --images) for image models" };
+    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned: perplexity on wikitext2, c4, tinystories or a text file; zero-shot accuracy with tasks:piqa,arc_easy,… (see eval tasks); 'accuracy' (with --images) for image models" };
     readonly Option<int?> _evalLen = new("--eval-seqlen") { Description = "evaluation window length" };
-    readonly Option<int?> _evalWindows = new("--eval-limit", "--eval-max-windows") { Description = "evaluate only the first N windows (text) or images" };
+    readonly Option<int?> _evalWindows = new("--eval-limit", "--eval-max-windows") { Description = "evaluate only the first N windows (text), documents of each task, or images" };
     readonly Option<string?> _images = new("--images") { Description = "labelled image folder for --eval accuracy (image models)" };
     readonly Option<bool> _padded = new("--export-padded") { Description = "also write a zero-padded copy with the original shapes (OUT/padded) that stock tools load" };
     readonly Option<bool> _force = new("--force") { Description = "replace an existing output directory" };

@@ -33,6 +33,9 @@ public sealed record BenchOptions
     public ExpertOptions? Experts { get; init; }
     /// <summary>Equal widths in every layer (llama.cpp's mixture architectures need them).</summary>
     public bool UniformWidths { get; init; }
+    /// <summary>Zero-shot task throughput instead (<see cref="TaskBench"/>): comma-separated tasks, the first <see cref="TaskLimit"/> documents of each.</summary>
+    public string? Tasks { get; init; }
+    public int? TaskLimit { get; init; }
 }
 
 /// <summary>
@@ -59,6 +62,7 @@ public static class Bench
 
     public static JsonObject Run(BenchOptions o, Action<string>? log)
     {
+        if (o.Tasks != null) return TaskBench.Run(o, log);
         var s = o.Shape;
         // The peak is measured before and again after the evaluation, and the higher one counts: this
         // machine's GEMM speed drifts by ±15 % over minutes, and a peak caught low would flatter the fraction.

@@ -69,5 +69,12 @@ public sealed class OptTokenizer : ITextTokenizer
         return _bpe.EncodeToIds(text).ToArray();
     }
 
+    /// <summary>Ids without the leading bos (the BPE tokenizer always adds it: Load checks).</summary>
+    public int[] EncodeWithoutSpecialTokens(string text)
+    {
+        var ids = Encode(text);
+        return ids.Length > 0 && ids[0] == BosId ? ids[1..] : ids;
+    }
+
     public string Decode(IEnumerable<int> ids) => _bpe.Decode(ids) ?? "";
 }

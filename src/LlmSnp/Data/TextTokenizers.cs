@@ -15,6 +15,29 @@ public interface ITextTokenizer
     IReadOnlyList<int> EosIds => EosId is int e ? new[] { e } : Array.Empty<int>();
     int[] Encode(string text);
     string Decode(IEnumerable<int> ids);
+
+    /// <summary>
+    /// Ids without the special tokens <see cref="Encode"/> adds (HF `add_special_tokens=False`). This default strips what
+    /// the tokenizer puts around every text, found from an empty and a one-letter text; a tokenizer that can encode
+    /// without them overrides it.
+    /// </summary>
+    int[] EncodeWithoutSpecialTokens(string text) => SpecialTokens.Strip(Encode(text), Encode(""), Encode("a"));
+}
+
+/// <summary>What a tokenizer adds around every text: the common start of its encodings of "" and "a", and the rest of "" after it.</summary>
+public static class SpecialTokens
+{
+    public static int[] Strip(int[] ids, int[] ofEmpty, int[] ofLetter)
+    {
+        int prefix = 0;
+        while (prefix < ofEmpty.Length && prefix < ofLetter.Length && ofEmpty[prefix] == ofLetter[prefix]) prefix++;
+        var lead = ofEmpty.AsSpan(0, prefix);
+        var trail = ofEmpty.AsSpan(prefix);
+        var s = ids.AsSpan();
+        if (s.StartsWith(lead)) s = s[lead.Length..];
+        if (trail.Length > 0 && s.EndsWith(trail)) s = s[..^trail.Length];
+        return s.ToArray();
+    }
 }
 
 /// <summary>
@@ -85,6 +108,9 @@ public sealed class SentencePieceTokenizer : ITextTokenizer
         ? (_sp.AddBeginningOfSentence ? new[] { _sp.BeginningOfSentenceId } : Array.Empty<int>())
         : _sp.EncodeToIds(text, considerPreTokenization: false, considerNormalization: true).ToArray();
 
+    public int[] EncodeWithoutSpecialTokens(string text) =>
+        _sp.EncodeToIds(text, addBeginningOfSentence: false, addEndOfSentence: false, considerPreTokenization: false, considerNormalization: true).ToArray();
+
     public string Decode(IEnumerable<int> ids) => _sp.Decode(ids) ?? "";
 }
 
@@ -146,6 +172,12 @@ public sealed class HfTokenizer : ITextTokenizer, IDisposable
         try { return _tok.Encode(text).Select(i => (int)i).ToArray(); }
         catch (Tokenizers.DotNet.TokenizerException e) { throw new LlmSnpException($"{_path}: cannot encode text ({e.Message.Split('\n')[0]})"); }
     }
+
+    int[]? _ofEmpty, _ofLetter;
+
+    /// <summary>The post-processor's tokens removed (the HF binding encodes with them always).</summary>
+    public int[] EncodeWithoutSpecialTokens(string text) =>
+        SpecialTokens.Strip(Encode(text), _ofEmpty ??= Encode(""), _ofLetter ??= Encode("a"));
 
     public string Decode(IEnumerable<int> ids)
     {

@@ -187,9 +187,10 @@ public interface IPrunableModel : IDisposable
 }
 
 /// <summary>
-/// A decoder block that also runs incrementally for generation: the tokens at positions
-/// <c>position</c>.. attend to the keys and values cached for the earlier ones. The pruning engine never uses
-/// it; generation keeps every block resident, each with its own cache.
+/// A decoder block as the language-model paths run it beyond the plain causal <see cref="IPrunableBlock.Forward"/>:
+/// incrementally for generation (the tokens at positions <c>position</c>.. attend to the keys and values cached for
+/// the earlier ones; every block resident, each with its own cache), and on packed rows with an explicit attention
+/// mask for task evaluation (docs/models.md, "Packed rows").
 /// </summary>
 public interface ICachedBlock : IPrunableBlock
 {
@@ -198,6 +199,16 @@ public interface ICachedBlock : IPrunableBlock
     /// them; their keys and values are appended to <paramref name="cache"/>, which holds exactly the positions before.
     /// </summary>
     Tensor Step(Tensor hidden, KvCache cache, int position);
+
+    /// <summary>
+    /// The block on packed, padded rows: hidden [batch, t, width]; <paramref name="positions"/> [batch, t] (int64) each
+    /// token's position in its own sequence (the rotary angle; a family with learned positions adds them in
+    /// <see cref="ILanguageModel.EmbedAt(Tensor, Tensor)"/> and ignores them here); <paramref name="attend"/> [batch, t, t]
+    /// (bool, true where query i may read key j), built by the caller: several sequences, or one shared context and its
+    /// continuations, share a row, and every token (padding too) sees at least itself. A family with a sliding window
+    /// narrows the mask further by the positions. Equals <see cref="IPrunableBlock.Forward"/> of each sequence alone.
+    /// </summary>
+    Tensor ForwardMasked(Tensor hidden, Tensor positions, Tensor attend);
 }
 
 /// <summary>A language model: token ids in, next-token logits out.</summary>
@@ -210,6 +221,9 @@ public interface ILanguageModel : IPrunableModel
 
     /// <summary>Hidden states for ids [batch, t] standing at positions start..start+t-1 (generation continues a sequence); a name of its own, so that `Embed` stays one method group.</summary>
     Tensor EmbedAt(Tensor ids, int startPosition);
+
+    /// <summary>Hidden states for ids [batch, t] at per-token positions [batch, t] (packed rows, <see cref="ICachedBlock.ForwardMasked"/>).</summary>
+    Tensor EmbedAt(Tensor ids, Tensor positions);
 
     /// <summary>Decoder block <paramref name="index"/> with its cached forward (<see cref="ICachedBlock.Step"/>).</summary>
     ICachedBlock LoadCachedBlock(int index);

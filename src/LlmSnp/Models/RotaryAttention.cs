@@ -15,12 +15,13 @@ public sealed record RotaryAttentionWeights(Tensor Q, Tensor? QBias, Tensor K, T
 /// the input of the output projection, per-head softmax(QKᵀ/√d)V concatenated [batch, tokens, heads·d]. Query head h
 /// reads K/V head h ÷ (heads / kv_heads). With a cache, x holds the tokens at positions <c>position</c>..: they are
 /// rotated at those positions, their K/V (before the grouped repeat) appended, and the queries attend to the whole
-/// cached history (causal from their own positions, the sliding window counted back from each).
+/// cached history (causal from their own positions, the sliding window counted back from each). On packed rows
+/// (<see cref="ICachedBlock.ForwardMasked"/>) each token rotates at its own position and attends as the caller's mask allows.
 /// </summary>
 public static class RotaryAttention
 {
     public static Tensor Forward(Tensor x, RotaryAttentionWeights w, int headDim, Rope rope, int? slidingWindow, double normEps,
-        KvCache? cache = null, int position = 0)
+        KvCache? cache = null, int position = 0, Tensor? positions = null, Tensor? attend = null)
     {
         long b = x.shape[0], t = x.shape[1];
         Tensor Heads(Tensor weight, Tensor? bias, Tensor? norm)
@@ -29,9 +30,10 @@ public static class RotaryAttention
             if (norm is not null) h = Norms.Rms(h, norm, normEps);
             return h.transpose(1, 2);
         }
-        var (q, k) = rope.Apply(Heads(w.Q, w.QBias, w.QNorm), Heads(w.K, w.KBias, w.KNorm), position);
+        Tensor qh = Heads(w.Q, w.QBias, w.QNorm), kh = Heads(w.K, w.KBias, w.KNorm);
+        var (q, k) = positions is null ? rope.Apply(qh, kh, position) : rope.ApplyAt(qh, kh, positions);
         var v = Heads(w.V, w.VBias, null);
         if (cache is not null) (k, v) = cache.Append(k, v);
-        return Attention.Grouped(q, k, v, position, slidingWindow);
+        return Attention.Grouped(q, k, v, position, slidingWindow, packed: attend is null ? null : Attention.PackedMask(attend, positions!, slidingWindow));
     }
 }

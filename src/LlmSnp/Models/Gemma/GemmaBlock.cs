@@ -66,7 +66,7 @@ public sealed class GemmaBlock : PrunableBlock, ICachedBlock
     Tensor Linear(Tensor x, string name) => F.linear(x, T(name + ".weight"), Optional(_p + name + ".bias"));
 
     /// <summary>The heads' outputs concatenated (the input of o_proj) for the normed x at positions <paramref name="position"/>..</summary>
-    Tensor SelfAttention(Tensor x, KvCache? cache = null, int position = 0)
+    Tensor SelfAttention(Tensor x, KvCache? cache = null, int position = 0, Tensor? positions = null, Tensor? attend = null)
     {
         long b = x.shape[0], t = x.shape[1];
         Tensor Heads(string name) => Linear(x, name).view(b, t, -1, _c.HeadDim);
@@ -76,9 +76,10 @@ public sealed class GemmaBlock : PrunableBlock, ICachedBlock
             q = Norm(q, "self_attn.q_norm");
             k = Norm(k, "self_attn.k_norm");
         }
-        (q, k) = _rope.Apply(q.transpose(1, 2), k.transpose(1, 2), position);
+        (q, k) = positions is null ? _rope.Apply(q.transpose(1, 2), k.transpose(1, 2), position) : _rope.ApplyAt(q.transpose(1, 2), k.transpose(1, 2), positions);
         if (cache is not null) (k, v) = cache.Append(k, v);
-        return Attention.Grouped(q, k, v, position, _window, Math.Pow(_c.QueryPreAttnScalar, -0.5), _c.AttnSoftcap);
+        return Attention.Grouped(q, k, v, position, _window, Math.Pow(_c.QueryPreAttnScalar, -0.5), _c.AttnSoftcap,
+            attend is null ? null : Attention.PackedMask(attend, positions!, _window));
     }
 
     Tensor Gelu(Tensor x) => _c.Activation == "gelu" ? F.gelu(x) : F.gelu(x, approximate: TorchSharp.Modules.GELU.Approximate.tanh);
@@ -104,6 +105,15 @@ public sealed class GemmaBlock : PrunableBlock, ICachedBlock
     {
         using var scope = NewDisposeScope();
         var a = SelfAttention(Norm(hidden, "input_layernorm"), cache, position);
+        var h = Residual(0, hidden, a);
+        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The block on packed rows: rotary angles from each token's own position, attention as the caller's mask allows.</summary>
+    public Tensor ForwardMasked(Tensor hidden, Tensor positions, Tensor attend)
+    {
+        using var scope = NewDisposeScope();
+        var a = SelfAttention(Norm(hidden, "input_layernorm"), positions: positions, attend: attend);
         var h = Residual(0, hidden, a);
         return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
     }

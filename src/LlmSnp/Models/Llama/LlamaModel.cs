@@ -61,6 +61,19 @@ public sealed class LlamaModel : StreamedModel, ILanguageModel
     public Tensor EmbedAt(Tensor ids, int startPosition)
     {
         CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    /// <summary>Packed rows: the positions only bound each sequence (RoPE reads them in the blocks); a row may hold several.</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    /// <summary>Embedding rows of ids [batch, t] in the compute dtype.</summary>
+    Tensor Lookup(Tensor ids)
+    {
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
         return _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1).MoveToOuterDisposeScope();

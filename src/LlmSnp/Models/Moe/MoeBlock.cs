@@ -67,8 +67,8 @@ public sealed class MoeBlock : PrunableBlock, ICachedBlock, IMixtureBlock
         T("self_attn.v_proj.weight"), Optional(_p + "self_attn.v_proj.bias"),
         _c.QkNorm ? T("self_attn.q_norm.weight") : null, _c.QkNorm ? T("self_attn.k_norm.weight") : null);
 
-    Tensor SelfAttention(Tensor x, KvCache? cache = null, int position = 0) =>
-        RotaryAttention.Forward(x, AttentionWeights(), _c.HeadDim, _rope, _c.SlidingWindow, _c.RmsNormEps, cache, position);
+    Tensor SelfAttention(Tensor x, KvCache? cache = null, int position = 0, Tensor? positions = null, Tensor? attend = null) =>
+        RotaryAttention.Forward(x, AttentionWeights(), _c.HeadDim, _rope, _c.SlidingWindow, _c.RmsNormEps, cache, position, positions, attend);
 
     Tensor MlpInput(Tensor input) => Norms.Rms(input, T("post_attention_layernorm.weight"), _c.RmsNormEps);
 
@@ -185,6 +185,15 @@ public sealed class MoeBlock : PrunableBlock, ICachedBlock, IMixtureBlock
     {
         using var scope = NewDisposeScope();
         var a = SelfAttention(Norms.Rms(hidden, T("input_layernorm.weight"), _c.RmsNormEps), cache, position);
+        var h = Residual(0, hidden, a);
+        return (_sparse ? Advance(1, h) : Residual(1, h, Activations(1, h))).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The block on packed rows (routing is per token, so packing changes nothing there).</summary>
+    public Tensor ForwardMasked(Tensor hidden, Tensor positions, Tensor attend)
+    {
+        using var scope = NewDisposeScope();
+        var a = SelfAttention(Norms.Rms(hidden, T("input_layernorm.weight"), _c.RmsNormEps), positions: positions, attend: attend);
         var h = Residual(0, hidden, a);
         return (_sparse ? Advance(1, h) : Residual(1, h, Activations(1, h))).MoveToOuterDisposeScope();
     }

@@ -77,6 +77,18 @@ public sealed class MoeModel : StreamedModel, ILanguageModel, IMixtureModel
     public Tensor EmbedAt(Tensor ids, int startPosition)
     {
         CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    /// <summary>Packed rows: the positions only bound each sequence (RoPE reads them in the blocks).</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    Tensor Lookup(Tensor ids)
+    {
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
         return _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1).MoveToOuterDisposeScope();

@@ -89,6 +89,18 @@ public sealed class OptModel : StreamedModel, ILanguageModel
         return h.MoveToOuterDisposeScope();
     }
 
+    /// <summary>Packed rows: each token's learned position embedding from its own position [batch, t] (offset 2, as HF).</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        using var scope = NewDisposeScope();
+        long b = ids.shape[0], t = ids.shape[1];
+        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
+        var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1);
+        if (_projectIn is not null) h = F.linear(h, _projectIn);
+        h = h + _embedPositions.index_select(0, (positions.reshape(-1) + 2).to(Device)).view(b, t, -1);
+        return h.MoveToOuterDisposeScope();
+    }
+
     /// <summary>Hidden states after the last block → logits [batch, tokens, vocab].</summary>
     public Tensor Head(Tensor h)
     {

@@ -50,12 +50,12 @@ public sealed class Qwen3Attention
     /// The heads' outputs concatenated [batch, tokens, heads·head_dim] (the input of o_proj) for the normed hidden states
     /// x of the tokens at positions <paramref name="position"/>..; with a cache their keys and values are appended first.
     /// </summary>
-    public Tensor Heads(Func<string, Tensor?> tensor, Tensor x, KvCache? cache = null, int position = 0)
+    public Tensor Heads(Func<string, Tensor?> tensor, Tensor x, KvCache? cache = null, int position = 0, Tensor? positions = null, Tensor? attend = null)
     {
         Tensor? T(string name) => tensor(_p + "self_attn." + name);
         // q_norm / k_norm normalise each head over head_dim, before the rotation.
         var w = new RotaryAttentionWeights(T("q_proj.weight")!, T("q_proj.bias"), T("k_proj.weight")!, T("k_proj.bias"), T("v_proj.weight")!, T("v_proj.bias"),
             T("q_norm.weight")!, T("k_norm.weight")!);
-        return RotaryAttention.Forward(x, w, _headDim, _rope, _window, _eps, cache, position);
+        return RotaryAttention.Forward(x, w, _headDim, _rope, _window, _eps, cache, position, positions, attend);
     }
 }

@@ -67,6 +67,15 @@ public sealed class Qwen3Block : PrunableBlock, ICachedBlock
         return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
     }
 
+    /// <summary>The block on packed rows: rotary angles from each token's own position, attention as the caller's mask allows.</summary>
+    public Tensor ForwardMasked(Tensor hidden, Tensor positions, Tensor attend)
+    {
+        using var scope = NewDisposeScope();
+        var a = _attention.Heads(Optional, Norms.Rms(hidden, T("input_layernorm.weight"), _eps), positions: positions, attend: attend);
+        var h = Residual(0, hidden, a);
+        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+    }
+
     public override bool CanAddConsumerBias(int layer, out string reason)
     {
         var why = Qwen3Config.NoConsumerBias(layer);
