@@ -69,7 +69,9 @@ public static class PruneJob
     public static PruneOutcome Run(PruneJobOptions o, Action<string>? log)
     {
         o.Prune.Validate();
-        return ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
+        var outcome = ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
+        if (outcome.Eval != null) ModelCard.Write(o.OutDir, outcome.Report, o.ModelDir, o.OutDir, outcome.Eval, outcome.Speed);   // the card gains this run's measurements
+        return outcome;
     }
 
     static PruneOutcome RunText(PruneJobOptions o, Action<string>? log)

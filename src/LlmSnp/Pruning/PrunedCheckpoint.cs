@@ -122,6 +122,7 @@ public static class PrunedCheckpoint
             report = Report(req, result, hashes, paramsAfter, files, writeSeconds, sw.Elapsed.TotalSeconds);
         }
         AtomicFile.WriteAllText(Path.Combine(dir, ReportFile), report.ToJsonString(Indented));
+        ModelCard.Write(dir, report, req.SourceDir, req.OutDir);
         return report;
     }
 
