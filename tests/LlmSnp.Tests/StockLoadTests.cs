@@ -396,4 +396,71 @@ public class StockLoadTests
         var e = Assert.Throws<LlmSnpException>(() => LlmSnp.Evaluation.LogitsDump.Run(Model("stories260k"), null, CPU, ScalarType.Float32));
         Assert.Contains("--ids", e.Message);
     }
+
+    /// <summary>
+    /// The stock check itself (tools/reference/stock_load_check.py: prune, `from_pretrained` in float64, logits) on one case
+    /// per family and the negative control, where python3 imports torch and transformers (PYTHONPATH, or
+    /// LLMSNP_STOCK_PYTHONPATH prepended to it); skipped, with the reason, elsewhere (CI has neither).
+    /// </summary>
+    [StockTransformersFact]
+    public void Uniform_prunes_load_in_stock_transformers_with_llmsnp_logits()
+    {
+        using var tmp = new TempDir();
+        var psi = StockTransformersFactAttribute.Python("tools/reference/stock_load_check.py", "--out", tmp.Sub("out"), "--json", tmp.Sub("record.json"),
+            "--cases", "opt-mlp,opt-heads-padded,vit,stories260k,qwen2,neg-opt-heads-unpadded");
+        using var p = System.Diagnostics.Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        Assert.True(p.WaitForExit(900_000), "the stock check did not finish in 15 minutes");
+        Assert.True(p.ExitCode == 0, $"exit {p.ExitCode}\n{stdout.Result}\n{stderr.Result}");
+        var record = JsonNode.Parse(File.ReadAllText(tmp.Sub("record.json")))!;
+        var cases = record["cases"]!.AsArray();
+        Assert.Equal(6, cases.Count);
+        Assert.All(cases, c => Assert.True((bool)c!["ok"]!, c.ToJsonString()));
+        Assert.All(cases.Where(c => (string)c!["case"]! != "neg-opt-heads-unpadded"), c => Assert.True((double)c!["max_abs_diff"]! < 1e-5));
+        Assert.StartsWith("does not load", stdout.Result.Split('\n').Single(l => l.Contains("neg-opt-heads-unpadded:")).Split(": ", 2)[1]);
+    }
+}
+
+/// <summary>Skips, saying why, unless a python3 imports torch and transformers: $LLMSNP_STOCK_PYTHON, python3, /usr/bin/python3 (Debian's python3-torch).</summary>
+public sealed class StockTransformersFactAttribute : FactAttribute
+{
+    static readonly Lazy<(string? Python, string Why)> Found = new(() =>
+    {
+        var tried = new List<string>();
+        foreach (var py in new[] { Environment.GetEnvironmentVariable("LLMSNP_STOCK_PYTHON"), "python3", "/usr/bin/python3" }.Where(x => !string.IsNullOrEmpty(x)).Distinct())
+        {
+            try
+            {
+                using var p = System.Diagnostics.Process.Start(Psi(py!, "-c", "import torch, transformers"))!;
+                string err = p.StandardError.ReadToEnd();
+                p.StandardOutput.ReadToEnd();
+                if (!p.WaitForExit(60_000)) { p.Kill(); tried.Add($"{py}: no answer in a minute"); continue; }
+                if (p.ExitCode == 0) return (py, "");
+                tried.Add($"{py}: {err.Trim().Split('\n').LastOrDefault()}");
+            }
+            catch (System.ComponentModel.Win32Exception e) { tried.Add($"{py}: {e.Message}"); }
+        }
+        return (null, "needs python3 with PyTorch and transformers (a transformers source tree can be put on LLMSNP_STOCK_PYTHONPATH): " + string.Join("; ", tried));
+    });
+
+    public StockTransformersFactAttribute()
+    {
+        if (Found.Value.Python == null) Skip = Found.Value.Why;
+    }
+
+    /// <summary>The python3 found, in the repository root, with LLMSNP_STOCK_PYTHONPATH before PYTHONPATH and the hub kept offline.</summary>
+    public static System.Diagnostics.ProcessStartInfo Python(params string[] args) => Psi(Found.Value.Python!, args);
+
+    static System.Diagnostics.ProcessStartInfo Psi(string python, params string[] args)
+    {
+        var psi = new System.Diagnostics.ProcessStartInfo(python) { WorkingDirectory = Repo.Root, RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        string path = string.Join(':', new[] { Environment.GetEnvironmentVariable("LLMSNP_STOCK_PYTHONPATH"), Environment.GetEnvironmentVariable("PYTHONPATH") }
+            .Where(x => !string.IsNullOrEmpty(x)));
+        if (path.Length > 0) psi.Environment["PYTHONPATH"] = path;
+        psi.Environment["HF_HUB_OFFLINE"] = "1";
+        psi.Environment["TRANSFORMERS_OFFLINE"] = "1";
+        return psi;
+    }
 }

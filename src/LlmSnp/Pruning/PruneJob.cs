@@ -71,7 +71,9 @@ public static class PruneJob
     {
         o.Prune.Validate();
         if (o.ExportPadded && o.Prune.Experts is not null) throw new LlmSnpException(PrunedCheckpoint.PaddedWithoutExperts);
-        return ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
+        var outcome = ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
+        if (outcome.Eval != null) ModelCard.Write(o.OutDir, outcome.Report, o.ModelDir, o.OutDir, outcome.Eval, outcome.Speed);   // the card gains this run's measurements
+        return outcome;
     }
 
     static PruneOutcome RunText(PruneJobOptions o, Action<string>? log)

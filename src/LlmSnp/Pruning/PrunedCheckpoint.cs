@@ -130,6 +130,7 @@ public static class PrunedCheckpoint
             if (model is IMixtureModel moe) MixtureReports.AddTo(report, req.Options, result.Mixtures, moe.ActiveParameterCount(), paramsAfter + activeAdjust);
         }
         AtomicFile.WriteAllText(Path.Combine(dir, ReportFile), report.ToJsonString(Indented));
+        ModelCard.Write(dir, report, req.SourceDir, req.OutDir);
         return report;
     }
 
