@@ -70,23 +70,8 @@ public sealed class LlamaModel : DecoderModel<LlamaConfig>, ILanguageModel
 
     public JsonObject PrunedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
     {
-        var c = Config;
-        var cfg = (JsonObject)c.File.Json.DeepClone();
-        var kv = kept.Select(k => k.Groups[0].Length).ToArray();
-        var heads = kv.Select(g => g * c.QueriesPerKv).ToArray();
-        var mlp = kept.Select(k => k.Groups[1].Length).ToArray();
-        cfg["pruned"] = true;
-        cfg["head_dim"] = c.HeadDim;   // explicit: hidden / heads no longer gives it
-        cfg["intermediate_sizes"] = Ints(mlp);
-        cfg["num_heads_per_layer"] = Ints(heads);
-        cfg["num_key_value_heads_per_layer"] = Ints(kv);
-        // Uniform widths go in the stock fields: a stock class then builds exactly the stored shapes.
-        if (mlp.Distinct().Count() == 1) cfg["intermediate_size"] = mlp[0];
-        if (kv.Distinct().Count() == 1)
-        {
-            cfg["num_attention_heads"] = heads[0];
-            cfg["num_key_value_heads"] = kv[0];
-        }
+        var cfg = (JsonObject)Config.File.Json.DeepClone();
+        DecoderWidths.WritePruned(cfg, kept, Config.QueriesPerKv, Config.HeadDim);
         SetBiasFlags(cfg, kept);
         cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
         return cfg;
@@ -95,8 +80,7 @@ public sealed class LlamaModel : DecoderModel<LlamaConfig>, ILanguageModel
     public string? NotStockLoadable(IReadOnlyList<KeptBlock> kept)
     {
         var c = Config;
-        if (kept.Select(k => k.Groups[1].Length).Distinct().Count() > 1) return $"MLP widths differ across layers (stock {c.ModelType} has one intermediate_size); export gguf writes them as arch deci";
-        if (kept.Select(k => k.Groups[0].Length).Distinct().Count() > 1) return $"K/V groups differ across layers (stock {c.ModelType} has one num_key_value_heads); export gguf writes them as arch deci";
+        if (DecoderWidths.NotUniform(kept, c.ModelType, "; export gguf writes them as arch deci") is string widths) return widths;
         // Biases a source already carried where the stock class has none (only a checkpoint LlmSnp wrote before stock rules existed).
         for (int j = 0; j < 2; j++)
             if (c.NoConsumerBias(j) is string why && kept.Any(k => k.ConsumerBias[j])) return why;
@@ -108,24 +92,18 @@ public sealed class LlamaModel : DecoderModel<LlamaConfig>, ILanguageModel
     public JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
     {
         var cfg = (JsonObject)Config.File.Json.DeepClone();
-        foreach (var k in new[] { "pruned", "intermediate_sizes", "num_heads_per_layer", "num_key_value_heads_per_layer" }) cfg.Remove(k);
+        DecoderWidths.RemovePruned(cfg);
         SetBiasFlags(cfg, kept);
         cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
         return cfg;
     }
 
-    /// <summary>A reconstruction that added consumer biases turns on the flag that makes the stock class hold them.</summary>
+    /// <summary>A reconstruction that added consumer biases turns on the flags that make the stock class hold them.</summary>
     static void SetBiasFlags(JsonObject cfg, IReadOnlyList<KeptBlock> kept)
     {
-        foreach (var (layer, flag) in new[] { (0, "attention_bias"), (1, "mlp_bias") })
-        {
-            var has = kept.Select(k => k.ConsumerBias[layer]).Distinct().ToArray();
-            if (has.Length != 1) throw new InvalidOperationException($"{flag}: some layers have a consumer bias and others not");
-            if (has[0]) cfg[flag] = true;
-        }
+        DecoderWidths.SetBiasFlag(cfg, kept, 0, "attention_bias");
+        DecoderWidths.SetBiasFlag(cfg, kept, 1, "mlp_bias");
     }
-
-    static JsonArray Ints(IEnumerable<int> xs) => new(xs.Select(x => (JsonNode)x).ToArray());
 
     public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
 
