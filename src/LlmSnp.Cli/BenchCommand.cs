@@ -24,8 +24,9 @@ static class BenchCommand
         var expertsKeep = new Option<string?>("--experts-keep") { Description = "mixture shapes: experts every layer keeps, a count or a fraction (default 0.5; the run then prunes with --uniform so llama.cpp loads it)" };
         var tasks = new Option<string?>("--tasks") { Description = "instead: zero-shot task throughput (eval tasks) on the random model, e.g. piqa,arc_easy,hellaswag" };
         var limit = new Option<int?>("--limit") { Description = "with --tasks: the first N documents of each task" };
+        var bin = new Option<bool>("--pytorch-bin") { Description = "write the random checkpoint as pytorch_model.bin instead of safetensors (streaming memory of the .bin reader)" };
         var cmd = new Command("bench", "machine GEMM peak, perplexity throughput and pruning time of a random model of a released shape")
-            { shape, layers, windows, seqlen, samples, skipEval, skipPrune, work, ordering, ratio, widthMultiple, cppPrefill, expertsKeep, tasks, limit, Cli.Json };
+            { shape, layers, windows, seqlen, samples, skipEval, skipPrune, work, ordering, ratio, widthMultiple, cppPrefill, expertsKeep, tasks, limit, bin, Cli.Json };
         cmd.Subcommands.Add(Fuzz());
         cmd.Subcommands.Add(Experts());
         cmd.SetAction(p => Cli.Run(p, () =>
@@ -41,7 +42,7 @@ static class BenchCommand
                 SkipEval = p.GetValue(skipEval), WorkDir = p.GetValue(work)!, Ordering = Orderings.Parse(p.GetValue(ordering)!), Ratio = p.GetValue(ratio),
                 LlamaCppPrefill = p.GetValue(cppPrefill), WidthMultiple = p.GetValue(widthMultiple), SkipPrune = p.GetValue(skipPrune),
                 Experts = experts, UniformWidths = mixture,
-                Tasks = p.GetValue(tasks), TaskLimit = p.GetValue(limit),
+                Tasks = p.GetValue(tasks), TaskLimit = p.GetValue(limit), PytorchBin = p.GetValue(bin),
             }, Cli.Log);
         }));
         return cmd;

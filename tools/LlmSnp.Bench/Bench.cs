@@ -35,6 +35,8 @@ public sealed record BenchOptions
     public bool UniformWidths { get; init; }
     /// <summary>Zero-shot task throughput instead (<see cref="TaskBench"/>): comma-separated tasks, the first <see cref="TaskLimit"/> documents of each.</summary>
     public string? Tasks { get; init; }
+    /// <summary>Write the random checkpoint as pytorch_model.bin (torch.save's zip layout) instead of safetensors.</summary>
+    public bool PytorchBin { get; init; }
     public int? TaskLimit { get; init; }
 }
 
@@ -92,7 +94,16 @@ public static class Bench
         {
             var sw = Stopwatch.StartNew();
             s.WriteRandom(dir, s.DiskDType, seed: 0);
-            long fileBytes = Directory.GetFiles(dir, "*.safetensors").Sum(f => new FileInfo(f).Length);
+            if (o.PytorchBin)
+            {
+                // The same tensors as a .bin: streaming from it must cost what streaming safetensors does.
+                string bin = dir + "-bin";
+                PytorchBinWriter.Convert(dir, bin);
+                Directory.Delete(dir, true);
+                Directory.Move(bin, dir);
+            }
+            long fileBytes = Directory.GetFiles(dir).Where(f => f.EndsWith(".safetensors") || f.EndsWith(".bin")).Sum(f => new FileInfo(f).Length);
+            result["checkpoint_format"] = o.PytorchBin ? "pytorch_model.bin" : "safetensors";
             result["checkpoint_bytes"] = fileBytes;
             result["generate_seconds"] = sw.Elapsed.TotalSeconds;
             log?.Invoke($"random {s.Name} ({s.Layers} layers) written: {fileBytes / 1e9:F2} GB in {sw.Elapsed.TotalSeconds:F0}s");
