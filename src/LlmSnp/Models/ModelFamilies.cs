@@ -16,6 +16,7 @@ public static class ModelFamilies
         new("opt", new[] { "opt" }, Modality.Text, (d, dev, dt) => new OptModel(d, dev, dt)),
         new("llama", LlamaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new LlamaModel(d, dev, dt), new LlamaGguf()),
         new("vit", new[] { "vit", "deit" }, Modality.Image, (d, dev, dt) => new VitModel(d, dev, dt)),
+        new("phi3", Phi3Config.ModelTypes, Modality.Text, (d, dev, dt) => new Phi3Model(d, dev, dt)),
     };
 
     static string Supported => string.Join(", ", All.SelectMany(f => f.ModelTypes));

@@ -19,6 +19,8 @@ public sealed class LlamaModel : StreamedModel, ILanguageModel
     public int BlockCount => Config.Layers;
     public int MaxPositions => Config.MaxPositions;
     public int VocabSize => Config.VocabSize;
+    /// <summary>longrope switches tables past the original context: cached keys from before are recomputed (as Phi-3 does).</summary>
+    public int? RecomputeCachePast => Config.Rope.Type == "longrope" ? Config.Rope.OriginalMaxPositions : null;
 
     readonly Tensor _embedTokens, _norm;
     readonly Tensor? _lmHead;
@@ -45,7 +47,7 @@ public sealed class LlamaModel : StreamedModel, ILanguageModel
                 if (!Checkpoint.Has("lm_head.weight")) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
                 _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
             }
-            _rope = new Rope(c.Rope.InverseFrequencies(c.HeadDim, c.RopeTheta), c.MaxPositions, ComputeDType, Device);
+            _rope = c.Rope.Build(c.HeadDim, c.RopeTheta, c.MaxPositions, ComputeDType, Device);
         }
         catch
         {

@@ -1,0 +1,239 @@
+using System.Text.Json.Nodes;
+using LlmSnp.Checkpoint;
+using LlmSnp.Data;
+using LlmSnp.Pruning;
+using static TorchSharp.torch;
+using F = TorchSharp.torch.nn.functional;
+
+namespace LlmSnp.Models;
+
+/// <summary>
+/// Phi-3 / Phi-3.5 / Phi-4-mini causal LMs (HF `modeling_phi3` semantics, docs/models.md), streamed like LLaMA: the
+/// embedding, final norm and head stay loaded, each decoder layer is read when it is needed.
+/// </summary>
+public sealed class Phi3Model : StreamedModel, ILanguageModel
+{
+    public const string Prefix = "model.";
+    public string Family => "phi3";
+    public Phi3Config Config { get; }
+    public int BlockCount => Config.Layers;
+    public int MaxPositions => Config.MaxPositions;
+    public int VocabSize => Config.VocabSize;
+
+    /// <summary>
+    /// longrope's tables switch once a sequence passes original_max_position_embeddings: HF 4.48's
+    /// `Phi3ForCausalLM.prepare_inputs_for_generation` then drops the cache and recomputes it with the long factors.
+    /// </summary>
+    public int? RecomputeCachePast => Config.Rope.Type == "longrope" ? Config.Rope.OriginalMaxPositions : null;
+
+    readonly Tensor _embedTokens, _norm;
+    readonly Tensor? _lmHead;
+    readonly Rope _rope;
+
+    public Phi3Model(string modelDir, Device? device = null, ScalarType computeDType = ScalarType.Float32)
+        : this(modelDir, Phi3Config.From(ConfigFile.Load(modelDir)), device, computeDType) { }
+
+    /// <summary>The config is read first: its errors come before the weights are opened.</summary>
+    Phi3Model(string modelDir, Phi3Config config, Device? device, ScalarType computeDType)
+        : base(modelDir, device, computeDType, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+            "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt")
+    {
+        Config = config;
+        try
+        {
+            var c = Config;
+            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
+            CheckFusedRows();
+            UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
+            _embedTokens = Resident(ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden));
+            _norm = Resident(ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden));
+            if (!c.TieWordEmbeddings)
+            {
+                if (!Checkpoint.Has("lm_head.weight")) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
+                _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
+            }
+            _rope = c.Rope.Build(c.RotaryDim, c.RopeTheta, c.MaxPositions, ComputeDType, Device);
+        }
+        catch
+        {
+            Dispose();
+            throw;
+        }
+    }
+
+    /// <summary>A fused tensor whose rows disagree with the config is named with the config fields that give its rows.</summary>
+    void CheckFusedRows()
+    {
+        for (int i = 0; i < Config.Layers; i++)
+        {
+            var (qkv, qkvWhy, gateUp, gateUpWhy) = Config.Fused(i);
+            foreach (var (name, rows, why) in new[] { ("self_attn.qkv_proj.weight", qkv.Sum(), qkvWhy), ("mlp.gate_up_proj.weight", gateUp.Sum(), gateUpWhy) })
+            {
+                string full = $"{Prefix}layers.{i}.{name}";
+                if (!Checkpoint.Has(full)) continue;   // missing: CheckpointLayout names it
+                var shape = Checkpoint.Entry(full).Shape;
+                if (shape.Length == 2 && shape[0] != rows)
+                    throw new LlmSnpException($"{ModelDir}: tensor '{full}' has {shape[0]} rows; config.json gives {why}");
+            }
+        }
+    }
+
+    Tensor? _headCompute;
+    Tensor HeadWeight => _headCompute ??= Resident((_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope());
+
+    public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
+
+    /// <summary>Token embeddings carry no position (RoPE rotates inside attention): the start only bounds the sequence.</summary>
+    public Tensor EmbedAt(Tensor ids, int startPosition)
+    {
+        CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
+        using var scope = NewDisposeScope();
+        long b = ids.shape[0], t = ids.shape[1];
+        return _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1).MoveToOuterDisposeScope();
+    }
+
+    public Tensor Head(Tensor h)
+    {
+        using var scope = NewDisposeScope();
+        return F.linear(Norms.Rms(h, _norm, Config.RmsNormEps), HeadWeight).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The layer's tensors (local names) and shapes for its widths, in HF module order. Phi-3 has no biases.</summary>
+    public IEnumerable<(string Name, long[] Shape)> BlockTensors(int i)
+    {
+        var c = Config;
+        var (qkv, _, gateUp, _) = c.Fused(i);
+        long h = c.Hidden, q = qkv[0], f = gateUp[0];
+        yield return ("self_attn.o_proj.weight", new[] { h, q });
+        yield return ("self_attn.qkv_proj.weight", new[] { qkv.Sum(), h });
+        yield return ("mlp.gate_up_proj.weight", new[] { gateUp.Sum(), h });
+        yield return ("mlp.down_proj.weight", new[] { h, f });
+        yield return ("input_layernorm.weight", new[] { h });
+        yield return ("post_attention_layernorm.weight", new[] { h });
+    }
+
+    public Phi3Block LoadBlock(int i)
+    {
+        var c = Config;
+        string prefix = $"{Prefix}layers.{i}.";
+        var (qkv, _, gateUp, _) = c.Fused(i);
+        var w = PrunableBlock.ReadAll(w => { foreach (var (name, shape) in BlockTensors(i)) w[prefix + name] = ReadAs(prefix + name, ComputeDType, shape); });
+        return new Phi3Block(prefix, i, c.HeadDim, c.QueriesPerKv, c.RmsNormEps, _rope, c.SlidingWindow, qkv, gateUp, w) { Recycler = Checkpoint.Recycle };
+    }
+
+    IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
+
+    ICachedBlock ILanguageModel.LoadCachedBlock(int index) => LoadBlock(index);
+
+    public IEnumerable<(string Name, Tensor Tensor)> OuterTensors(ScalarType dtype)
+    {
+        yield return (Prefix + "embed_tokens.weight", _embedTokens.to(dtype));
+        yield return (Prefix + "norm.weight", _norm.to(dtype));
+        if (_lmHead is not null) yield return ("lm_head.weight", _lmHead.to(dtype));
+    }
+
+    public long BlockParameters(int i) => BlockTensors(i).Sum(t => t.Shape.Aggregate(1L, (x, y) => x * y));
+
+    public long ParameterCount()
+    {
+        var c = Config;
+        long n = (long)c.VocabSize * c.Hidden * (c.TieWordEmbeddings ? 1 : 2) + c.Hidden;
+        for (int i = 0; i < c.Layers; i++) n += BlockParameters(i);
+        return n;
+    }
+
+    public JsonObject PrunedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
+    {
+        var c = Config;
+        var cfg = (JsonObject)c.File.Json.DeepClone();
+        var kv = kept.Select(k => k.Groups[0].Length).ToArray();
+        var heads = kv.Select(g => g * c.QueriesPerKv).ToArray();
+        var mlp = kept.Select(k => k.Groups[1].Length).ToArray();
+        if (kept.Any(k => k.ConsumerBias.Any(b => b))) throw new InvalidOperationException("a phi3 consumer gained a bias the stock class cannot hold");
+        cfg["pruned"] = true;
+        cfg["head_dim"] = c.HeadDim;   // explicit: hidden / heads no longer gives it (HF reads getattr(config, "head_dim", …))
+        cfg["intermediate_sizes"] = Ints(mlp);
+        cfg["num_heads_per_layer"] = Ints(heads);
+        cfg["num_key_value_heads_per_layer"] = Ints(kv);
+        // Uniform widths go in the stock fields: a stock class then builds exactly the stored shapes.
+        if (mlp.Distinct().Count() == 1) cfg["intermediate_size"] = mlp[0];
+        if (kv.Distinct().Count() == 1)
+        {
+            cfg["num_attention_heads"] = heads[0];
+            cfg["num_key_value_heads"] = kv[0];
+        }
+        cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
+        return cfg;
+    }
+
+    public string? NotStockLoadable(IReadOnlyList<KeptBlock> kept)
+    {
+        var c = Config;
+        if (kept.Select(k => k.Groups[1].Length).Distinct().Count() > 1) return "MLP widths differ across layers (stock phi3 has one intermediate_size)";
+        var kv = kept.Select(k => k.Groups[0].Length).Distinct().ToArray();
+        if (kv.Length > 1) return "K/V groups differ across layers (stock phi3 has one num_key_value_heads)";
+        // Phi3Config checks longrope's factor lists against hidden_size // num_attention_heads · partial_rotary_factor / 2,
+        // not head_dim: with heads removed the lists no longer fit that count.
+        if (c.Rope.Type == "longrope" && kv.Length == 1)
+        {
+            int heads = kv[0] * c.QueriesPerKv;
+            int stockRotary = (int)(c.Hidden / heads * c.PartialRotaryFactor);
+            if (stockRotary / 2 != c.Rope.ShortFactor!.Count)
+                return $"stock Phi3Config requires rope_scaling's factor lists to have hidden_size // num_attention_heads × partial_rotary_factor / 2 = {stockRotary / 2} entries with {heads} heads; they have {c.Rope.ShortFactor.Count}";
+        }
+        return null;
+    }
+
+    public JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
+    {
+        var cfg = (JsonObject)Config.File.Json.DeepClone();
+        foreach (var k in new[] { "pruned", "intermediate_sizes", "num_heads_per_layer", "num_key_value_heads_per_layer" }) cfg.Remove(k);
+        cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
+        return cfg;
+    }
+
+    static JsonArray Ints(IEnumerable<int> xs) => new(xs.Select(x => (JsonNode)x).ToArray());
+
+    public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
+
+    IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
+    {
+        var c = Config;
+        yield return (Prefix + "embed_tokens.weight", new long[] { c.VocabSize, c.Hidden });
+        yield return (Prefix + "norm.weight", new long[] { c.Hidden });
+        if (!c.TieWordEmbeddings) yield return ("lm_head.weight", new long[] { c.VocabSize, c.Hidden });
+        for (int i = 0; i < c.Layers; i++)
+            foreach (var (name, shape) in BlockTensors(i)) yield return ($"{Prefix}layers.{i}.{name}", shape);
+    }
+
+    public JsonObject Describe()
+    {
+        var c = Config;
+        return new JsonObject
+        {
+            ["family"] = Family,
+            ["model_type"] = "phi3",
+            ["dtype"] = SafeDTypes.ConfigName(StoredDType),
+            ["parameters"] = ParameterCount(),
+            ["pruned"] = c.Pruned,
+            ["layers"] = c.Layers, ["hidden_size"] = c.Hidden, ["head_dim"] = c.HeadDim, ["rotary_dim"] = c.RotaryDim,
+            ["queries_per_kv_head"] = c.QueriesPerKv,
+            ["vocab_size"] = c.VocabSize, ["max_position_embeddings"] = c.MaxPositions,
+            ["original_max_position_embeddings"] = c.OriginalMaxPositions,
+            ["rope_theta"] = c.RopeTheta, ["rope_scaling"] = c.Rope.Type, ["rms_norm_eps"] = c.RmsNormEps,
+            ["sliding_window"] = c.SlidingWindow,
+            ["tie_word_embeddings"] = c.TieWordEmbeddings,
+            ["per_layer"] = new JsonArray(Enumerable.Range(0, c.Layers).Select(i => (JsonNode)new JsonObject
+            {
+                ["heads"] = c.HeadsPerLayer[i], ["kv_heads"] = c.KvHeadsPerLayer[i], ["intermediate_size"] = c.IntermediateSizes[i],
+                ["parameters"] = BlockParameters(i),
+            }).ToArray()),
+        };
+    }
+
+    public override void Dispose()
+    {
+        _rope?.Dispose();
+        base.Dispose();
+    }
+}
