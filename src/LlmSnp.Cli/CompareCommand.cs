@@ -17,9 +17,9 @@ static class CompareCommand
         var calib = new Option<string>("--calib") { DefaultValueFactory = _ => "c4", Description = "calibration text" };
         var samples = new Option<int>("--calib-samples") { DefaultValueFactory = _ => 32, Description = "calibration windows" };
         var calibLen = new Option<int?>("--calib-seqlen") { Description = "calibration window length" };
-        var eval = new Option<string>("--eval") { DefaultValueFactory = _ => "wikitext2", Description = "evaluation text" };
+        var eval = new Option<string>("--eval") { DefaultValueFactory = _ => "wikitext2", Description = "evaluation text (perplexity), or tasks:piqa,arc_easy,… (mean zero-shot accuracy, a column per task)" };
         var evalLen = new Option<int?>("--eval-seqlen") { Description = "evaluation window length" };
-        var evalWindows = new Option<int?>("--eval-limit", "--eval-max-windows") { Description = "evaluate the first N windows (text) or images" };
+        var evalWindows = new Option<int?>("--eval-limit", "--eval-max-windows") { Description = "evaluate the first N windows (text), documents of each task, or images" };
         var seed = new Option<int>("--seed") { DefaultValueFactory = _ => 0, Description = "seed" };
         var images = new Option<string?>("--images") { Description = "image models: labelled image folder; --calib-samples images calibrate, the others are evaluated" };
         var widthMultiple = PruneCliOptions.WidthMultipleOption();

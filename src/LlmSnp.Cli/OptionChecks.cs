@@ -57,7 +57,7 @@ static class OptionChecks
     /// <summary>Options naming a file or directory: an empty value is refused where it is parsed.</summary>
     public static readonly IReadOnlySet<string> PathOptions = new HashSet<string>(StringComparer.Ordinal)
     {
-        "--model", "--out", "--json", "--images", "--file", "--work-dir", "--dataset", "--calib", "--eval",
+        "--model", "--out", "--json", "--images", "--file", "--work-dir", "--dataset", "--calib", "--eval", "--log-samples", "--tasks",
     };
 
     public static bool IsNumeric(Option o)
@@ -141,6 +141,7 @@ static class OptionChecks
         var cmd = p.CommandResult.Command;
         string? Str(string name) => cmd.Options.Any(o => o.Name == name) ? p.GetValue<string>(name) : null;
         if (Str("--json") is string json) Destinations.CheckFile(json, "--json");
+        if (Str("--log-samples") is string samples) Destinations.CheckFile(samples, "--log-samples");
         if (Str("--out") is not string outDir) return;
         switch (cmd.Name)
         {

@@ -3,12 +3,18 @@ using static TorchSharp.torch;
 
 namespace LlmSnp.Checkpoint;
 
-/// <summary>`llmsnp convert`: rewrite a checkpoint's floating-point tensors in another dtype.</summary>
+/// <summary>
+/// `llmsnp convert`: rewrite a checkpoint as safetensors, its floating-point tensors in another dtype or as
+/// stored (a `pytorch_model.bin` checkpoint becomes the same tensors in `model.safetensors`, bit for bit).
+/// </summary>
 public static class CheckpointConvert
 {
-    public static JsonObject Run(string modelDir, string outDir, ScalarType dtype)
+    /// <param name="dtype">The floating-point dtype to write; null keeps each tensor's stored dtype.</param>
+    public static JsonObject Run(string modelDir, string outDir, ScalarType? dtype)
     {
         using var reader = new CheckpointReader(modelDir);
+        var config = File.Exists(Path.Combine(modelDir, "config.json")) ? Models.ConfigFile.Load(modelDir) : null;   // one line naming a broken one
+        var weights = reader.WeightFiles.Select(Path.GetFileName).ToHashSet(StringComparer.Ordinal);
         string full = Path.GetFullPath(outDir);
         if (Directory.Exists(full)) throw new LlmSnpException($"{outDir}: already exists");
         // A hidden staging sibling like prune's: a signal or a later run can clean it up.
@@ -22,7 +28,7 @@ public static class CheckpointConvert
                 foreach (var name in reader.Names.OrderBy(n => n, StringComparer.Ordinal))
                 {
                     var stored = SafeDTypes.ToTorch(reader.Entry(name).DType);
-                    using var t = reader.Read(name, stored.IsFloatingPoint() ? dtype : stored, CPU);
+                    using var t = reader.Read(name, stored.IsFloatingPoint() && dtype is ScalarType to ? to : stored, CPU);
                     w.Add(name, t);
                 }
                 w.Finish();
@@ -30,11 +36,12 @@ public static class CheckpointConvert
             foreach (var f in Directory.GetFiles(modelDir))
             {
                 string n = Path.GetFileName(f);
-                if (n.EndsWith(".safetensors") || n == SafeTensorsWriter.IndexFileName) continue;
-                if (n == "config.json")
+                // The weights are written anew; a .bin index would name files the output does not have.
+                if (n.EndsWith(".safetensors") || weights.Contains(n) || n is SafeTensorsWriter.IndexFileName or PytorchBinFile.IndexFileName) continue;
+                if (n == "config.json" && dtype is ScalarType d)
                 {
-                    var cfg = JsonNode.Parse(File.ReadAllText(f))!.AsObject();
-                    cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
+                    var cfg = (JsonObject)config!.Json.DeepClone();
+                    cfg["torch_dtype"] = SafeDTypes.ConfigName(d);
                     File.WriteAllText(Path.Combine(tmp, n), cfg.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
                 }
                 else File.Copy(f, Path.Combine(tmp, n));
@@ -47,6 +54,10 @@ public static class CheckpointConvert
             throw;
         }
         finally { StagingDirectory.Release(tmp); }
-        return new JsonObject { ["model"] = modelDir, ["out"] = outDir, ["dtype"] = SafeDTypes.ConfigName(dtype) };
+        return new JsonObject
+        {
+            ["model"] = modelDir, ["out"] = outDir, ["from"] = reader.Format, ["to"] = "safetensors",
+            ["dtype"] = dtype is ScalarType x ? SafeDTypes.ConfigName(x) : "as stored",
+        };
     }
 }

@@ -28,11 +28,26 @@ public sealed record GgufExportResult(
     };
 }
 
-/// <summary>One stored tensor as a GGUF tensor: its checkpoint name, GGUF name, the shape config.json implies (and why), RoPE heads to reorder (0: none).</summary>
-public sealed record GgufTensor(string Source, string Name, long[] Shape, string Why, int RopeHeads = 0);
+/// <summary>
+/// One stored tensor as a GGUF tensor: its checkpoint name, GGUF name, the shape config.json implies (and why), RoPE heads
+/// to reorder (0: none), and a constant added to every value (Gemma's norms store w for a scale of 1 + w; llama.cpp
+/// multiplies by the stored weight, so its converter writes 1 + w).
+/// </summary>
+public sealed record GgufTensor(string Source, string Name, long[] Shape, string Why, int RopeHeads = 0, float Offset = 0)
+{
+    /// <summary>
+    /// A 3-D tensor stacked from these stored tensors along a new first axis (a mixture's experts, each [rows, cols]:
+    /// llama.cpp's ffn_*_exps); <see cref="Source"/> is then the first of them. Null: the one stored tensor.
+    /// </summary>
+    public IReadOnlyList<string>? Stacked { get; init; }
+}
 
 /// <summary>What a checkpoint being exported offers its family's exporter.</summary>
-public sealed record GgufSource(string ModelDir, ConfigFile Config, CheckpointReader Checkpoint, GgufDType DType);
+public sealed record GgufSource(string ModelDir, ConfigFile Config, CheckpointReader Checkpoint, GgufDType DType)
+{
+    /// <summary>Whether the head is the embedding: a tied head may be stored under either name, or twice (untied where they differ, as transformers loads it).</summary>
+    public bool HeadTied(bool configTies) => Checkpoint.TieHead("model.embed_tokens.weight", "lm_head.weight", configTies);
+}
 
 /// <summary>
 /// A family's GGUF file, as its exporter plans it: llama.cpp's architecture and hyper-parameters, the
@@ -106,14 +121,20 @@ public static class GgufExport
         var consumed = new HashSet<string>(plan.Skipped, StringComparer.Ordinal);
         foreach (var t in plan.Tensors)
         {
-            var e = ckpt.Has(t.Source) ? ckpt.Entry(t.Source) : throw new LlmSnpException($"{modelDir}: missing tensor '{t.Source}' (expected shape [{string.Join(", ", t.Shape)}] from {t.Why})");
-            if (!e.Shape.SequenceEqual(t.Shape))
-                throw new LlmSnpException($"{modelDir}: tensor '{t.Source}' has shape [{string.Join(", ", e.Shape)}], expected [{string.Join(", ", t.Shape)}] from config.json {t.Why}");
-            if (!SafeDTypes.ToTorch(e.DType).IsFloatingPoint()) throw new LlmSnpException($"{modelDir}: tensor '{t.Source}' is {e.DType}, not a floating-point weight");
-            consumed.Add(t.Source);
+            var sources = t.Stacked ?? new[] { t.Source };
+            var each = t.Stacked is null ? t.Shape : t.Shape.Skip(1).ToArray();
+            foreach (var source in sources)
+            {
+                var e = ckpt.Has(source) ? ckpt.Entry(source) : throw new LlmSnpException($"{modelDir}: missing tensor '{source}' (expected shape [{string.Join(", ", each)}] from {t.Why})");
+                if (!e.Shape.SequenceEqual(each))
+                    throw new LlmSnpException($"{modelDir}: tensor '{source}' has shape [{string.Join(", ", e.Shape)}], expected [{string.Join(", ", each)}] from config.json {t.Why}");
+                if (!SafeDTypes.ToTorch(e.DType).IsFloatingPoint()) throw new LlmSnpException($"{modelDir}: tensor '{source}' is {e.DType}, not a floating-point weight");
+                consumed.Add(source);
+            }
             // Norms and biases stay F32: they are tiny, and ggml's element-wise ops expect F32 there.
-            var type = t.Shape.Length == 2 && dtype == GgufDType.F16 ? GgmlType.F16 : GgmlType.F32;
-            writer.AddTensor(t.Name, t.Shape, type, s => WriteTensor(s, ckpt, t.Source, type, t.RopeHeads));
+            var type = t.Shape.Length >= 2 && dtype == GgufDType.F16 ? GgmlType.F16 : GgmlType.F32;
+            // Stacked: each part written in turn is the C-order stack along the first axis.
+            writer.AddTensor(t.Name, t.Shape, type, s => { foreach (var source in sources) WriteTensor(s, ckpt, source, type, t.RopeHeads, t.Offset); });
         }
         foreach (var name in ckpt.Names.OrderBy(n => n, StringComparer.Ordinal))
             if (!consumed.Contains(name)) throw new LlmSnpException($"{modelDir}: tensor '{name}' {plan.Unplaced(name)}");
@@ -145,13 +166,14 @@ public static class GgufExport
         return w.reshape(shape).transpose(1, 2).reshape(w.shape);
     }
 
-    static void WriteTensor(Stream s, CheckpointReader ckpt, string name, GgmlType type, int ropeHeads)
+    static void WriteTensor(Stream s, CheckpointReader ckpt, string name, GgmlType type, int ropeHeads, float offset)
     {
         using var scope = NewDisposeScope();
         // float32 holds every F16/BF16/F32 value exactly; the permutation moves rows only.
         var t = ckpt.Read(name, ScalarType.Float32, CPU);
         if (!torch.isfinite(t).all().item<bool>()) throw new LlmSnpException($"{ckpt.Directory}: tensor '{name}' holds NaN or infinite values");
         if (ropeHeads > 0) t = PermuteForRope(t, ropeHeads);
+        if (offset != 0) t = t + offset;
         if (type == GgmlType.F16)
         {
             t = t.to(ScalarType.Float16);

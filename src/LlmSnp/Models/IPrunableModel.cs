@@ -13,14 +13,18 @@ public sealed record NodeLayerInfo(string Name, NodeKind Kind, int Units, int Gr
     public int Groups => Units / GroupSize;
 }
 
-public enum NodeKind { Heads, Mlp }
+/// <summary>Heads (or K/V groups) of an attention layer, neurons of a dense MLP, neurons of a mixture's experts.</summary>
+public enum NodeKind { Heads, Mlp, Expert }
 
 /// <summary>The node kinds' names, as options (`--targets`) and reports spell them: the one place they are spelled.</summary>
 public static class NodeKinds
 {
-    public static readonly IReadOnlyList<NodeKind> All = new[] { NodeKind.Mlp, NodeKind.Heads };
+    public static readonly IReadOnlyList<NodeKind> All = new[] { NodeKind.Mlp, NodeKind.Heads, NodeKind.Expert };
 
-    public static string Name(NodeKind k) => k switch { NodeKind.Heads => "heads", _ => "mlp" };
+    public static string Name(NodeKind k) => k switch { NodeKind.Heads => "heads", NodeKind.Expert => "experts", _ => "mlp" };
+
+    /// <summary>Kinds whose units are MLP neurons (a width multiple applies to them).</summary>
+    public static bool IsNeurons(NodeKind k) => k is NodeKind.Mlp or NodeKind.Expert;
 
     public static NodeKind Parse(string s, string option) =>
         All.Cast<NodeKind?>().FirstOrDefault(k => Name(k!.Value) == s)
@@ -34,7 +38,7 @@ public static class NodeKinds
         return parts.Select(p => p.Length == 0 ? throw new LlmSnpException($"{option}: empty entry in '{s}'") : Parse(p, option)).ToHashSet();
     }
 
-    /// <summary>The set as options spell it, in a fixed order (mlp before heads).</summary>
+    /// <summary>The set as options spell it, in a fixed order (mlp, heads, experts).</summary>
     public static string Describe(IReadOnlySet<NodeKind> kinds) => string.Join(",", All.Where(kinds.Contains).Select(Name));
 }
 
@@ -122,7 +126,11 @@ public interface IPrunableBlock : IDisposable
 /// What one pruned block kept: its original layer index (a checkpoint written without some blocks renumbers the
 /// rest), per node layer the original group indices, and whether its consumer now has a bias.
 /// </summary>
-public sealed record KeptBlock(int Layer, IReadOnlyList<long[]> Groups, IReadOnlyList<bool> ConsumerBias);
+public sealed record KeptBlock(int Layer, IReadOnlyList<long[]> Groups, IReadOnlyList<bool> ConsumerBias)
+{
+    /// <summary>A mixture's kept experts (original indices), in the order they are written; null for a dense block.</summary>
+    public IReadOnlyList<long>? Experts { get; init; }
+}
 
 /// <summary>A model family as the pruning engine and the jobs see it: streamed block by block.</summary>
 public interface IPrunableModel : IDisposable
@@ -179,9 +187,10 @@ public interface IPrunableModel : IDisposable
 }
 
 /// <summary>
-/// A decoder block that also runs incrementally for generation: the tokens at positions
-/// <c>position</c>.. attend to the keys and values cached for the earlier ones. The pruning engine never uses
-/// it; generation keeps every block resident, each with its own cache.
+/// A decoder block as the language-model paths run it beyond the plain causal <see cref="IPrunableBlock.Forward"/>:
+/// incrementally for generation (the tokens at positions <c>position</c>.. attend to the keys and values cached for
+/// the earlier ones; every block resident, each with its own cache), and on packed rows with an explicit attention
+/// mask for task evaluation (docs/models.md, "Packed rows").
 /// </summary>
 public interface ICachedBlock : IPrunableBlock
 {
@@ -190,6 +199,16 @@ public interface ICachedBlock : IPrunableBlock
     /// them; their keys and values are appended to <paramref name="cache"/>, which holds exactly the positions before.
     /// </summary>
     Tensor Step(Tensor hidden, KvCache cache, int position);
+
+    /// <summary>
+    /// The block on packed, padded rows: hidden [batch, t, width]; <paramref name="positions"/> [batch, t] (int64) each
+    /// token's position in its own sequence (the rotary angle; a family with learned positions adds them in
+    /// <see cref="ILanguageModel.EmbedAt(Tensor, Tensor)"/> and ignores them here); <paramref name="attend"/> [batch, t, t]
+    /// (bool, true where query i may read key j), built by the caller: several sequences, or one shared context and its
+    /// continuations, share a row, and every token (padding too) sees at least itself. A family with a sliding window
+    /// narrows the mask further by the positions. Equals <see cref="IPrunableBlock.Forward"/> of each sequence alone.
+    /// </summary>
+    Tensor ForwardMasked(Tensor hidden, Tensor positions, Tensor attend);
 }
 
 /// <summary>A language model: token ids in, next-token logits out.</summary>
@@ -202,6 +221,9 @@ public interface ILanguageModel : IPrunableModel
 
     /// <summary>Hidden states for ids [batch, t] standing at positions start..start+t-1 (generation continues a sequence); a name of its own, so that `Embed` stays one method group.</summary>
     Tensor EmbedAt(Tensor ids, int startPosition);
+
+    /// <summary>Hidden states for ids [batch, t] at per-token positions [batch, t] (packed rows, <see cref="ICachedBlock.ForwardMasked"/>).</summary>
+    Tensor EmbedAt(Tensor ids, Tensor positions);
 
     /// <summary>Decoder block <paramref name="index"/> with its cached forward (<see cref="ICachedBlock.Step"/>).</summary>
     ICachedBlock LoadCachedBlock(int index);

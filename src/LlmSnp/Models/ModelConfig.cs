@@ -91,6 +91,16 @@ public sealed class ConfigFile
         return r;
     }
 
+    /// <summary>`layer_types` (transformers' per-layer attention kinds): per layer, true for "sliding_attention", false for "full_attention".</summary>
+    public bool[] SlidingLayerTypes(int layers)
+    {
+        if (Json["layer_types"] is not JsonArray a || a.Count != layers)
+            throw Unsupported("layer_types", $"must be a list of {layers} strings (\"full_attention\" or \"sliding_attention\")");
+        return a.Select((n, i) => n is JsonValue v && v.TryGetValue<string>(out var s) && s is "full_attention" or "sliding_attention"
+            ? s == "sliding_attention"
+            : throw Unsupported("layer_types", $"[{i}] is not \"full_attention\" or \"sliding_attention\"")).ToArray();
+    }
+
     /// <summary>More layers than any real model: refused before per-layer arrays are allocated.</summary>
     public const int MaxLayers = 100_000;
 

@@ -5,8 +5,12 @@ namespace LlmSnp.Models;
 
 public enum Modality { Text, Image }
 
-/// <summary>A model family: the `model_type`s it reads, how to open one, and its GGUF exporter for llama.cpp (null: none).</summary>
-public sealed record ModelFamily(string Name, IReadOnlyList<string> ModelTypes, Modality Modality, Func<string, Device, ScalarType, IPrunableModel> Open, IGgufExporter? Gguf = null);
+/// <summary>
+/// A model family: the `model_type`s it reads, how to open one, its GGUF exporter for llama.cpp (null: none), and
+/// related `model_type`s it recognises but does not read, each with why (the one line a user then sees).
+/// </summary>
+public sealed record ModelFamily(string Name, IReadOnlyList<string> ModelTypes, Modality Modality, Func<string, Device, ScalarType, IPrunableModel> Open, IGgufExporter? Gguf = null,
+    IReadOnlyDictionary<string, string>? Refuses = null);
 
 /// <summary>The registry: `model_type` → family. Jobs open models through it and never name a family.</summary>
 public static class ModelFamilies
@@ -15,7 +19,11 @@ public static class ModelFamilies
     {
         new("opt", new[] { "opt" }, Modality.Text, (d, dev, dt) => new OptModel(d, dev, dt)),
         new("llama", LlamaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new LlamaModel(d, dev, dt), new LlamaGguf()),
+        new("qwen3", Qwen3Config.ModelTypes, Modality.Text, (d, dev, dt) => new Qwen3Model(d, dev, dt), new Qwen3Gguf()),
+        new("gemma", GemmaConfig.ModelTypes, Modality.Text, (d, dev, dt) => new GemmaModel(d, dev, dt), new GemmaGguf(), GemmaConfig.Refuses),
         new("vit", new[] { "vit", "deit" }, Modality.Image, (d, dev, dt) => new VitModel(d, dev, dt)),
+        new("mixtral", MixtralConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("mixtral", d, MixtralConfig.Load(d), dev, dt), new MixtralGguf()),
+        new("qwen3_moe", Qwen3MoeConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("qwen3_moe", d, Qwen3MoeConfig.Load(d), dev, dt), new Qwen3MoeGguf()),
         new("phi3", Phi3Config.ModelTypes, Modality.Text, (d, dev, dt) => new Phi3Model(d, dev, dt)),
     };
 
@@ -27,7 +35,10 @@ public static class ModelFamilies
     /// <summary>The family that reads a config's model_type, or one line listing the supported ones.</summary>
     public static ModelFamily ForType(ConfigFile cfg)
     {
+        Checkpoint.Quantization.Refuse(cfg.Path, cfg.Json);   // before anything reads an int8 code as a weight
         string type = cfg.ModelType;
+        if (All.Select(f => f.Refuses?.GetValueOrDefault(type)).FirstOrDefault(why => why is not null) is string refused)
+            throw new LlmSnpException($"{cfg.Path}: model_type '{type}' {refused}");
         return All.FirstOrDefault(f => f.ModelTypes.Contains(type))
             ?? throw new LlmSnpException($"{cfg.Path}: model_type '{type}' is not supported (supported: {Supported})");
     }

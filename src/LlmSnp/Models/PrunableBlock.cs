@@ -27,9 +27,9 @@ public abstract class PrunableBlock : IPrunableBlock
 {
     /// <summary>The block's tensors by full checkpoint name, in the order they are written.</summary>
     protected readonly Dictionary<string, Tensor> W;
-    readonly IReadOnlyList<UnitMap> _maps;
-    readonly int[] _origGroups;
-    readonly long[][] _keptGroups;   // original indices, per node layer
+    readonly List<UnitMap> _maps;
+    readonly List<int> _origGroups;
+    readonly List<long[]> _keptGroups;   // original indices, per node layer
 
     /// <summary>A run of a pruned tensor's rows (or a consumer's columns) that one node layer owns (Layer −1: none).</summary>
     sealed class Segment
@@ -47,9 +47,9 @@ public abstract class PrunableBlock : IPrunableBlock
     /// <param name="fused">Fused producer weights: name → the rows of each segment, in order (default: one segment).</param>
     protected PrunableBlock(Dictionary<string, Tensor> tensors, IReadOnlyList<UnitMap> maps, IReadOnlyDictionary<string, long[]>? fused = null)
     {
-        W = tensors; _maps = maps;
-        _origGroups = new int[maps.Count];
-        _keptGroups = new long[maps.Count][];
+        W = tensors; _maps = maps.ToList();
+        _origGroups = new List<int>(new int[maps.Count]);
+        _keptGroups = new List<long[]>(new long[maps.Count][]);
         for (int j = 0; j < maps.Count; j++)
         {
             var m = maps[j];
@@ -216,6 +216,32 @@ public abstract class PrunableBlock : IPrunableBlock
             Replace(m.ConsumerBias, consumerBias.to(dtype, device));
         }
         _keptGroups[layer] = keptGroups.Select(g => _keptGroups[layer][g]).ToArray();
+    }
+
+    /// <summary>
+    /// Removes whole node layers (the experts a mixture drops) with the tensors only they own; later node layers move
+    /// down. A removed layer's producers and consumer must not be shared with a kept one.
+    /// </summary>
+    protected void RemoveNodeLayers(IReadOnlyCollection<int> layers, IEnumerable<string> tensors)
+    {
+        var gone = layers.ToHashSet();
+        var renumber = new int[_maps.Count];
+        for (int j = 0, next = 0; j < _maps.Count; j++) renumber[j] = gone.Contains(j) ? -1 : next++;
+        foreach (var name in tensors)
+        {
+            if (W.Remove(name, out var t)) t.Dispose();
+            _layout.Remove(name);
+        }
+        foreach (var (name, at) in _layout)
+            foreach (var seg in at.Segments)
+                if (seg.Layer >= 0)
+                    seg.Layer = renumber[seg.Layer] >= 0 ? renumber[seg.Layer] : throw new InvalidOperationException($"{name}: owned by a removed node layer but still in the block");
+        foreach (int j in gone.OrderByDescending(j => j))
+        {
+            _maps.RemoveAt(j);
+            _origGroups.RemoveAt(j);
+            _keptGroups.RemoveAt(j);
+        }
     }
 
     /// <summary>By default a consumer may gain a bias (OPT and ViT consumers have one already).</summary>

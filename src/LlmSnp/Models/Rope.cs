@@ -79,6 +79,36 @@ public sealed class Rope : IDisposable
         return (Rotate(q, cos, sin), Rotate(k, cos, sin));
     }
 
+    /// <summary>
+    /// q [b, heads, t, d], k [b, kv_heads, t, d] rotated by per-token positions [b, t] (packed rows: each token's place in its
+    /// own sequence). With a long table (longrope) the caller's mask <paramref name="attend"/> [b, t, t] tells each token's
+    /// sequence: its end is the last position of a token that reads it, and a sequence that reaches past the original
+    /// context uses the long table, as one forward of that sequence alone does. A token read by sequences on both sides
+    /// of the switch (a shared context) cannot have both rotations: refused.
+    /// </summary>
+    public (Tensor Q, Tensor K) ApplyAt(Tensor q, Tensor k, Tensor positions, Tensor? attend = null)
+    {
+        long b = q.shape[0], t = q.shape[2], r = RotaryDim;
+        long max = positions.max().item<long>(), min = positions.min().item<long>();
+        if (min < 0) throw new ArgumentOutOfRangeException(nameof(positions));
+        if (max >= _cos.shape[0]) throw new LlmSnpException($"position {max} exceeds max_position_embeddings {_cos.shape[0]}");
+        var at = positions.reshape(-1).to(_cos.device);
+        var cos = _cos.index_select(0, at).view(b, 1, t, r);
+        var sin = _sin.index_select(0, at).view(b, 1, t, r);
+        if (_cosLong is not null && max + 1 > _longAbove)
+        {
+            if (attend is null) throw new ArgumentException("a long RoPE table needs the packed rows' mask to tell each token's sequence", nameof(attend));
+            var readerPos = torch.where(attend, positions.unsqueeze(2), torch.tensor(-1L, device: positions.device));
+            var useLong = readerPos.max(1).values.add(1).gt(_longAbove);   // [b, t]: per key, its sequence's length passes the switch
+            if (attend.logical_and(useLong.unsqueeze(2).ne(useLong.unsqueeze(1))).any().item<bool>())
+                throw new LlmSnpException($"packed rows share tokens between sequences on both sides of longrope's switch at {_longAbove} positions; pack such sequences apart");
+            var pick = useLong.to(_cos.device).view(b, 1, t, 1);
+            cos = torch.where(pick, _cosLong.index_select(0, at).view(b, 1, t, r), cos);
+            sin = torch.where(pick, _sinLong!.index_select(0, at).view(b, 1, t, r), sin);
+        }
+        return (Rotate(q, cos, sin), Rotate(k, cos, sin));
+    }
+
     /// <summary>x·cos + rotate_half(x)·sin, with one new tensor (five temporaries written out: 3 % of a llama3-8b block).</summary>
     static Tensor Rotate(Tensor x, Tensor cos, Tensor sin)
     {
@@ -124,12 +154,9 @@ public sealed record RopeScaling(string Type, double Factor, double LowFreqFacto
     public int MaxPositions { get; init; }
     /// <summary>rope_scaling.attention_factor (yarn, longrope); null: derived from the factor as HF does.</summary>
     public double? AttentionFactorField { get; init; }
-    /// <summary>yarn: the ramp's rotation bounds (HF defaults 32 and 1; 0 also means the default), mscale pair, truncation.</summary>
+    /// <summary>yarn: the ramp's rotation bounds (HF defaults 32 and 1; 0 also means the default).</summary>
     public double BetaFast { get; init; } = 32;
     public double BetaSlow { get; init; } = 1;
-    public double? Mscale { get; init; }
-    public double? MscaleAllDim { get; init; }
-    public bool Truncate { get; init; } = true;
     /// <summary>longrope: per-frequency divisors for sequences within the original context (short) and beyond it (long).</summary>
     public IReadOnlyList<double>? ShortFactor { get; init; }
     public IReadOnlyList<double>? LongFactor { get; init; }
@@ -137,7 +164,7 @@ public sealed record RopeScaling(string Type, double Factor, double LowFreqFacto
     /// <param name="originalMaxPositions">
     /// The family's original (pre-extension) context for longrope when the config holds it outside rope_scaling (Phi-3's
     /// top-level `original_max_position_embeddings`, default 4096); null: that top-level field if present, else
-    /// rope_scaling's, else max_position_embeddings.
+    /// max_position_embeddings.
     /// </param>
     /// <param name="longRopeAliases">Type names a family reads as longrope (Phi-3's config maps the old "su" and "yarn" to it).</param>
     public static RopeScaling From(ConfigFile f, int maxPositions, int? originalMaxPositions = null, IReadOnlyCollection<string>? longRopeAliases = null)
@@ -154,24 +181,11 @@ public sealed record RopeScaling(string Type, double Factor, double LowFreqFacto
             if (n == null && fallback is double x) return x;
             throw f.Unsupported("rope_scaling", $"field '{field}' is missing or not a number");
         }
-        double? Optional(string field) => rs[field] is null ? null : Num(field);
         double Positive(string field, double? fallback = null)
         {
             double x = Num(field, fallback);
             if (!(x > 0) || !double.IsFinite(x)) throw f.Unsupported("rope_scaling", $"field '{field}' is {x}; must be a positive number");
             return x;
-        }
-        int PositiveInt(string field, int value)
-        {
-            if (value < 1) throw f.Unsupported("rope_scaling", $"field '{field}' is {value}; must be a positive integer");
-            return value;
-        }
-        int? OptionalInt(string field)
-        {
-            if (rs[field] is null) return null;
-            double x = Num(field);
-            if (x != Math.Floor(x) || x < 1 || x > int.MaxValue) throw f.Unsupported("rope_scaling", $"field '{field}' is {x}; must be a positive integer");
-            return (int)x;
         }
         IReadOnlyList<double> Factors(string field)
         {
@@ -194,37 +208,42 @@ public sealed record RopeScaling(string Type, double Factor, double LowFreqFacto
                 return new RopeScaling("dynamic", Positive("factor"), 1, 1, maxPositions) { MaxPositions = maxPositions };
             case "yarn":
                 {
-                    // beta_fast / beta_slow: HF reads `rope_scaling.get(x) or default`, so 0 also means the default.
+                    // HF 4.48 `_compute_yarn_parameters`: the ramp is computed over max_position_embeddings; beta_fast /
+                    // beta_slow are read as `get(x) or default`, so 0 also means the default.
                     double Beta(string field, double fallback) { double b = Num(field, fallback); return b == 0 ? fallback : b; }
-                    double? m = Optional("mscale"), mAll = Optional("mscale_all_dim");
-                    var truncate = rs["truncate"] switch
-                    {
-                        null => true,
-                        JsonValue tv when tv.TryGetValue<bool>(out var b) => b,
-                        _ => throw f.Unsupported("rope_scaling", "field 'truncate' is not true or false"),
-                    };
-                    return new RopeScaling("yarn", Positive("factor"), 1, 1, PositiveInt("original_max_position_embeddings", OptionalInt("original_max_position_embeddings") ?? maxPositions))
+                    return new RopeScaling("yarn", Positive("factor"), 1, 1, maxPositions)
                     {
                         MaxPositions = maxPositions, AttentionFactorField = rs["attention_factor"] is null ? null : Positive("attention_factor"),
-                        BetaFast = Beta("beta_fast", 32), BetaSlow = Beta("beta_slow", 1), Mscale = m, MscaleAllDim = mAll, Truncate = truncate,
+                        BetaFast = Beta("beta_fast", 32), BetaSlow = Beta("beta_slow", 1),
                     };
                 }
             case "longrope":
                 {
-                    int orig = originalMaxPositions ?? (f.Json["original_max_position_embeddings"] is JsonNode ? f.Int("original_max_position_embeddings")
-                        : OptionalInt("original_max_position_embeddings") ?? maxPositions);
-                    if (orig < 1) throw f.Unsupported("original_max_position_embeddings", $"is {orig}; must be a positive integer");
-                    // HF: rope_scaling.factor if given, else the ratio of the extended to the original context.
-                    double factor = rs["factor"] is null ? (double)maxPositions / orig : Positive("factor");
+                    // HF 4.48 `_compute_longrope_parameters`: with a top-level original_max_position_embeddings (Phi3Config
+                    // always has one) the factor is max_position_embeddings / original, whatever rope_scaling.factor says;
+                    // without one the original context is max_position_embeddings and the factor rope_scaling's.
+                    int? top = originalMaxPositions ?? (f.Json["original_max_position_embeddings"] is JsonNode ? f.Int("original_max_position_embeddings") : null);
+                    int orig = top ?? maxPositions;
+                    double? attention = rs["attention_factor"] is null ? null : Positive("attention_factor");
+                    double factor = top is int o ? (double)maxPositions / o
+                        : attention is null ? Positive("factor") : rs["factor"] is null ? 1.0 : Positive("factor");
                     return new RopeScaling("longrope", factor, 1, 1, orig)
                     {
-                        MaxPositions = maxPositions, AttentionFactorField = rs["attention_factor"] is null ? null : Positive("attention_factor"),
+                        MaxPositions = maxPositions, AttentionFactorField = attention,
                         ShortFactor = Factors("short_factor"), LongFactor = Factors("long_factor"),
                     };
                 }
             default:
                 throw f.Unsupported("rope_scaling", $"type '{type}' is not supported (linear, llama3, dynamic, yarn, longrope)");
         }
+    }
+
+    /// <summary>The config's scaling, checked against the heads' rotary dimension (<see cref="From"/> then <see cref="Check"/>).</summary>
+    public static RopeScaling For(ConfigFile f, int maxPositions, int rotaryDim)
+    {
+        var r = From(f, maxPositions);
+        r.Check(f, rotaryDim);
+        return r;
     }
 
     /// <summary>Refuses what this scaling cannot do with a head's rotary dimension (checked with the config, before any weight is read).</summary>
@@ -239,18 +258,16 @@ public sealed record RopeScaling(string Type, double Factor, double LowFreqFacto
     }
 
     /// <summary>
-    /// The multiplier of cos and sin: yarn attention_factor, else 0.1·mscale·ln(factor) + 1 (the ratio of two such for
-    /// mscale / mscale_all_dim); longrope attention_factor, else √(1 + ln factor / ln original context) for factor > 1;
+    /// The multiplier of cos and sin: yarn attention_factor, else 0.1·ln(factor) + 1; longrope attention_factor, else
+    /// √(1 + ln factor / ln original context) for factor > 1;
     /// 1 for every other type.
     /// </summary>
     public double AttentionFactor => Type switch
     {
-        "yarn" => AttentionFactorField ?? (Mscale is double m && m != 0 && MscaleAllDim is double a && a != 0 ? YarnMscale(Factor, m) / YarnMscale(Factor, a) : YarnMscale(Factor, 1)),
+        "yarn" => AttentionFactorField ?? 0.1 * Math.Log(Factor) + 1.0,
         "longrope" => AttentionFactorField ?? (Factor <= 1 ? 1.0 : Math.Sqrt(1 + Math.Log(Factor) / Math.Log(OriginalMaxPositions))),
         _ => 1.0,
     };
-
-    static double YarnMscale(double scale, double mscale) => scale <= 1 ? 1.0 : 0.1 * mscale * Math.Log(scale) + 1.0;
 
     /// <summary>Inverse frequencies θ^(−2i/d) (d the rotary dimension), scaled as the type says, in float64; longrope: its short factors.</summary>
     public double[] InverseFrequencies(int headDim, double theta)
@@ -304,7 +321,7 @@ public sealed record RopeScaling(string Type, double Factor, double LowFreqFacto
     {
         double CorrectionDim(double rotations) => dim * Math.Log(OriginalMaxPositions / (rotations * 2 * Math.PI)) / (2 * Math.Log(theta));
         double low = CorrectionDim(BetaFast), high = CorrectionDim(BetaSlow);
-        if (Truncate) { low = Math.Floor(low); high = Math.Ceiling(high); }
+        low = Math.Floor(low); high = Math.Ceiling(high);
         low = Math.Max(low, 0);
         high = Math.Min(high, dim - 1);
         if (low == high) high += 0.001;   // HF: prevents a zero-width ramp

@@ -56,6 +56,24 @@ public abstract class StreamedModel : IDisposable
         if (startPosition < 0) throw new ArgumentOutOfRangeException(nameof(startPosition));
         if (startPosition + ids.shape[1] > maxPositions)
             throw new LlmSnpException($"sequence of {startPosition + ids.shape[1]} tokens exceeds max_position_embeddings {maxPositions}");
+        CheckVocabulary(ids, vocabSize);
+    }
+
+    /// <summary>The same for packed rows, each token at its own position.</summary>
+    protected void CheckPackedTokens(Tensor ids, Tensor positions, int maxPositions, int vocabSize)
+    {
+        if (positions.numel() > 0)
+        {
+            long maxPos = positions.max().item<long>(), minPos = positions.min().item<long>();
+            if (minPos < 0) throw new ArgumentOutOfRangeException(nameof(positions));
+            if (maxPos >= maxPositions) throw new LlmSnpException($"position {maxPos} exceeds max_position_embeddings {maxPositions}");
+        }
+        CheckVocabulary(ids, vocabSize);
+    }
+
+    void CheckVocabulary(Tensor ids, int vocabSize)
+    {
+        if (ids.numel() == 0) return;
         long maxId = ids.max().item<long>(), minId = ids.min().item<long>();
         if (maxId >= vocabSize || minId < 0)
             throw new LlmSnpException($"token id {(minId < 0 ? minId : maxId)} is outside the vocabulary of {ModelDir} (vocab_size {vocabSize}); is this the model's tokenizer?");

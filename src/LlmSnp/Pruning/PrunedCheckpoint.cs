@@ -16,6 +16,7 @@ public static class PrunedCheckpoint
 {
     public const string ReportFile = "pruning_config.json";
     public const string PaddedDir = "padded";
+    public const string PaddedWithoutExperts = "--export-padded with --experts-keep: a removed expert cannot be padded back (its router row would still draw tokens)";
     static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
 
     public sealed record Request
@@ -38,6 +39,9 @@ public static class PrunedCheckpoint
     /// <summary>Prunes and writes; returns the report that was written as pruning_config.json.</summary>
     public static JsonObject Write(Request req, Action<string>? log = null)
     {
+        req.Options.Experts?.CheckAgainst(req.Model);
+        if (req.ExportPadded && req.Options.Experts is not null)
+            throw new LlmSnpException(PaddedWithoutExperts);
         string outDir = Path.GetFullPath(req.OutDir);
         string src = Path.GetFullPath(req.SourceDir);
         if (outDir == src || outDir.StartsWith(src + Path.DirectorySeparatorChar) || src.StartsWith(outDir + Path.DirectorySeparatorChar))
@@ -83,6 +87,7 @@ public static class PrunedCheckpoint
         var dtype = model.StoredDType;
         var hashes = model.SourceHashes();
         long paramsAfter = 0;
+        long activeAdjust = 0;   // mixtures: top-k experts (at their mean size) in place of all of them
         JsonObject report;
         using (var writer = new SafeTensorsWriter(dir, req.ShardBytes))
         using (var padded = req.ExportPadded ? new SafeTensorsWriter(Path.Combine(dir, PaddedDir), req.ShardBytes) : null)
@@ -100,11 +105,13 @@ public static class PrunedCheckpoint
             var engine = new SnpEngine(model, req.Options, log);
             var result = engine.Run(req.Calibration, (block, b) =>
             {
+                if (block is IMixtureBlock { ExpertSubBlock: not null } mixture && mixture.ExpertParameters() is { Length: > 0 } experts)
+                    activeAdjust += (long)Math.Round((double)experts.Sum() / experts.Length * mixture.TopK) - experts.Sum();
                 Add(writer, block.Tensors(dtype), true);
                 if (padded != null) Add(padded, block.PaddedTensors(dtype), false);
                 req.AfterBlockWritten?.Invoke(block, b);
             });
-            if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).Gguf is not null && result.Layers.Count(l => l.Kind == NodeKinds.Name(NodeKind.Mlp) && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
+            if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).Gguf is not null && result.Layers.Count(l => NodeKinds.IsNeurons(NodeKinds.Parse(l.Kind, "kind")) && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
                 log?.Invoke($"note: {odd} MLP layers keep a width that is not a multiple of 16; llama.cpp's fast F16/F32 GEMM then takes a slow path for their down_proj (--width-multiple 16 aligns them)");
             Add(writer, model.OuterTensors(dtype), true);
             if (padded != null) Add(padded, model.OuterTensors(dtype), false);
@@ -120,8 +127,10 @@ public static class PrunedCheckpoint
                 if (padded != null) File.Copy(f, Path.Combine(dir, PaddedDir, Path.GetFileName(f)));
             }
             report = Report(req, result, hashes, paramsAfter, files, writeSeconds, sw.Elapsed.TotalSeconds);
+            if (model is IMixtureModel moe) MixtureReports.AddTo(report, req.Options, result.Mixtures, moe.ActiveParameterCount(), paramsAfter + activeAdjust);
         }
         AtomicFile.WriteAllText(Path.Combine(dir, ReportFile), report.ToJsonString(Indented));
+        ModelCard.Write(dir, report, req.SourceDir, req.OutDir);
         return report;
     }
 
@@ -143,7 +152,10 @@ public static class PrunedCheckpoint
                 ["params_removed"] = l.ParamsRemoved,
             });
         for (int i = 0; i < r.Layers.Count; i++)
+        {
             if (r.Layers[i].BiasFreeBecause is string why) layers[i]!["bias_free_because"] = why;
+            if (r.Layers[i].KeptWholeBecause is string whole) layers[i]!["kept_whole_because"] = whole;
+        }
         var sourceHashes = new JsonObject();
         string? notStock = req.Model.NotStockLoadable(r.Kept);
         if (hashes != null) foreach (var (k, v) in hashes) sourceHashes[k] = v;

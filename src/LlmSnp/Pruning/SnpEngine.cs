@@ -25,6 +25,8 @@ public sealed record NodeLayerReport
     public required string Reconstruct { get; init; }
     /// <summary>Why the bias-free reconstruction replaced a requested one with the mean term; null where it did not.</summary>
     public string? BiasFreeBecause { get; init; }
+    /// <summary>Why the layer was left whole without statistics (an expert with too few calibration tokens); null otherwise.</summary>
+    public string? KeptWholeBecause { get; init; }
     /// <summary>Kept unit indices (a head's units expanded), ascending.</summary>
     [System.Text.Json.Serialization.JsonIgnore] public long[] KeptUnits { get; init; } = Array.Empty<long>();
 }
@@ -42,6 +44,8 @@ public sealed record PruneResult
     public double StatisticsSeconds { get; init; }
     public double DecompositionSeconds { get; init; }
     public double PlanSeconds { get; init; }
+    /// <summary>Per sparse layer of a mixture: tokens per expert, the experts removed and why, the fold and its errors.</summary>
+    public IReadOnlyList<MixtureReport> Mixtures { get; init; } = Array.Empty<MixtureReport>();
 }
 
 /// <summary>
@@ -51,7 +55,7 @@ public sealed record PruneResult
 /// choose what to keep, reconstruct its consumer, advance the calibration stream. It knows node layers and
 /// consumers, never the model family.
 /// </summary>
-public sealed class SnpEngine
+public sealed partial class SnpEngine
 {
     readonly IPrunableModel _model;
     readonly PruneOptions _opt;
@@ -73,6 +77,13 @@ public sealed class SnpEngine
         /// <summary>With equal widths: the group count of the first layer of each kind, that every later one must match.</summary>
         public readonly Dictionary<NodeKind, (int Groups, string Layer)> UniformGroups = new();
         public readonly Stopwatch Statistics = new(), Decomposition = new();
+        /// <summary>The block being pruned.</summary>
+        public int Block;
+        /// <summary>Mixtures: what each sparse layer did, and the experts it kept (block → original indices).</summary>
+        public readonly List<MixtureReport> Mixtures = new();
+        public readonly Dictionary<int, long[]> ExpertChoices = new();
+        /// <summary>Experts a budget plan chose (the pruning pass keeps the same ones); null: choose per layer.</summary>
+        public IReadOnlyDictionary<int, long[]>? ExpertPlan;
     }
 
     /// <summary>How a node layer's statistics are used: pruned (the kept units come back), or measured only (budget plan).</summary>
@@ -87,10 +98,11 @@ public sealed class SnpEngine
         var planTime = Stopwatch.StartNew();
         double? tau = _opt.Policy == RatioPolicyKind.Variance ? _opt.Amount : null;
         int[][]? planned = null;
-        if (_opt.Policy == RatioPolicyKind.Budget) (tau, planned) = PlanBudget(calibration);
+        IReadOnlyDictionary<int, long[]>? expertPlan = null;
+        if (_opt.Policy == RatioPolicyKind.Budget) (tau, planned, expertPlan) = PlanBudget(calibration);
         double planSeconds = planned is null ? 0 : planTime.Elapsed.TotalSeconds;
 
-        var run = new RunState();
+        var run = new RunState { ExpertPlan = expertPlan };
         var total = Stopwatch.StartNew();
         var keptBlocks = new List<KeptBlock>();
         var hidden = calibration.Select(_model.Embed).ToList();
@@ -99,13 +111,17 @@ public sealed class SnpEngine
         {
             using var block = _model.LoadBlock(b);
             int[]? plan = planned?[b];
+            run.Block = b;
             ForEachSubBlock(run, block, hidden, (j, info, gram) => PruneLayer(run, block, j, info, gram, plan?[j]));
             var layers = block.NodeLayers;
-            var kept = new KeptBlock(b, layers.Select((_, j) => block.KeptGroups(j)).ToArray(), layers.Select((_, j) => block.Consumer(j).Bias is not null).ToArray());
+            var kept = new KeptBlock(b, layers.Select((_, j) => block.KeptGroups(j)).ToArray(), layers.Select((_, j) => block.Consumer(j).Bias is not null).ToArray())
+            {
+                Experts = block is IMixtureBlock { ExpertSubBlock: not null } m ? m.KeptExperts : null,
+            };
             keptBlocks.Add(kept);
             onBlockDone(block, b);
             double el = total.Elapsed.TotalSeconds, eta = el / (b + 1) * (_model.BlockCount - b - 1);
-            _log?.Invoke($"block {b + 1}/{_model.BlockCount}: kept {string.Join(", ", layers.Select((l, j) => $"{NodeKinds.Name(l.Kind)} {kept.Groups[j].Length}/{l.Groups}"))}; elapsed {el:F1}s, ETA {eta:F1}s");
+            _log?.Invoke($"block {b + 1}/{_model.BlockCount}: kept {KeptSummary(layers.Select((l, j) => $"{NodeKinds.Name(l.Kind)} {kept.Groups[j].Length}/{l.Groups}"))}; elapsed {el:F1}s, ETA {eta:F1}s");
         }
         hidden.ForEach(h => h.Dispose());
         var reports = run.Reports;
@@ -118,6 +134,7 @@ public sealed class SnpEngine
             ParamsRemoved = reports.Sum(r => r.ParamsRemoved),
             StatisticsSeconds = run.Statistics.Elapsed.TotalSeconds, DecompositionSeconds = run.Decomposition.Elapsed.TotalSeconds,
             PlanSeconds = planSeconds,
+            Mixtures = run.Mixtures,
         };
     }
 
@@ -132,7 +149,8 @@ public sealed class SnpEngine
         for (int s = 0; s < subBlocks.Count; s++)
         {
             var targeted = subBlocks[s].Where(j => _opt.Prunes(infos[j].Kind)).ToArray();
-            if (subBlocks[s].Length == 1) ChainLayer(run, block, subBlocks[s][0], infos[subBlocks[s][0]], hidden, targeted.Length == 1 ? use : null);
+            if (block is IMixtureBlock m && m.ExpertSubBlock == s) MixtureLayers(run, m, s, hidden, use);
+            else if (subBlocks[s].Length == 1) ChainLayer(run, block, subBlocks[s][0], infos[subBlocks[s][0]], hidden, targeted.Length == 1 ? use : null);
             else ParallelLayers(run, block, s, targeted, infos, hidden, use);
         }
     }
@@ -243,7 +261,7 @@ public sealed class SnpEngine
             RatioPolicyKind.Ratio => RatioPolicy.KeepForRatio(info.Groups, _opt.Amount),
             _ => RatioPolicy.KeepForVariance(Subspace.GroupResiduals(gram, Units(groupOrder, gs), gs, _opt.Damp, info.Name), _opt.Amount),
         };
-        if (info.Kind == NodeKind.Mlp) keepGroups = RatioPolicy.RoundToMultiple(keepGroups, info.Groups, _opt.WidthMultiple);
+        if (NodeKinds.IsNeurons(info.Kind)) keepGroups = RatioPolicy.RoundToMultiple(keepGroups, info.Groups, _opt.WidthMultiple);
         var keptGroups = groupOrder.Take(keepGroups).OrderBy(x => x).ToArray();
         var prunedGroups = groupOrder.Skip(keepGroups).OrderBy(x => x).ToArray();
         var keptUnits = Units(keptGroups, gs);
@@ -288,6 +306,16 @@ public sealed class SnpEngine
         return Orderings.Order(_opt.Ordering, input);
     }
 
+    /// <summary>Equal consecutive entries once, with their count (a mixture's 128 experts are one entry, not 128).</summary>
+    static string KeptSummary(IEnumerable<string> entries)
+    {
+        var runs = new List<(string Entry, int Count)>();
+        foreach (var e in entries)
+            if (runs.Count > 0 && runs[^1].Entry == e) runs[^1] = (e, runs[^1].Count + 1);
+            else runs.Add((e, 1));
+        return string.Join(", ", runs.Select(r => r.Count == 1 ? r.Entry : $"{r.Entry} ×{r.Count}"));
+    }
+
     /// <summary>A seed per layer that does not depend on .NET's randomised string hashing.</summary>
     static int HashSeed(int seed, string name)
     {
@@ -306,7 +334,7 @@ public sealed class SnpEngine
     /// Budget policy, first pass: dense statistics of every targeted node layer, D per group in the
     /// ordering, then τ by bisection on the parameter budget (snp.md §6).
     /// </summary>
-    (double? Tau, int[][] Keep) PlanBudget(IReadOnlyList<Tensor> calibration)
+    (double? Tau, int[][] Keep, IReadOnlyDictionary<int, long[]> Experts) PlanBudget(IReadOnlyList<Tensor> calibration)
     {
         var layers = new List<(double[] D, long ParamsPerGroup, NodeKind Kind)>();
         var where = new List<(int Block, int Layer)>();
@@ -317,7 +345,7 @@ public sealed class SnpEngine
         for (int b = 0; b < _model.BlockCount; b++)
         {
             using var block = _model.LoadBlock(b);
-            groupsPerLayer.Add(block.NodeLayers.Select(i => i.Groups).ToArray());
+            run.Block = b;
             int blockIndex = b;
             ForEachSubBlock(run, block, hidden, (j, info, gram) =>
             {
@@ -327,6 +355,8 @@ public sealed class SnpEngine
                 where.Add((blockIndex, j));
                 return Enumerable.Range(0, info.Units).Select(u => (long)u).ToArray();   // dense pass: nothing pruned
             });
+            // After the sub-blocks: a mixture has dropped the experts it does not keep (the plan indexes the kept ones).
+            groupsPerLayer.Add(block.NodeLayers.Select(i => i.Groups).ToArray());
             _log?.Invoke($"budget plan: statistics of block {b + 1}/{_model.BlockCount}");
         }
         hidden.ForEach(h => h.Dispose());
@@ -346,6 +376,6 @@ public sealed class SnpEngine
         }
         var plan = groupsPerLayer.Select(g => g.ToArray()).ToArray();
         for (int i = 0; i < where.Count; i++) plan[where[i].Block][where[i].Layer] = keep[i];
-        return (tau, plan);
+        return (tau, plan, run.ExpertChoices);
     }
 }

@@ -28,7 +28,17 @@ public sealed class LlamaConfig
     public bool QkvBias { get; init; }
     public bool OBias { get; init; }
     public bool MlpBias { get; init; }
-    public bool TieWordEmbeddings { get; init; }
+    public bool TieWordEmbeddings { get; private set; }
+
+    /// <summary>
+    /// The checkpoint stores a head distinct from the embedding under a tying config: it is used untied, as
+    /// transformers loads it, and every config written from this one says so.
+    /// </summary>
+    public void Untie()
+    {
+        TieWordEmbeddings = false;
+        File.Json["tie_word_embeddings"] = false;
+    }
     /// <summary>Mistral's sliding attention window (null: full causal attention).</summary>
     public int? SlidingWindow { get; init; }
     public required int[] IntermediateSizes { get; init; }

@@ -12,6 +12,7 @@ public sealed class LlamaGguf : IGgufExporter
     {
         var cfg = src.Config;
         var c = LlamaConfig.From(cfg);
+        if (!src.HeadTied(c.TieWordEmbeddings)) c.Untie();
         if (cfg.Has("rope_scaling"))
             throw cfg.Unsupported("rope_scaling", "is set; only plain RoPE (rope_scaling null) is exported");
         if (c.Pruned && !cfg.Has("head_dim"))

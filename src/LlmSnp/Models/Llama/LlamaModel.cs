@@ -37,16 +37,14 @@ public sealed class LlamaModel : StreamedModel, ILanguageModel
         try
         {
             var c = Config;
+            // A tied head may be stored under either name (or both, then untied if they differ).
+            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
             StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             // The vocabulary stays in its stored dtype (rows are converted as they are looked up).
             _embedTokens = Resident(ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden));
             _norm = Resident(ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden));
-            if (!c.TieWordEmbeddings)
-            {
-                if (!Checkpoint.Has("lm_head.weight")) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
-                _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
-            }
+            if (!c.TieWordEmbeddings) _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
             _rope = c.Rope.Build(c.HeadDim, c.RopeTheta, c.MaxPositions, ComputeDType, Device);
         }
         catch
@@ -65,6 +63,19 @@ public sealed class LlamaModel : StreamedModel, ILanguageModel
     public Tensor EmbedAt(Tensor ids, int startPosition)
     {
         CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    /// <summary>Packed rows: the positions only bound each sequence (RoPE reads them in the blocks); a row may hold several.</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    /// <summary>Embedding rows of ids [batch, t] in the compute dtype.</summary>
+    Tensor Lookup(Tensor ids)
+    {
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
         return _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1).MoveToOuterDisposeScope();

@@ -34,11 +34,13 @@ public sealed class OptModel : StreamedModel, ILanguageModel
         Config = config;
         try
         {
-            Prefix = Checkpoint.Has("model.decoder.embed_tokens.weight") ? "model.decoder."
-                : Checkpoint.Has("decoder.embed_tokens.weight") ? "decoder."
+            // The positions name the prefix too: a tied embedding may be stored only as lm_head.weight.
+            Prefix = Checkpoint.Has("model.decoder.embed_tokens.weight") || Checkpoint.Has("model.decoder.embed_positions.weight") ? "model.decoder."
+                : Checkpoint.Has("decoder.embed_tokens.weight") || Checkpoint.Has("decoder.embed_positions.weight") ? "decoder."
                 : throw new LlmSnpException($"{modelDir}: no OPT embedding tensor (model.decoder.embed_tokens.weight or decoder.embed_tokens.weight)");
-            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             var c = Config;
+            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
+            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             // The token embedding (and an untied head) stay in the stored dtype: rows are converted as they
             // are looked up, the head once on first use, so pruning never holds an F32 copy of the vocabulary.
@@ -54,11 +56,7 @@ public sealed class OptModel : StreamedModel, ILanguageModel
                 _finalLnW = Load("final_layer_norm.weight", c.Hidden);
                 _finalLnB = Load("final_layer_norm.bias", c.Hidden);
             }
-            if (!c.TieWordEmbeddings)
-            {
-                if (!Checkpoint.Has("lm_head.weight")) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
-                _lmHead = ReadStored("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
-            }
+            if (!c.TieWordEmbeddings) _lmHead = ReadStored("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
         }
         catch
         {
@@ -88,6 +86,18 @@ public sealed class OptModel : StreamedModel, ILanguageModel
         var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1);
         if (_projectIn is not null) h = F.linear(h, _projectIn);
         h = h + _embedPositions.narrow(0, 2 + startPosition, t).unsqueeze(0);   // learned positions with offset 2
+        return h.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Packed rows: each token's learned position embedding from its own position [batch, t] (offset 2, as HF).</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        using var scope = NewDisposeScope();
+        long b = ids.shape[0], t = ids.shape[1];
+        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
+        var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1);
+        if (_projectIn is not null) h = F.linear(h, _projectIn);
+        h = h + _embedPositions.index_select(0, (positions.reshape(-1) + 2).to(Device)).view(b, t, -1);
         return h.MoveToOuterDisposeScope();
     }
 

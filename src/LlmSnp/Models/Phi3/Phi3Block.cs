@@ -14,7 +14,7 @@ namespace LlmSnp.Models;
 public sealed class Phi3Block : PrunableBlock, ICachedBlock
 {
     readonly string _p;
-    readonly int _headDim, _queriesPerKv;
+    readonly int _headDim;
     readonly double _eps;
     readonly Rope _rope;
     readonly int? _window;
@@ -36,7 +36,7 @@ public sealed class Phi3Block : PrunableBlock, ICachedBlock
                 prefix + "mlp.down_proj.weight", prefix + "mlp.down_proj.bias"),
         }, new Dictionary<string, long[]> { [prefix + "self_attn.qkv_proj.weight"] = qkvRows, [prefix + "mlp.gate_up_proj.weight"] = gateUpRows })
     {
-        _p = prefix; _headDim = headDim; _queriesPerKv = queriesPerKv; _eps = eps; _rope = rope; _window = slidingWindow;
+        _p = prefix; _headDim = headDim; _eps = eps; _rope = rope; _window = slidingWindow;
     }
 
     /// <summary>Stock Phi3 builds qkv_proj, o_proj, gate_up_proj and down_proj with bias=False whatever the config says.</summary>
@@ -60,39 +60,22 @@ public sealed class Phi3Block : PrunableBlock, ICachedBlock
     }
 
     /// <summary>
-    /// Per-head outputs softmax(QKᵀ/√d)V concatenated [batch, tokens, heads·d]; query head h reads K/V head h ÷ (heads / kv_heads).
-    /// With a cache, x holds the tokens at positions <paramref name="position"/>..: they are rotated at those positions, their
-    /// K/V (before the grouped repeat) appended, and the queries attend to the whole cached history.
+    /// Per-head outputs softmax(QKᵀ/√d)V concatenated [batch, tokens, heads·d] (HF `Phi3Attention`: q, k, v are the
+    /// qkv_proj output's first heads·d, next kv·d and last kv·d columns). With a cache, x holds the tokens at positions
+    /// <paramref name="position"/>..; on packed rows each token rotates at its own position and attends as the mask allows.
     /// </summary>
-    Tensor SelfAttention(Tensor x, KvCache? cache = null, int position = 0)
+    Tensor SelfAttention(Tensor x, KvCache? cache = null, int position = 0, Tensor? positions = null, Tensor? attend = null)
     {
         long b = x.shape[0], t = x.shape[1];
         var qkv = F.linear(x, W[Qkv]);
         var rows = SegmentRows(Qkv);
         Tensor Heads(long from, long count) => qkv.narrow(-1, from, count).view(b, t, -1, _headDim).transpose(1, 2);
-        var (q, k) = _rope.Apply(Heads(0, rows[0]), Heads(rows[0], rows[1]), position);
+        Tensor qh = Heads(0, rows[0]), kh = Heads(rows[0], rows[1]);
+        var (q, k) = positions is null ? _rope.Apply(qh, kh, position) : _rope.ApplyAt(qh, kh, positions, attend);
         var v = Heads(rows[0] + rows[1], rows[2]);
         if (cache is not null) (k, v) = cache.Append(k, v);
-        if (_queriesPerKv > 1)
-        {
-            k = k.repeat_interleave(_queriesPerKv, 1);
-            v = v.repeat_interleave(_queriesPerKv, 1);
-        }
-        Tensor? mask;
-        bool causal;
-        if (position == 0)
-        {
-            // Phi3Model builds its window mask whenever sliding_window is set; it changes nothing until the sequence passes it.
-            mask = _window is int w && w < t ? Attention.SlidingWindowMask(t, w, x.device) : null;
-            causal = mask is null;
-        }
-        else
-        {
-            mask = Attention.CachedMask(position, t, _window, x.device);
-            causal = false;
-        }
-        var o = F.scaled_dot_product_attention(q, k, v, mask, 0.0, causal);
-        return o.transpose(1, 2).reshape(b, t, -1);
+        // Phi3Model masks keys W or more positions back whenever sliding_window is set.
+        return Attention.Grouped(q, k, v, position, _window, packed: attend is null ? null : Attention.PackedMask(attend, positions!, _window));
     }
 
     /// <summary>The block on new tokens only: the cached attention, then the same residuals and MLP as <see cref="PrunableBlock.Forward"/>.</summary>
@@ -100,6 +83,15 @@ public sealed class Phi3Block : PrunableBlock, ICachedBlock
     {
         using var scope = NewDisposeScope();
         var a = SelfAttention(Norms.Rms(hidden, T("input_layernorm.weight"), _eps), cache, position);
+        var h = Residual(0, hidden, a);
+        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The block on packed rows: rotary angles from each token's own position, attention as the caller's mask allows.</summary>
+    public Tensor ForwardMasked(Tensor hidden, Tensor positions, Tensor attend)
+    {
+        using var scope = NewDisposeScope();
+        var a = SelfAttention(Norms.Rms(hidden, T("input_layernorm.weight"), _eps), positions: positions, attend: attend);
         var h = Residual(0, hidden, a);
         return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
     }

@@ -34,12 +34,16 @@ public sealed class Phi3Config
     public required RopeScaling Rope { get; init; }
     public int MaxPositions { get; init; }
     public int OriginalMaxPositions { get; init; }
-    public bool TieWordEmbeddings { get; init; }
+    public bool TieWordEmbeddings { get; private set; }
+    /// <summary>A tied config whose checkpoint stores a different head is untied, as transformers loads it.</summary>
+    public void Untie()
+    {
+        TieWordEmbeddings = false;
+        File.Json["tie_word_embeddings"] = false;
+    }
     /// <summary>Keys fewer than this many positions back are attended (null: full causal attention).</summary>
     public int? SlidingWindow { get; init; }
-    public required int[] IntermediateSizes { get; init; }
-    public required int[] HeadsPerLayer { get; init; }
-    public required int[] KvHeadsPerLayer { get; init; }
+    public required DecoderWidths Widths { get; init; }
     public bool Pruned { get; init; }
     public int? BosId { get; init; }
     public int? EosId { get; init; }
@@ -49,8 +53,8 @@ public sealed class Phi3Config
         string type = f.ModelType;
         if (!ModelTypes.Contains(type)) throw new LlmSnpException($"{f.Path}: model_type '{type}' is not phi3");
         int hidden = f.Int("hidden_size"), heads = f.Int("num_attention_heads"), layers = f.Layers();
+        if (f.Has("rope_parameters")) throw f.Unsupported("rope_parameters", "is the transformers 5 layout; LlmSnp reads rope_theta and rope_scaling");
         int kv = f.Int("num_key_value_heads", heads);
-        if (heads % kv != 0) throw f.Unsupported("num_key_value_heads", $"({kv}) does not divide num_attention_heads ({heads})");
         int headDim;
         // HF Phi3Attention: getattr(config, "head_dim", hidden_size // num_attention_heads); a pruned config states it.
         if (f.Has("head_dim")) headDim = f.Int("head_dim");
@@ -69,17 +73,15 @@ public sealed class Phi3Config
         double eps = f.Double("rms_norm_eps", 1e-5), theta = f.Double("rope_theta", 10000.0);
         if (!(eps > 0) || !double.IsFinite(eps)) throw f.Unsupported("rms_norm_eps", $"is {eps}; must be a positive number");
         if (!(theta > 0) || !double.IsFinite(theta)) throw f.Unsupported("rope_theta", $"is {theta}; must be a positive number");
+        // Phi3Config always has original_max_position_embeddings (default 4096): longrope's factor is then the ratio of the
+        // contexts, whatever rope_scaling.factor says (HF 4.48 `_compute_longrope_parameters`).
         var rope = RopeScaling.From(f, maxPos, origPos, LongRopeAliases);
         // Phi3Config accepts longrope only (su and yarn being its old names).
         if (rope.Type is not ("default" or "longrope")) throw f.Unsupported("rope_scaling", $"type '{rope.Type}' is not supported for phi3 (longrope, or its old names su and yarn)");
         rope.Check(f, rotary);
         int? window = null;
-        if (f.Json["sliding_window"] is JsonNode) window = f.Int("sliding_window");
-        var headsPerLayer = f.IntList("num_heads_per_layer", layers) ?? Enumerable.Repeat(heads, layers).ToArray();
-        var kvPerLayer = f.IntList("num_key_value_heads_per_layer", layers) ?? Enumerable.Repeat(kv, layers).ToArray();
-        for (int i = 0; i < layers; i++)
-            if (headsPerLayer[i] % kvPerLayer[i] != 0 || headsPerLayer[i] / kvPerLayer[i] != heads / kv)
-                throw f.Unsupported("num_heads_per_layer", $"[{i}] = {headsPerLayer[i]} with {kvPerLayer[i]} K/V heads: every layer must keep {heads / kv} query heads per K/V head");
+        if (f.Json["sliding_window"] is JsonNode) window = f.Int("sliding_window");   // HF masks j > i − W whenever it is set
+        var widths = DecoderWidths.From(f, layers, heads, kv, inter);
         return new Phi3Config
         {
             File = f,
@@ -88,8 +90,7 @@ public sealed class Phi3Config
             MaxPositions = maxPos, OriginalMaxPositions = origPos,
             TieWordEmbeddings = f.Bool("tie_word_embeddings", false),
             SlidingWindow = window,
-            IntermediateSizes = f.IntList("intermediate_sizes", layers) ?? Enumerable.Repeat(inter, layers).ToArray(),
-            HeadsPerLayer = headsPerLayer, KvHeadsPerLayer = kvPerLayer,
+            Widths = widths,
             Pruned = f.Bool("pruned", false),
             BosId = f.Json["bos_token_id"] is JsonValue ? f.Int("bos_token_id", min: 0) : null,
             EosId = f.Json["eos_token_id"] is JsonValue ? f.Int("eos_token_id", min: 0) : null,
@@ -105,11 +106,12 @@ public sealed class Phi3Config
     /// </summary>
     public (long[] Qkv, string QkvWhy, long[] GateUp, string GateUpWhy) Fused(int i)
     {
+        var w = Widths;
         bool perLayer = File.Has("num_heads_per_layer") || File.Has("num_key_value_heads_per_layer");
-        string h = perLayer ? $"num_heads_per_layer[{i}] {HeadsPerLayer[i]}" : $"num_attention_heads {HeadsPerLayer[i]}";
-        string k = perLayer ? $"num_key_value_heads_per_layer[{i}] {KvHeadsPerLayer[i]}" : $"num_key_value_heads {KvHeadsPerLayer[i]}";
-        string f = File.Has("intermediate_sizes") ? $"intermediate_sizes[{i}] {IntermediateSizes[i]}" : $"intermediate_size {IntermediateSizes[i]}";
-        long q = (long)HeadsPerLayer[i] * HeadDim, kv = (long)KvHeadsPerLayer[i] * HeadDim, ff = IntermediateSizes[i];
+        string h = perLayer ? $"num_heads_per_layer[{i}] {w.Heads[i]}" : $"num_attention_heads {w.Heads[i]}";
+        string k = perLayer ? $"num_key_value_heads_per_layer[{i}] {w.KvHeads[i]}" : $"num_key_value_heads {w.KvHeads[i]}";
+        string f = File.Has("intermediate_sizes") ? $"intermediate_sizes[{i}] {w.Intermediate[i]}" : $"intermediate_size {w.Intermediate[i]}";
+        long q = (long)w.Heads[i] * HeadDim, kv = (long)w.KvHeads[i] * HeadDim, ff = w.Intermediate[i];
         return (new[] { q, kv, kv }, $"({h} + 2 × {k}) × head_dim {HeadDim} = {q + 2 * kv} (q, then k, then v)",
             new[] { ff, ff }, $"2 × {f} = {2 * ff} (gate, then up)");
     }

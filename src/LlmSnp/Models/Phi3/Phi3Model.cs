@@ -42,16 +42,14 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
         try
         {
             var c = Config;
+            // A tied head may be stored under either name (or both, then untied if they differ).
+            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
             StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             CheckFusedRows();
             UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             _embedTokens = Resident(ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden));
             _norm = Resident(ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden));
-            if (!c.TieWordEmbeddings)
-            {
-                if (!Checkpoint.Has("lm_head.weight")) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
-                _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
-            }
+            if (!c.TieWordEmbeddings) _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
             _rope = c.Rope.Build(c.RotaryDim, c.RopeTheta, c.MaxPositions, ComputeDType, Device);
         }
         catch
@@ -87,6 +85,18 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
     public Tensor EmbedAt(Tensor ids, int startPosition)
     {
         CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    /// <summary>Packed rows: the positions only bound each sequence (RoPE reads them in the blocks).</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    Tensor Lookup(Tensor ids)
+    {
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
         return _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1).MoveToOuterDisposeScope();
@@ -142,26 +152,12 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
         return n;
     }
 
+    /// <summary>Stock Phi3 has no biases to turn on: a consumer bias never reaches here (<see cref="Phi3Block.CanAddConsumerBias"/>).</summary>
     public JsonObject PrunedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
     {
-        var c = Config;
-        var cfg = (JsonObject)c.File.Json.DeepClone();
-        var kv = kept.Select(k => k.Groups[0].Length).ToArray();
-        var heads = kv.Select(g => g * c.QueriesPerKv).ToArray();
-        var mlp = kept.Select(k => k.Groups[1].Length).ToArray();
         if (kept.Any(k => k.ConsumerBias.Any(b => b))) throw new InvalidOperationException("a phi3 consumer gained a bias the stock class cannot hold");
-        cfg["pruned"] = true;
-        cfg["head_dim"] = c.HeadDim;   // explicit: hidden / heads no longer gives it (HF reads getattr(config, "head_dim", …))
-        cfg["intermediate_sizes"] = Ints(mlp);
-        cfg["num_heads_per_layer"] = Ints(heads);
-        cfg["num_key_value_heads_per_layer"] = Ints(kv);
-        // Uniform widths go in the stock fields: a stock class then builds exactly the stored shapes.
-        if (mlp.Distinct().Count() == 1) cfg["intermediate_size"] = mlp[0];
-        if (kv.Distinct().Count() == 1)
-        {
-            cfg["num_attention_heads"] = heads[0];
-            cfg["num_key_value_heads"] = kv[0];
-        }
+        var cfg = (JsonObject)Config.File.Json.DeepClone();
+        DecoderWidths.WritePruned(cfg, kept, Config.QueriesPerKv, Config.HeadDim);
         cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
         return cfg;
     }
@@ -169,14 +165,12 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
     public string? NotStockLoadable(IReadOnlyList<KeptBlock> kept)
     {
         var c = Config;
-        if (kept.Select(k => k.Groups[1].Length).Distinct().Count() > 1) return "MLP widths differ across layers (stock phi3 has one intermediate_size)";
-        var kv = kept.Select(k => k.Groups[0].Length).Distinct().ToArray();
-        if (kv.Length > 1) return "K/V groups differ across layers (stock phi3 has one num_key_value_heads)";
-        // Phi3Config checks longrope's factor lists against hidden_size // num_attention_heads · partial_rotary_factor / 2,
+        if (DecoderWidths.NotUniform(kept, "phi3", "; llama.cpp's phi3 reads one width too") is string why) return why;
+        // Phi3Config checks longrope's factor lists against hidden_size // num_attention_heads (× partial_rotary_factor) / 2,
         // not head_dim: with heads removed the lists no longer fit that count.
-        if (c.Rope.Type == "longrope" && kv.Length == 1)
+        if (c.Rope.Type == "longrope")
         {
-            int heads = kv[0] * c.QueriesPerKv;
+            int heads = kept[0].Groups[0].Length * c.QueriesPerKv;
             int stockRotary = (int)(c.Hidden / heads * c.PartialRotaryFactor);
             if (stockRotary / 2 != c.Rope.ShortFactor!.Count)
                 return $"stock Phi3Config requires rope_scaling's factor lists to have hidden_size // num_attention_heads × partial_rotary_factor / 2 = {stockRotary / 2} entries with {heads} heads; they have {c.Rope.ShortFactor.Count}";
@@ -187,14 +181,20 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
     public JsonObject PaddedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
     {
         var cfg = (JsonObject)Config.File.Json.DeepClone();
-        foreach (var k in new[] { "pruned", "intermediate_sizes", "num_heads_per_layer", "num_key_value_heads_per_layer" }) cfg.Remove(k);
+        DecoderWidths.RemovePruned(cfg);
         cfg["torch_dtype"] = SafeDTypes.ConfigName(dtype);
         return cfg;
     }
 
-    static JsonArray Ints(IEnumerable<int> xs) => new(xs.Select(x => (JsonNode)x).ToArray());
-
-    public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
+    /// <summary>
+    /// Phi-3's SentencePiece `tokenizer.model`, else the byte-level BPE `tokenizer.json` (Phi-4-mini; its vocab.json +
+    /// merges.txt alone lack its pre-tokenizer and added tokens).
+    /// </summary>
+    public ITextTokenizer Tokenizer()
+    {
+        string json = Path.Combine(ModelDir, "tokenizer.json");
+        return !File.Exists(Path.Combine(ModelDir, "tokenizer.model")) && File.Exists(json) ? HfTokenizer.Load(json, ModelDir) : TextTokenizers.ForModel(ModelDir);
+    }
 
     IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
     {
@@ -225,7 +225,7 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
             ["tie_word_embeddings"] = c.TieWordEmbeddings,
             ["per_layer"] = new JsonArray(Enumerable.Range(0, c.Layers).Select(i => (JsonNode)new JsonObject
             {
-                ["heads"] = c.HeadsPerLayer[i], ["kv_heads"] = c.KvHeadsPerLayer[i], ["intermediate_size"] = c.IntermediateSizes[i],
+                ["heads"] = c.Widths.Heads[i], ["kv_heads"] = c.Widths.KvHeads[i], ["intermediate_size"] = c.Widths.Intermediate[i],
                 ["parameters"] = BlockParameters(i),
             }).ToArray()),
         };
