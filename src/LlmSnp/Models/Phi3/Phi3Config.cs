@@ -7,7 +7,7 @@ namespace LlmSnp.Models;
 /// family"), read as HF `Phi3Config` reads them. Per-layer widths of a pruned checkpoint come from its lists; a
 /// uniform prune stores them in the stock fields, which is what the stock class reads.
 /// </summary>
-public sealed class Phi3Config
+public sealed class Phi3Config : IDecoderConfig
 {
     public static readonly string[] ModelTypes = { "phi3" };
 

@@ -26,9 +26,7 @@ public sealed class Phi3Gguf : IGgufExporter
             throw cfg.Unsupported("num_attention_heads", $"× head_dim is {c.Widths.Heads[0]} × {c.HeadDim} = {c.Widths.Heads[0] * c.HeadDim} ≠ hidden_size {c.Hidden}; llama.cpp's phi3 sizes attention by hidden_size (prune MLP neurons only, --targets mlp, for GGUF)");
         if (c.SlidingWindow is int w && w < c.MaxPositions)
             throw cfg.Unsupported("sliding_window", $"is {w} < max_position_embeddings {c.MaxPositions}; llama.cpp's phi3 attends to every position (its sliding window is disabled), so positions past the window would differ");
-        var vocab = File.Exists(Path.Combine(src.ModelDir, "tokenizer.model"))
-            ? GgufVocabulary.SentencePiece(src.ModelDir, cfg, c.VocabSize)
-            : GgufVocabulary.BytePairEncoding(src.ModelDir, cfg, c.VocabSize);
+        var vocab = GgufVocabulary.Of(src.ModelDir, cfg, c.VocabSize);
 
         int H = c.Hidden, D = c.HeadDim, f = c.Widths.Intermediate[0];
         var (qkv, qkvWhy, gateUp, gateUpWhy) = c.Fused(0);

@@ -11,14 +11,9 @@ namespace LlmSnp.Models;
 /// Phi-3 / Phi-3.5 / Phi-4-mini causal LMs (HF `modeling_phi3` semantics, docs/models.md), streamed like LLaMA: the
 /// embedding, final norm and head stay loaded, each decoder layer is read when it is needed.
 /// </summary>
-public sealed class Phi3Model : StreamedModel, ILanguageModel
+public sealed class Phi3Model : DecoderModel<Phi3Config>, ILanguageModel
 {
-    public const string Prefix = "model.";
     public string Family => "phi3";
-    public Phi3Config Config { get; }
-    public int BlockCount => Config.Layers;
-    public int MaxPositions => Config.MaxPositions;
-    public int VocabSize => Config.VocabSize;
 
     /// <summary>
     /// longrope's tables switch once a sequence passes original_max_position_embeddings: HF 4.48's
@@ -26,8 +21,6 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
     /// </summary>
     public int? RecomputeCachePast => Config.Rope.Type == "longrope" ? Config.Rope.OriginalMaxPositions : null;
 
-    readonly Tensor _embedTokens, _norm;
-    readonly Tensor? _lmHead;
     readonly Rope _rope;
 
     public Phi3Model(string modelDir, Device? device = null, ScalarType computeDType = ScalarType.Float32)
@@ -35,21 +28,14 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
 
     /// <summary>The config is read first: its errors come before the weights are opened.</summary>
     Phi3Model(string modelDir, Phi3Config config, Device? device, ScalarType computeDType)
-        : base(modelDir, device, computeDType, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+        : base(modelDir, config, device, computeDType, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "generation_config.json", "added_tokens.json", "vocab.json", "merges.txt")
     {
-        Config = config;
         try
         {
             var c = Config;
-            // A tied head may be stored under either name (or both, then untied if they differ).
-            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
-            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
-            CheckFusedRows();
-            UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
-            _embedTokens = Resident(ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden));
-            _norm = Resident(ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden));
-            if (!c.TieWordEmbeddings) _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
+            CheckFusedRows();   // before the layout check: its line names the fields that give the rows
+            OpenOuterTensors();
             _rope = c.Rope.Build(c.RotaryDim, c.RopeTheta, c.MaxPositions, ComputeDType, Device);
         }
         catch
@@ -76,40 +62,10 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
         }
     }
 
-    Tensor? _headCompute;
-    Tensor HeadWeight => _headCompute ??= Resident((_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope());
-
-    public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
-
-    /// <summary>Token embeddings carry no position (RoPE rotates inside attention): the start only bounds the sequence.</summary>
-    public Tensor EmbedAt(Tensor ids, int startPosition)
-    {
-        CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
-        return Lookup(ids);
-    }
-
-    /// <summary>Packed rows: the positions only bound each sequence (RoPE reads them in the blocks).</summary>
-    public Tensor EmbedAt(Tensor ids, Tensor positions)
-    {
-        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
-        return Lookup(ids);
-    }
-
-    Tensor Lookup(Tensor ids)
-    {
-        using var scope = NewDisposeScope();
-        long b = ids.shape[0], t = ids.shape[1];
-        return _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1).MoveToOuterDisposeScope();
-    }
-
-    public Tensor Head(Tensor h)
-    {
-        using var scope = NewDisposeScope();
-        return F.linear(Norms.Rms(h, _norm, Config.RmsNormEps), HeadWeight).MoveToOuterDisposeScope();
-    }
+    protected override Tensor FinalNorm(Tensor h, Tensor weight) => Norms.Rms(h, weight, Config.RmsNormEps);
 
     /// <summary>The layer's tensors (local names) and shapes for its widths, in HF module order. Phi-3 has no biases.</summary>
-    public IEnumerable<(string Name, long[] Shape)> BlockTensors(int i)
+    public override IEnumerable<(string Name, long[] Shape)> BlockTensors(int i)
     {
         var c = Config;
         var (qkv, _, gateUp, _) = c.Fused(i);
@@ -134,23 +90,6 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
 
     ICachedBlock ILanguageModel.LoadCachedBlock(int index) => LoadBlock(index);
-
-    public IEnumerable<(string Name, Tensor Tensor)> OuterTensors(ScalarType dtype)
-    {
-        yield return (Prefix + "embed_tokens.weight", _embedTokens.to(dtype));
-        yield return (Prefix + "norm.weight", _norm.to(dtype));
-        if (_lmHead is not null) yield return ("lm_head.weight", _lmHead.to(dtype));
-    }
-
-    public long BlockParameters(int i) => BlockTensors(i).Sum(t => t.Shape.Aggregate(1L, (x, y) => x * y));
-
-    public long ParameterCount()
-    {
-        var c = Config;
-        long n = (long)c.VocabSize * c.Hidden * (c.TieWordEmbeddings ? 1 : 2) + c.Hidden;
-        for (int i = 0; i < c.Layers; i++) n += BlockParameters(i);
-        return n;
-    }
 
     /// <summary>Stock Phi3 has no biases to turn on: a consumer bias never reaches here (<see cref="Phi3Block.CanAddConsumerBias"/>).</summary>
     public JsonObject PrunedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
@@ -194,16 +133,6 @@ public sealed class Phi3Model : StreamedModel, ILanguageModel
     {
         string json = Path.Combine(ModelDir, "tokenizer.json");
         return !File.Exists(Path.Combine(ModelDir, "tokenizer.model")) && File.Exists(json) ? HfTokenizer.Load(json, ModelDir) : TextTokenizers.ForModel(ModelDir);
-    }
-
-    IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
-    {
-        var c = Config;
-        yield return (Prefix + "embed_tokens.weight", new long[] { c.VocabSize, c.Hidden });
-        yield return (Prefix + "norm.weight", new long[] { c.Hidden });
-        if (!c.TieWordEmbeddings) yield return ("lm_head.weight", new long[] { c.VocabSize, c.Hidden });
-        for (int i = 0; i < c.Layers; i++)
-            foreach (var (name, shape) in BlockTensors(i)) yield return ($"{Prefix}layers.{i}.{name}", shape);
     }
 
     public JsonObject Describe()
