@@ -6,8 +6,8 @@ using static TorchSharp.torch;
 namespace LlmSnp.Tests;
 
 /// <summary>
-/// Bad Qwen3 and Gemma checkpoints: each config field the forward refuses, the multimodal Gemma 3, misshapen or missing
-/// q/k norms, per-layer lists that disagree with the stock field — one line naming the file and the field or tensor,
+/// Bad Qwen3, Gemma and Phi-3 checkpoints: each config field the forward refuses, the multimodal Gemma 3, misshapen or missing
+/// q/k norms, fused projections whose rows disagree with the config, per-layer lists that disagree with the stock field — one line naming the file and the field or tensor,
 /// through the library and through the CLI (exit 1, nothing written).
 /// </summary>
 public class FamilyBadInputTests
@@ -43,6 +43,16 @@ public class FamilyBadInputTests
     [InlineData("gemma3_text", "use_bidirectional_attention", "true", "use_bidirectional_attention")]
     [InlineData("gemma3_text", "rope_local_base_freq", "-1", "rope_local_base_freq")]
     [InlineData("gemma3_text", "rope_parameters", "{\"full_attention\": {\"rope_type\": \"default\"}}", "rope_parameters")]
+    [InlineData("phi3-mini", "hidden_act", "\"gelu\"", "hidden_act")]
+    [InlineData("phi3-mini", "rope_scaling", "{\"type\": \"dynamic\", \"factor\": 2.0}", "rope_scaling")]
+    [InlineData("phi3-mini", "num_key_value_heads", "3", "num_key_value_heads")]
+    [InlineData("phi3-mini", "num_key_value_heads", "2", "self_attn.qkv_proj.weight")]
+    [InlineData("phi3-mini", "intermediate_size", "100", "mlp.gate_up_proj.weight")]
+    [InlineData("phi4-mini", "rope_scaling", "{\"type\": \"mystery\", \"short_factor\": [1], \"long_factor\": [1]}", "rope_scaling")]
+    [InlineData("phi4-mini", "rope_scaling", "{\"type\": \"longrope\", \"short_factor\": [1, 1, 1, 1, 1, 1, 1, 1], \"long_factor\": [1, 1, 1, 1, 1, 1]}", "short_factor")]
+    [InlineData("phi4-mini", "rope_scaling", "{\"type\": \"longrope\", \"short_factor\": [1, 1, 1, 1, 1, 1], \"long_factor\": [1, 1, 1, 1, 1, \"x\"]}", "long_factor")]
+    [InlineData("phi4-mini", "partial_rotary_factor", "0.1", "partial_rotary_factor")]
+    [InlineData("phi4-mini", "num_heads_per_layer", "[6, 4]", "num_heads_per_layer")]
     public void A_bad_config_field_is_one_line_naming_it(string fixture, string field, string value, string named)
     {
         using var tmp = new TempDir();
@@ -129,5 +139,16 @@ public class FamilyBadInputTests
         string dir = FamilyGoldenTests.WithConfig(tmp, "qwen3", c => c["hidden_act"] = "relu");
         var r = CliHarness.Run(new[] { "inspect", "--model", dir });
         CliHarness.FailsWithOneLine(r, onlyLine: true, 1, "hidden_act", "config.json");
+    }
+
+    /// <summary>A fused qkv_proj whose rows disagree with the config: one line naming the tensor and the fields that give its rows, nothing written.</summary>
+    [Fact]
+    public void The_cli_names_a_phi3_fused_tensor_whose_rows_disagree_with_the_config()
+    {
+        using var tmp = new TempDir();
+        string dir = FamilyGoldenTests.WithConfig(tmp, "phi4-mini", c => c["num_key_value_heads"] = 3);
+        var r = CliHarness.Run(new[] { "prune", "--model", dir, "--out", tmp.Sub("out"), "--ratio", "0.3", "--calib", "tinystories" });
+        CliHarness.FailsWithOneLine(r, onlyLine: true, 1, "model.layers.0.self_attn.qkv_proj.weight", "num_key_value_heads 3");
+        Assert.False(Directory.Exists(tmp.Sub("out")));
     }
 }

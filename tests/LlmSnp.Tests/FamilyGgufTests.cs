@@ -10,7 +10,7 @@ using static TorchSharp.torch;
 namespace LlmSnp.Tests;
 
 /// <summary>
-/// GGUF export of Qwen3 (arch qwen3), Gemma 2 (gemma2) and Gemma 3 (gemma3), checked in llama.cpp itself (LLamaSharp
+/// GGUF export of Qwen3 (arch qwen3), Gemma 2 (gemma2), Gemma 3 (gemma3) and Phi-3 (phi3), checked in llama.cpp itself (LLamaSharp
 /// 0.30.0): logits of the fixtures and of uniformly pruned fixtures from the F32 file, llama.cpp's own tokenizer on the
 /// exported vocabulary against the independent ids, and everything llama.cpp would compute differently refused in one
 /// line before anything is written.
@@ -26,7 +26,7 @@ public sealed class FamilyGgufTests
     /// by up to ~1e-3; with that rounding emulated the two agree to ~1e-6 except past a position where an activation
     /// lands on the other side of an F16 rounding boundary.
     /// </summary>
-    static double Tolerance(string fixture) => fixture == "qwen3" ? 1e-4 : 2e-3;
+    static double Tolerance(string fixture) => fixture.StartsWith("gemma") ? 2e-3 : 1e-4;
 
     double MaxDiff(string gguf, long[] ids, Tensor want, string what)
     {
@@ -38,7 +38,7 @@ public sealed class FamilyGgufTests
         return d;
     }
 
-    static string Tokenizer(string fixture) => fixture == "qwen3" ? "qwen-bpe" : "gemma-spm";
+    static string Tokenizer(string fixture) => fixture is "qwen3" or "phi4-mini" ? "qwen-bpe" : "gemma-spm";
 
     /// <summary>
     /// A fixture with its family's tokenizer; Gemma's with query_pre_attn_scalar = head_dim, the only scale llama.cpp's
@@ -46,13 +46,14 @@ public sealed class FamilyGgufTests
     /// </summary>
     static string Exportable(TempDir tmp, string fixture, string? name = null)
     {
-        string dir = FamilyTokenizerTests.WithTokenizer(tmp, fixture, Tokenizer(fixture), name);
-        if (fixture != "qwen3")
-        {
-            var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!.AsObject();
-            cfg["query_pre_attn_scalar"] = (int)cfg["head_dim"]!;
-            File.WriteAllText(Path.Combine(dir, "config.json"), cfg.ToJsonString());
-        }
+        // Not named "phi3…": llama.cpp gives tokens of a model whose general.name (the directory's) says phi3 Phi-3's own
+        // strip attributes by their text, and Phi-3's "</s>" is not in the Gemma-style vocabulary used here.
+        string dir = FamilyTokenizerTests.WithTokenizer(tmp, fixture, Tokenizer(fixture), name ?? (fixture == "phi3-mini" ? "mini-spm" : null));
+        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!.AsObject();
+        if (fixture.StartsWith("gemma")) cfg["query_pre_attn_scalar"] = (int)cfg["head_dim"]!;
+        // phi3-mini's config names bos 1 / eos 2; the Gemma-style SentencePiece beside it has them the other way round.
+        if (fixture == "phi3-mini") { cfg["bos_token_id"] = 2; cfg["eos_token_id"] = 1; cfg["pad_token_id"] = 0; }
+        File.WriteAllText(Path.Combine(dir, "config.json"), cfg.ToJsonString());
         return dir;
     }
 
@@ -66,6 +67,8 @@ public sealed class FamilyGgufTests
     [InlineData("qwen3", "qwen3")]
     [InlineData("gemma2", "gemma2")]
     [InlineData("gemma3_text", "gemma3")]
+    [InlineData("phi3-mini", "phi3")]
+    [InlineData("phi4-mini", "phi3")]
     public void LlamaCpp_reproduces_the_logits_and_the_tokenizer_ids(string fixture, string arch)
     {
         using var tmp = new TempDir();
@@ -74,24 +77,66 @@ public sealed class FamilyGgufTests
         var res = GgufExport.Run(dir, path, GgufDType.F32);
         Assert.Equal(arch, res.Architecture);
         var (ids, golden, _) = ModelTests.Golden(FamilyGoldenTests.Fixture(fixture));
+        bool bpe = Tokenizer(fixture) == "qwen-bpe";
         for (int s = 0; s < ids.Length; s++)
         {
-            // Qwen3's fixture is exported as it is: its golden logits directly. Gemma's scale was edited: LlmSnp's forward
-            // of the edited config (the golden tests check that forward).
-            using var want = fixture == "qwen3"
+            // Fixtures exported as they are: their golden logits directly. Gemma's scale was edited: LlmSnp's forward
+            // of the edited config (the golden tests check that forward). llama.cpp picks longrope's factors by its context
+            // per sequence, which it pads past phi4-mini's original 32 positions: the long factors, which LlmSnp uses for
+            // these 16 tokens once they are given as the short ones.
+            using var want = fixture == "phi4-mini" ? LlmSnpLogits(WithLongFactorsAsShort(tmp, dir), ids[s])
+                : !fixture.StartsWith("gemma")
                 ? torch.tensor(golden[s].SelectMany(x => x).ToArray(), new long[] { golden[s].Length, golden[s][0].Length }, ScalarType.Float64)
                 : LlmSnpLogits(dir, ids[s]);
             Assert.True(MaxDiff(path, ids[s], want, $"{fixture} seq {s}") < Tolerance(fixture));
         }
         using var rt = LlamaCppRuntime.Load(path, 64, threads: 1);
         var (texts, expected) = FamilyTokenizerTests.Expected(Tokenizer(fixture));
-        bool bos = fixture != "qwen3";
         // special: llama.cpp makes Gemma's <end_of_turn> a control token by its name (end-of-turn detection), so it
         // matches it in text only when asked to; SentencePiece and LlmSnp match it as the user-defined piece it is.
-        for (int i = 0; i < texts.Length; i++) Assert.Equal(expected[i], rt.Tokenize(texts[i], addBos: bos, special: true));
+        for (int i = 0; i < texts.Length; i++) Assert.Equal(expected[i], rt.Tokenize(texts[i], addBos: !bpe, special: true));
         var g = GgufFile.Read(path);
-        Assert.Equal(fixture == "qwen3" ? "gpt2" : "llama", g.Scalar<string>("tokenizer.ggml.model"));
-        if (fixture == "qwen3") Assert.Equal("qwen2", g.Scalar<string>("tokenizer.ggml.pre"));
+        Assert.Equal(bpe ? "gpt2" : "llama", g.Scalar<string>("tokenizer.ggml.model"));
+        if (bpe) Assert.Equal("qwen2", g.Scalar<string>("tokenizer.ggml.pre"));
+    }
+
+    static string WithLongFactorsAsShort(TempDir tmp, string dir)
+    {
+        string to = tmp.Sub(Path.GetFileName(dir) + "-long");
+        if (Directory.Exists(to)) return to;
+        Directory.CreateDirectory(to);
+        foreach (var f in Directory.GetFiles(dir)) File.Copy(f, Path.Combine(to, Path.GetFileName(f)));
+        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(to, "config.json")))!.AsObject();
+        var rs = cfg["rope_scaling"]!.AsObject();
+        rs["short_factor"] = rs["long_factor"]!.DeepClone();
+        File.WriteAllText(Path.Combine(to, "config.json"), cfg.ToJsonString());
+        return to;
+    }
+
+    /// <summary>
+    /// phi4-mini with an original context of 4096 (of 8192): llama.cpp's context of 64 is within it, so it rotates with the
+    /// short factors, and the file's attention factor is HF's √(1 + ln 2 / ln 4096), as LlmSnp's forward of the same config.
+    /// </summary>
+    [Fact]
+    public void LlamaCpp_uses_the_short_longrope_factors_within_the_original_context()
+    {
+        using var tmp = new TempDir();
+        string dir = Exportable(tmp, "phi4-mini");
+        var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "config.json")))!.AsObject();
+        cfg["original_max_position_embeddings"] = 4096;
+        cfg["max_position_embeddings"] = 8192;
+        File.WriteAllText(Path.Combine(dir, "config.json"), cfg.ToJsonString());
+        string path = tmp.Sub("m.gguf");
+        GgufExport.Run(dir, path, GgufDType.F32);
+        var g = GgufFile.Read(path);
+        Assert.Equal(4096u, g.Scalar<uint>("phi3.rope.scaling.original_context_length"));
+        Assert.Equal((float)Math.Sqrt(1 + Math.Log(2) / Math.Log(4096)), g.Scalar<float>("phi3.rope.scaling.attn_factor"));
+        Assert.Equal(12u, g.Scalar<uint>("phi3.rope.dimension_count"));
+        var (ids, _, _) = ModelTests.Golden(FamilyGoldenTests.Fixture("phi4-mini"));
+        using var want = LlmSnpLogits(dir, ids[0]);
+        using var longWant = LlmSnpLogits(WithLongFactorsAsShort(tmp, dir), ids[0]);
+        Assert.True((want - longWant).abs().max().ToDouble() > 1e-2);   // the two tables give other logits
+        Assert.True(MaxDiff(path, ids[0], want, "phi4-mini, original context 4096") < Tolerance("phi4-mini"));
     }
 
     /// <summary>
@@ -102,14 +147,18 @@ public sealed class FamilyGgufTests
     [InlineData("qwen3")]
     [InlineData("gemma2")]
     [InlineData("gemma3_text")]
+    [InlineData("phi3-mini")]
+    [InlineData("phi4-mini")]
     public void A_uniformly_pruned_checkpoint_runs_in_llama_cpp_as_in_llmsnp(string fixture)
     {
         using var tmp = new TempDir();
         string src = Exportable(tmp, fixture);
+        // llama.cpp's phi3 sizes attention by hidden_size: its checkpoints are pruned in the MLP only.
+        var prune = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.5, UniformWidths = true, Reconstruct = ReconstructMode.LstsqNoBias };
+        if (fixture.StartsWith("phi")) prune = prune with { Targets = new HashSet<NodeKind> { NodeKind.Mlp } };
         PruneJob.Run(new PruneJobOptions
         {
-            ModelDir = src, OutDir = tmp.Sub("out"), CalibSource = TextSources.TinyStories, CalibSamples = 8, CalibSeqLen = 64,
-            Prune = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.5, UniformWidths = true, Reconstruct = ReconstructMode.LstsqNoBias },
+            ModelDir = src, OutDir = tmp.Sub("out"), CalibSource = TextSources.TinyStories, CalibSamples = 8, CalibSeqLen = 64, Prune = prune,
         }, null);
         string path = tmp.Sub("p.gguf");
         var res = GgufExport.Run(tmp.Sub("out"), path, GgufDType.F32);
@@ -118,7 +167,8 @@ public sealed class FamilyGgufTests
         var g = GgufFile.Read(path);
         Assert.Equal((uint)(int)cfg["intermediate_size"]!, g.Scalar<uint>($"{res.Architecture}.feed_forward_length"));
         var ids = new long[] { 2, 100, 62, 397, 432, 338, 409, 391, 11, 252, 42, 52, 255, 265, 423, 268, 5, 9, 77, 300 };
-        using var want = LlmSnpLogits(tmp.Sub("out"), ids);
+        // phi4-mini: llama.cpp's padded context is past the original 32 positions (the long factors; see above).
+        using var want = LlmSnpLogits(fixture == "phi4-mini" ? WithLongFactorsAsShort(tmp, tmp.Sub("out")) : tmp.Sub("out"), ids);
         Assert.True(MaxDiff(path, ids, want, $"pruned {fixture}") < Tolerance(fixture));
     }
 
@@ -187,6 +237,8 @@ public sealed class FamilyGgufTests
         {
             ["rope_type"] = "llama3", ["factor"] = 8.0, ["low_freq_factor"] = 1.0, ["high_freq_factor"] = 4.0, ["original_max_position_embeddings"] = 64,
         }), "rope_scaling");
+        // llama.cpp's phi3 has its sliding window off: a window within the context would compute differently.
+        Refused(Edited(tmp, "phi3-mini", "phi-swa", c => c["sliding_window"] = 64), "sliding_window");
         // Qwen3 without its tokenizer.json; a tokenizer.json llama.cpp would split differently.
         string noTok = Edited(tmp, "qwen3", "no-tokenizer", c => { });
         File.Delete(Path.Combine(noTok, "tokenizer.json"));
@@ -202,6 +254,7 @@ public sealed class FamilyGgufTests
     [Theory]
     [InlineData("qwen3")]
     [InlineData("gemma3_text")]
+    [InlineData("phi3-mini")]
     public void Per_layer_widths_and_attention_biases_are_refused(string fixture)
     {
         using var tmp = new TempDir();
@@ -212,8 +265,9 @@ public sealed class FamilyGgufTests
         };
         PruneJob.Run(Job(tmp.Sub("budget"), new PruneOptions { Policy = RatioPolicyKind.Budget, Amount = 0.4 }), null);
         Refused(tmp.Sub("budget"), "intermediate_sizes");
-        PruneJob.Run(Job(tmp.Sub("bias"), new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.5, UniformWidths = true, Targets = new HashSet<NodeKind> { fixture == "qwen3" ? NodeKind.Heads : NodeKind.Mlp } }), null);
+        PruneJob.Run(Job(tmp.Sub("bias"), new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.5, UniformWidths = true, Targets = new HashSet<NodeKind> { fixture is "qwen3" or "phi3-mini" ? NodeKind.Heads : NodeKind.Mlp } }), null);
         if (fixture == "qwen3") Refused(tmp.Sub("bias"), "o_proj.bias");
+        else if (fixture == "phi3-mini") Refused(tmp.Sub("bias"), "num_attention_heads");   // heads removed: fewer than hidden_size spans
         else GgufExport.Run(tmp.Sub("bias"), tmp.Sub("bias.gguf"), GgufDType.F16);   // MLP only: no bias added, exported
     }
 }

@@ -6,7 +6,7 @@ using static TorchSharp.torch;
 namespace LlmSnp.Tests;
 
 /// <summary>
-/// Qwen3, Gemma 2 and Gemma 3 forwards against the independent float64 references in tests/fixtures/golden-families
+/// Qwen3, Gemma 2, Gemma 3 and Phi-3 forwards against the independent float64 references in tests/fixtures/golden-families
 /// (HF semantics, full-precision logits): F32 within 1e-4, F64 within 1e-9.
 /// </summary>
 public class FamilyGoldenTests
@@ -23,6 +23,10 @@ public class FamilyGoldenTests
     [InlineData("gemma2", "gemma", ScalarType.Float64, 1e-9)]
     [InlineData("gemma3_text", "gemma", ScalarType.Float32, 1e-4)]
     [InlineData("gemma3_text", "gemma", ScalarType.Float64, 1e-9)]
+    [InlineData("phi3-mini", "phi3", ScalarType.Float32, 1e-4)]
+    [InlineData("phi3-mini", "phi3", ScalarType.Float64, 1e-9)]
+    [InlineData("phi4-mini", "phi3", ScalarType.Float32, 1e-4)]
+    [InlineData("phi4-mini", "phi3", ScalarType.Float64, 1e-9)]
     public void Forward_matches_the_float64_golden_logits(string fixture, string family, ScalarType dtype, double tol)
     {
         string dir = Fixture(fixture);
@@ -64,6 +68,7 @@ public class FamilyGoldenTests
     [InlineData("qwen3")]
     [InlineData("gemma2")]
     [InlineData("gemma3_text")]
+    [InlineData("phi3-mini")]
     public void Cached_logits_equal_the_full_forward(string fixture)
     {
         using var ids = torch.randint(3, 512, new long[] { 1, 40 }, generator: new torch.Generator(17));

@@ -8,17 +8,17 @@ using static TorchSharp.torch;
 namespace LlmSnp.Tests;
 
 /// <summary>
-/// Pruning Qwen3, Gemma 2 and Gemma 3 (the golden-family fixtures with their family's tokenizer, calibrated on
+/// Pruning Qwen3, Gemma 2, Gemma 3 and Phi-3 (the golden-family fixtures with their family's tokenizer, calibrated on
 /// TinyStories): stock shapes of uniform prunes derived here from the HF classes, the bias rules of their stock classes,
 /// per-layer prunes reloaded and re-evaluated, padded copies, the cached forward of pruned blocks, and every ordering,
 /// reconstruction and ratio policy.
 /// </summary>
 public class FamilyPruningTests
 {
-    public static readonly TheoryData<string> Fixtures = new() { "qwen3", "gemma2", "gemma3_text" };
+    public static readonly TheoryData<string> Fixtures = new() { "qwen3", "gemma2", "gemma3_text", "phi3-mini", "phi4-mini" };
 
     internal static string WithTokenizer(TempDir tmp, string fixture) =>
-        FamilyTokenizerTests.WithTokenizer(tmp, fixture, fixture == "qwen3" ? "qwen-bpe" : "gemma-spm");
+        FamilyTokenizerTests.WithTokenizer(tmp, fixture, fixture is "qwen3" or "phi4-mini" ? "qwen-bpe" : "gemma-spm");
 
     static PruneJobOptions Job(string model, string outDir, PruneOptions prune, bool eval = false, bool padded = false) => new()
     {
@@ -34,11 +34,13 @@ public class FamilyPruningTests
     /// The state dict the stock class builds from config.json, written from transformers' modeling files:
     /// `Qwen3ForCausalLM` (head_dim from config, default 128; `attention_bias` on q, k, v and o; q_norm/k_norm [head_dim];
     /// untied by default), `Gemma2ForCausalLM` (head_dim default 256; `attention_bias` on q, k, v, o; four norms; tied by
-    /// default, save_pretrained drops the tied head), `Gemma3ForCausalLM` (Gemma 2's layout plus q_norm/k_norm).
+    /// default, save_pretrained drops the tied head), `Gemma3ForCausalLM` (Gemma 2's layout plus q_norm/k_norm),
+    /// `Phi3ForCausalLM` (below).
     /// </summary>
     static Dictionary<string, long[]> StockShapes(JsonObject c)
     {
         string type = (string)c["model_type"]!;
+        if (type == "phi3") return Phi3StockShapes(c);
         bool qwen = type == "qwen3", gemma3 = type == "gemma3_text";
         int h = I(c, "hidden_size", 0), heads = I(c, "num_attention_heads", 0), inter = I(c, "intermediate_size", 0), v = I(c, "vocab_size", 0);
         int kv = I(c, "num_key_value_heads", qwen ? 32 : 4), d = I(c, "head_dim", qwen ? 128 : 256);
@@ -60,6 +62,29 @@ public class FamilyPruningTests
             var norms = qwen ? new[] { "input_layernorm", "post_attention_layernorm" }
                 : new[] { "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm" };
             foreach (var n in norms) s[l + n + ".weight"] = new long[] { h };
+        }
+        return s;
+    }
+
+    /// <summary>
+    /// `Phi3ForCausalLM`: head_dim = getattr(config, "head_dim", hidden // heads); no biases anywhere; `qkv_proj`
+    /// [(heads + 2·kv)·head_dim, hidden], `o_proj`, `gate_up_proj` [2·intermediate, hidden], `down_proj`, two norms; untied by default.
+    /// </summary>
+    static Dictionary<string, long[]> Phi3StockShapes(JsonObject c)
+    {
+        int h = I(c, "hidden_size", 0), heads = I(c, "num_attention_heads", 0), inter = I(c, "intermediate_size", 0), v = I(c, "vocab_size", 0);
+        int kv = I(c, "num_key_value_heads", heads), d = I(c, "head_dim", h / heads);
+        var s = new Dictionary<string, long[]> { ["model.embed_tokens.weight"] = new long[] { v, h }, ["model.norm.weight"] = new long[] { h } };
+        if (!B(c, "tie_word_embeddings", false)) s["lm_head.weight"] = new long[] { v, h };
+        for (int i = 0; i < I(c, "num_hidden_layers", 0); i++)
+        {
+            string l = $"model.layers.{i}.";
+            s[l + "self_attn.qkv_proj.weight"] = new long[] { (long)(heads + 2 * kv) * d, h };
+            s[l + "self_attn.o_proj.weight"] = new long[] { h, (long)heads * d };
+            s[l + "mlp.gate_up_proj.weight"] = new long[] { 2L * inter, h };
+            s[l + "mlp.down_proj.weight"] = new long[] { h, inter };
+            s[l + "input_layernorm.weight"] = new long[] { h };
+            s[l + "post_attention_layernorm.weight"] = new long[] { h };
         }
         return s;
     }
@@ -94,21 +119,32 @@ public class FamilyPruningTests
         Assert.Equal(kvAfter, (int)cfg["num_key_value_heads"]!);
         Assert.Equal(kvAfter * queries, (int)cfg["num_attention_heads"]!);
         Assert.Equal((int)before["intermediate_size"]! / 2, (int)cfg["intermediate_size"]!);
-        Assert.Equal((int)before["head_dim"]!, (int)cfg["head_dim"]!);
-        Assert.True((bool)cfg["attention_bias"]!);
+        bool phi3 = (string)before["model_type"]! == "phi3";
+        Assert.Equal(before["head_dim"] is JsonNode hd ? (int)hd : (int)before["hidden_size"]! / (int)before["num_attention_heads"]!, (int)cfg["head_dim"]!);
         AssertStockShapes(tmp.Sub("out"));
         var report = outcome.Report;
-        Assert.True((bool)report["stock_loadable"]!);
+        if (phi3 && before["rope_scaling"] is JsonObject)
+        {
+            // Phi3Config counts longrope's factors from hidden_size // num_attention_heads, which removing heads changes.
+            Assert.False((bool)report["stock_loadable"]!);
+            Assert.Contains("rope_scaling", (string)report["stock_loadable_why_not"]!);
+        }
+        else Assert.True((bool)report["stock_loadable"]!);
         foreach (var l in report["layers"]!.AsArray())
         {
             bool heads = (string)l!["kind"]! == "heads";
-            Assert.Equal(heads ? "lstsq-bias" : "lstsq-nobias", (string)l["reconstruct_used"]!);
-            if (!heads) Assert.Equal($"stock {before["model_type"]} down_proj has no bias", (string)l["bias_free_because"]!);
+            // Stock Phi3 has no bias on any linear: both fits are bias-free.
+            Assert.Equal(heads && !phi3 ? "lstsq-bias" : "lstsq-nobias", (string)l["reconstruct_used"]!);
+            if (!heads || phi3) Assert.Equal($"stock {before["model_type"]} {(heads ? "o_proj" : "down_proj")} has no bias", (string)l["bias_free_because"]!);
         }
-        using var ck = new CheckpointReader(tmp.Sub("out"));
-        Assert.True(GgufZero(ck, "model.layers.0.self_attn.q_proj.bias"));
-        // Gemma 3's single K/V head stays (a layer keeps one group at least): nothing removed, nothing to compensate.
-        Assert.Equal(kvAfter == kvBefore, GgufZero(ck, "model.layers.0.self_attn.o_proj.bias"));
+        if (!phi3)
+        {
+            Assert.True((bool)cfg["attention_bias"]!);
+            using var ck = new CheckpointReader(tmp.Sub("out"));
+            Assert.True(GgufZero(ck, "model.layers.0.self_attn.q_proj.bias"));
+            // Gemma 3's single K/V head stays (a layer keeps one group at least): nothing removed, nothing to compensate.
+            Assert.Equal(kvAfter == kvBefore, GgufZero(ck, "model.layers.0.self_attn.o_proj.bias"));
+        }
         using var m = ModelFamilies.OpenLanguageModel(tmp.Sub("out"));
         Assert.Equal(outcome.ParamsAfter, m.ParameterCount());
         Assert.Empty(m.UnusedTensors);
@@ -149,7 +185,9 @@ public class FamilyPruningTests
         using (var ck = new CheckpointReader(Path.Combine(tmp.Sub("out"), "padded")))
             Assert.Equal(ck.Names.Sum(n => ck.Entry(n).Shape.Aggregate(1L, (x, y) => x * y)), padded.ParameterCount());
         AssertStockShapes(Path.Combine(tmp.Sub("out"), "padded"));
-        using var input = torch.tensor(ids.Take(40).Select(x => (long)x).ToArray(), new long[] { 1, 40 });
+        // A longrope model's cached positions before its switch rotate with the short factors, the full forward's with the long ones.
+        int n = compact.RecomputeCachePast is int past ? Math.Min(40, past) : 40;
+        using var input = torch.tensor(ids.Take(n).Select(x => (long)x).ToArray(), new long[] { 1, n });
         using var a = LlamaTests.Forward(compact, input);
         using var b = LlamaTests.Forward(padded, input);
         Assert.True((a - b).abs().max().item<double>() < 1e-9);
@@ -186,6 +224,7 @@ public class FamilyPruningTests
     [Theory]
     [InlineData("qwen3")]
     [InlineData("gemma2")]
+    [InlineData("phi4-mini")]
     public void Compare_rows_equal_prune_of_the_same_options(string fixture)
     {
         using var tmp = new TempDir();

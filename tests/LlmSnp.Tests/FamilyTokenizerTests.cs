@@ -6,8 +6,8 @@ namespace LlmSnp.Tests;
 
 /// <summary>
 /// The families' own tokenizers against independent ids (tests/fixtures/tokenizers, written by
-/// tools/reference/family_tokenizers.py): a Gemma-style SentencePiece model against the sentencepiece library, a
-/// Qwen3-style byte-level BPE tokenizer.json against a second BPE encoder.
+/// tools/reference/family_tokenizers.py): a Gemma-style SentencePiece model against the sentencepiece library (Gemma,
+/// Phi-3), a Qwen3-style byte-level BPE tokenizer.json against a second BPE encoder (Qwen3, Phi-4-mini).
 /// </summary>
 public class FamilyTokenizerTests
 {
@@ -32,7 +32,8 @@ public class FamilyTokenizerTests
     [Theory]
     [InlineData("gemma2")]
     [InlineData("gemma3_text")]
-    public void Gemma_sentencepiece_ids_equal_the_sentencepiece_librarys(string fixture)
+    [InlineData("phi3-mini")]
+    public void Sentencepiece_ids_equal_the_sentencepiece_librarys(string fixture)
     {
         using var tmp = new TempDir();
         using var model = ModelFamilies.OpenLanguageModel(WithTokenizer(tmp, fixture, "gemma-spm"));
@@ -45,11 +46,25 @@ public class FamilyTokenizerTests
         Assert.Equal(texts[0], tok.Decode(ids[0].Skip(1)));
     }
 
-    [Fact]
-    public void Qwen3_byte_level_bpe_ids_equal_a_second_encoders()
+    /// <summary>
+    /// Qwen3's and Phi-4-mini's tokenizer.json. Phi-4-mini ships vocab.json and merges.txt too (written here from the
+    /// tokenizer.json): they lack its pre-tokenizer and added tokens, so the tokenizer.json is the one read.
+    /// </summary>
+    [Theory]
+    [InlineData("qwen3")]
+    [InlineData("phi4-mini")]
+    public void Byte_level_bpe_ids_equal_a_second_encoders(string fixture)
     {
         using var tmp = new TempDir();
-        using var model = ModelFamilies.OpenLanguageModel(WithTokenizer(tmp, "qwen3", "qwen-bpe"));
+        string dir = WithTokenizer(tmp, fixture, "qwen-bpe");
+        if (fixture == "phi4-mini")
+        {
+            var bpe = JsonNode.Parse(File.ReadAllText(Path.Combine(dir, "tokenizer.json")))!["model"]!;
+            File.WriteAllText(Path.Combine(dir, "vocab.json"), bpe["vocab"]!.ToJsonString());
+            File.WriteAllLines(Path.Combine(dir, "merges.txt"), new[] { "#version: 0.2" }.Concat(bpe["merges"]!.AsArray()
+                .Select(m => m is JsonArray pair ? $"{pair[0]} {pair[1]}" : (string)m!)));
+        }
+        using var model = ModelFamilies.OpenLanguageModel(dir);
         var tok = model.Tokenizer();
         Assert.IsType<HfTokenizer>(tok);
         Assert.Null(tok.BosId);   // Qwen prepends nothing

@@ -163,7 +163,7 @@ public class LlamaTests
     }
 
     [Theory]
-    [InlineData("rope_scaling", "{\"rope_type\": \"yarn\", \"factor\": 2.0}", "rope_scaling")]
+    [InlineData("rope_scaling", "{\"rope_type\": \"mrope\", \"factor\": 2.0}", "rope_scaling")]
     [InlineData("hidden_act", "\"gelu\"", "hidden_act")]
     [InlineData("num_key_value_heads", "3", "num_key_value_heads")]
     [InlineData("head_dim", "16", "self_attn.q_proj.weight")]

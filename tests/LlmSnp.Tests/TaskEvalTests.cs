@@ -256,15 +256,21 @@ public class TaskEvalTests
     [InlineData("golden-families/gemma3_text", null)]
     [InlineData("golden-families/mixtral", null)]
     [InlineData("golden-families/qwen3_moe", null)]
-    public void Packed_rows_equal_one_forward_per_sequence(string fixture, int? window)
+    [InlineData("golden-families/phi3-mini", null)]
+    [InlineData("golden-families/phi3-mini", 6)]
+    [InlineData("golden-families/phi4-mini", null)]
+    [InlineData("golden-families/phi4-mini", null, 8)]
+    public void Packed_rows_equal_one_forward_per_sequence(string fixture, int? window, int? originalContext = null)
     {
         using var tmp = new TempDir();
         string dir = fixture == "stories260k" ? Stories : Repo.Fixture(fixture);
-        if (window is int w)
+        // A longrope original context of 8: shared + A (12) and shared + B (9) use the long table, the second row's 8 the short one.
+        if (window is not null || originalContext is not null)
         {
             foreach (var f in Directory.GetFiles(dir)) File.Copy(f, Path.Combine(tmp.Path, Path.GetFileName(f)));
             var cfg = JsonNode.Parse(File.ReadAllText(Path.Combine(tmp.Path, "config.json")))!.AsObject();
-            cfg["sliding_window"] = w;
+            if (window is int w) cfg["sliding_window"] = w;
+            if (originalContext is int o) cfg["original_max_position_embeddings"] = o;
             File.WriteAllText(Path.Combine(tmp.Path, "config.json"), cfg.ToJsonString());
             dir = tmp.Path;
         }

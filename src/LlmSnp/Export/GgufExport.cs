@@ -40,6 +40,12 @@ public sealed record GgufTensor(string Source, string Name, long[] Shape, string
     /// llama.cpp's ffn_*_exps); <see cref="Source"/> is then the first of them. Null: the one stored tensor.
     /// </summary>
     public IReadOnlyList<string>? Stacked { get; init; }
+
+    /// <summary>
+    /// Values llama.cpp needs that the checkpoint does not store as a tensor but its config.json gives (longrope's
+    /// rope_factors_long / rope_factors_short), written as F32; <see cref="Source"/> then names the config field.
+    /// </summary>
+    public float[]? Values { get; init; }
 }
 
 /// <summary>What a checkpoint being exported offers its family's exporter.</summary>
@@ -121,6 +127,12 @@ public static class GgufExport
         var consumed = new HashSet<string>(plan.Skipped, StringComparer.Ordinal);
         foreach (var t in plan.Tensors)
         {
+            if (t.Values is float[] values)
+            {
+                if (values.Length != t.Shape.Aggregate(1L, (x, y) => x * y)) throw new InvalidOperationException($"{t.Name}: {values.Length} values for shape [{string.Join(", ", t.Shape)}]");
+                writer.AddTensor(t.Name, t.Shape, GgmlType.F32, s => s.Write(System.Runtime.InteropServices.MemoryMarshal.AsBytes(values.AsSpan())));
+                continue;
+            }
             var sources = t.Stacked ?? new[] { t.Source };
             var each = t.Stacked is null ? t.Shape : t.Shape.Skip(1).ToArray();
             foreach (var source in sources)

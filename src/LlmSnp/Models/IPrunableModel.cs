@@ -227,6 +227,13 @@ public interface ILanguageModel : IPrunableModel
 
     /// <summary>Decoder block <paramref name="index"/> with its cached forward (<see cref="ICachedBlock.Step"/>).</summary>
     ICachedBlock LoadCachedBlock(int index);
+
+    /// <summary>
+    /// A cached sequence that grows from at most this many positions to more is recomputed from its start: its RoPE
+    /// tables switch there (longrope), so the keys cached before are stale (HF Phi-3's `prepare_inputs_for_generation`
+    /// drops its cache once at that point). Null: the cache never goes stale.
+    /// </summary>
+    int? RecomputeCachePast => null;
 }
 
 /// <summary>An image classifier: preprocessed pixels in, class logits out.</summary>

@@ -24,6 +24,7 @@ public static class ModelFamilies
         new("vit", new[] { "vit", "deit" }, Modality.Image, (d, dev, dt) => new VitModel(d, dev, dt)),
         new("mixtral", MixtralConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("mixtral", d, MixtralConfig.Load(d), dev, dt), new MixtralGguf()),
         new("qwen3_moe", Qwen3MoeConfig.ModelTypes, Modality.Text, (d, dev, dt) => new MoeModel("qwen3_moe", d, Qwen3MoeConfig.Load(d), dev, dt), new Qwen3MoeGguf()),
+        new("phi3", Phi3Config.ModelTypes, Modality.Text, (d, dev, dt) => new Phi3Model(d, dev, dt), new Phi3Gguf()),
     };
 
     static string Supported => string.Join(", ", All.SelectMany(f => f.ModelTypes));

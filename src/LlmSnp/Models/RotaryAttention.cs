@@ -31,7 +31,7 @@ public static class RotaryAttention
             return h.transpose(1, 2);
         }
         Tensor qh = Heads(w.Q, w.QBias, w.QNorm), kh = Heads(w.K, w.KBias, w.KNorm);
-        var (q, k) = positions is null ? rope.Apply(qh, kh, position) : rope.ApplyAt(qh, kh, positions);
+        var (q, k) = positions is null ? rope.Apply(qh, kh, position) : rope.ApplyAt(qh, kh, positions, attend);
         var v = Heads(w.V, w.VBias, null);
         if (cache is not null) (k, v) = cache.Append(k, v);
         return Attention.Grouped(q, k, v, position, slidingWindow, packed: attend is null ? null : Attention.PackedMask(attend, positions!, slidingWindow));

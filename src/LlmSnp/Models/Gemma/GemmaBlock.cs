@@ -76,7 +76,7 @@ public sealed class GemmaBlock : PrunableBlock, ICachedBlock
             q = Norm(q, "self_attn.q_norm");
             k = Norm(k, "self_attn.k_norm");
         }
-        (q, k) = positions is null ? _rope.Apply(q.transpose(1, 2), k.transpose(1, 2), position) : _rope.ApplyAt(q.transpose(1, 2), k.transpose(1, 2), positions);
+        (q, k) = positions is null ? _rope.Apply(q.transpose(1, 2), k.transpose(1, 2), position) : _rope.ApplyAt(q.transpose(1, 2), k.transpose(1, 2), positions, attend);
         if (cache is not null) (k, v) = cache.Append(k, v);
         return Attention.Grouped(q, k, v, position, _window, Math.Pow(_c.QueryPreAttnScalar, -0.5), _c.AttnSoftcap,
             attend is null ? null : Attention.PackedMask(attend, positions!, _window));

@@ -88,7 +88,7 @@ public sealed class GemmaConfig : IDecoderConfig
         {
             File = f, ModelType = type,
             VocabSize = f.Int("vocab_size"), Hidden = hidden, Layers = layers, Heads = heads, KvHeads = kv, HeadDim = headDim,
-            Intermediate = inter, RmsNormEps = eps, RopeTheta = theta, Rope = RopeScaling.From(f, maxPos), RopeLocalTheta = local,
+            Intermediate = inter, RmsNormEps = eps, RopeTheta = theta, Rope = RopeScaling.For(f, maxPos, headDim), RopeLocalTheta = local,
             MaxPositions = maxPos, QueryPreAttnScalar = scalar,
             AttnSoftcap = Cap("attn_logit_softcapping", g3 ? null : 50.0),
             FinalSoftcap = Cap("final_logit_softcapping", g3 ? null : 30.0),

@@ -14,6 +14,8 @@ namespace LlmSnp.Models;
 public sealed class GemmaModel : DecoderModel<GemmaConfig>, ILanguageModel
 {
     public string Family => "gemma";
+    /// <summary>longrope switches tables past the original context: cached keys from before are recomputed.</summary>
+    public int? RecomputeCachePast => Config.Rope.Type == "longrope" ? Config.Rope.OriginalMaxPositions : null;
     readonly double _embedScale;
     /// <summary>Full-attention layers' RoPE (every layer in Gemma 2) and Gemma 3's local one for sliding layers.</summary>
     readonly Rope _globalRope;
@@ -34,7 +36,7 @@ public sealed class GemmaModel : DecoderModel<GemmaConfig>, ILanguageModel
             // HF multiplies by √hidden as a tensor of the activations' dtype (√3072 = 55.4256 is 55.5 in BF16).
             using (var exact = torch.tensor(Math.Sqrt(c.Hidden), ScalarType.Float64))
             using (var rounded = exact.to(ComputeDType)) _embedScale = rounded.to(ScalarType.Float64).item<double>();
-            _globalRope = new Rope(c.Rope.InverseFrequencies(c.HeadDim, c.RopeTheta), c.MaxPositions, ComputeDType, Device);
+            _globalRope = c.Rope.Build(c.HeadDim, c.RopeTheta, c.MaxPositions, ComputeDType, Device);
             if (c.Gemma3 && c.Sliding.Contains(true))
                 _localRope = new Rope(Enumerable.Range(0, c.HeadDim / 2).Select(i => 1.0 / Math.Pow(c.RopeLocalTheta, 2.0 * i / c.HeadDim)).ToArray(),
                     c.MaxPositions, ComputeDType, Device);   // unscaled: rope_scaling applies to the full-attention layers only

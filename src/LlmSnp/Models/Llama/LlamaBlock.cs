@@ -68,7 +68,7 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
         long b = x.shape[0], t = x.shape[1];
         Tensor Heads(string linear) => Linear(x, linear).view(b, t, -1, _headDim).transpose(1, 2);
         var (q, k) = positions is null ? _rope.Apply(Heads("self_attn.q_proj"), Heads("self_attn.k_proj"), position)
-            : _rope.ApplyAt(Heads("self_attn.q_proj"), Heads("self_attn.k_proj"), positions);
+            : _rope.ApplyAt(Heads("self_attn.q_proj"), Heads("self_attn.k_proj"), positions, attend);
         var v = Heads("self_attn.v_proj");
         if (cache is not null) (k, v) = cache.Append(k, v);
         if (_queriesPerKv > 1)

@@ -77,6 +77,8 @@ public sealed class LlamaConfig : IDecoderConfig
         double eps = f.Double("rms_norm_eps", 1e-6), theta = f.Double("rope_theta", 10000.0);
         if (!(eps > 0) || !double.IsFinite(eps)) throw f.Unsupported("rms_norm_eps", $"is {eps}; must be a positive number");
         if (!(theta > 0) || !double.IsFinite(theta)) throw f.Unsupported("rope_theta", $"is {theta}; must be a positive number");
+        var rope = RopeScaling.From(f, maxPos);
+        rope.Check(f, headDim);
         return new LlamaConfig
         {
             File = f, ModelType = type,
@@ -84,7 +86,7 @@ public sealed class LlamaConfig : IDecoderConfig
             Intermediate = inter,
             RmsNormEps = eps,
             RopeTheta = theta,
-            Rope = RopeScaling.From(f, maxPos),
+            Rope = rope,
             MaxPositions = maxPos,
             // Qwen2's q/k/v biases are always on; its o_proj bias exists only where pruning added one.
             QkvBias = qwen || attnBias, OBias = attnBias, MlpBias = f.Bool("mlp_bias", false),

@@ -96,7 +96,7 @@ public sealed class MoeConfig : IDecoderConfig
         double eps = f.Double("rms_norm_eps", epsDefault), theta = f.Double("rope_theta", thetaDefault);
         if (!(eps > 0) || !double.IsFinite(eps)) throw f.Unsupported("rms_norm_eps", $"is {eps}; must be a positive number");
         if (!(theta > 0) || !double.IsFinite(theta)) throw f.Unsupported("rope_theta", $"is {theta}; must be a positive number");
-        return new Attention(f.Int("vocab_size"), hidden, layers, heads, kv, headDim, eps, theta, RopeScaling.From(f, maxPos), maxPos,
+        return new Attention(f.Int("vocab_size"), hidden, layers, heads, kv, headDim, eps, theta, RopeScaling.For(f, maxPos, headDim), maxPos,
             f.Bool("tie_word_embeddings", false), headsPerLayer, kvPerLayer,
             f.Json["bos_token_id"] is JsonValue ? f.Int("bos_token_id", min: 0) : null,
             f.Json["eos_token_id"] is JsonValue ? f.Int("eos_token_id", min: 0) : null);

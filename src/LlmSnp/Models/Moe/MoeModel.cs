@@ -15,6 +15,8 @@ namespace LlmSnp.Models;
 public sealed class MoeModel : DecoderModel<MoeConfig>, ILanguageModel, IMixtureModel
 {
     public string Family { get; }
+    /// <summary>longrope switches tables past the original context: cached keys from before are recomputed.</summary>
+    public int? RecomputeCachePast => Config.Rope.Type == "longrope" ? Config.Rope.OriginalMaxPositions : null;
     public int Experts => Config.Sparse.Any(s => s) ? Config.Experts : 0;
     public int TopK => Config.TopK;
     public string ExpertsField => Config.ExpertsField;
@@ -32,7 +34,7 @@ public sealed class MoeModel : DecoderModel<MoeConfig>, ILanguageModel, IMixture
             var c = Config;
             OpenOuterTensors();
             CheckNoExtraExperts(modelDir);
-            _rope = new Rope(c.Rope.InverseFrequencies(c.HeadDim, c.RopeTheta), c.MaxPositions, ComputeDType, Device);
+            _rope = c.Rope.Build(c.HeadDim, c.RopeTheta, c.MaxPositions, ComputeDType, Device);
         }
         catch
         {

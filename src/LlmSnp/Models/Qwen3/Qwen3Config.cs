@@ -61,7 +61,7 @@ public sealed class Qwen3Config : IDecoderConfig
         {
             File = f,
             VocabSize = f.Int("vocab_size"), Hidden = hidden, Layers = layers, Heads = heads, KvHeads = kv, HeadDim = headDim,
-            Intermediate = inter, RmsNormEps = eps, RopeTheta = theta, Rope = RopeScaling.From(f, maxPos), MaxPositions = maxPos,
+            Intermediate = inter, RmsNormEps = eps, RopeTheta = theta, Rope = RopeScaling.For(f, maxPos, headDim), MaxPositions = maxPos,
             AttentionBias = f.Bool("attention_bias", false),
             TieWordEmbeddings = f.Bool("tie_word_embeddings", false),
             Windows = SlidingWindows(f, layers),

@@ -13,6 +13,8 @@ namespace LlmSnp.Models;
 public sealed class Qwen3Model : DecoderModel<Qwen3Config>, ILanguageModel
 {
     public string Family => "qwen3";
+    /// <summary>longrope switches tables past the original context: cached keys from before are recomputed.</summary>
+    public int? RecomputeCachePast => Config.Rope.Type == "longrope" ? Config.Rope.OriginalMaxPositions : null;
     readonly Rope _rope;
 
     public Qwen3Model(string modelDir, Device? device = null, ScalarType computeDType = ScalarType.Float32)
@@ -27,7 +29,7 @@ public sealed class Qwen3Model : DecoderModel<Qwen3Config>, ILanguageModel
         {
             var c = Config;
             OpenOuterTensors();
-            _rope = new Rope(c.Rope.InverseFrequencies(c.HeadDim, c.RopeTheta), c.MaxPositions, ComputeDType, Device);
+            _rope = c.Rope.Build(c.HeadDim, c.RopeTheta, c.MaxPositions, ComputeDType, Device);
         }
         catch
         {
