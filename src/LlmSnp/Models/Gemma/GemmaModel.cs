@@ -144,6 +144,8 @@ public sealed class GemmaModel : StreamedModel, ILanguageModel
         return cfg;
     }
 
+    public IReadOnlyList<string> LayerTypes => Config.Sliding.Select(s => s ? "sliding_attention" : "full_attention").ToArray();
+
     public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
 
     IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
