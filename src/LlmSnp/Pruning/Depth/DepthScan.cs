@@ -197,7 +197,7 @@ public static class DepthScan
             c.add_(a.T.matmul(delta));
             dd += delta.square().sum().item<double>();
             ee += e.square().sum().item<double>();
-            sumEnd.add_(e.sum(0));
+            sumEnd.add_(e.sum(new long[] { 0 }));
             rows += x.shape[0];
         }
         double variance = ee - sumEnd.square().sum().item<double>() / rows;
@@ -308,20 +308,19 @@ public static class DepthScan
     static double DropError(List<Tensor> start, List<Tensor> end)
     {
         double dd = 0, ee = 0; long rows = 0;
-        Tensor? sum = null;
+        long d = end[0].shape[^1];
+        using var sum = torch.zeros(d, ScalarType.Float64);
         for (int k = 0; k < start.Count; k++)
         {
             using var scope = NewDisposeScope();
-            long d = end[k].shape[^1];
-            var e = end[k].reshape(-1, d).to(ScalarType.Float64);
-            dd += (e - start[k].reshape(-1, d).to(ScalarType.Float64)).square().sum().item<double>();
+            var e = end[k].reshape(-1, d).to(ScalarType.Float64).cpu();
+            dd += (e - start[k].reshape(-1, d).to(ScalarType.Float64).cpu()).square().sum().item<double>();
             ee += e.square().sum().item<double>();
-            var s = e.sum(0).cpu();
-            sum = sum is null ? s.MoveToOuterDisposeScope() : sum.add_(s);
+            sum.add_(e.sum(new long[] { 0 }));
             rows += e.shape[0];
         }
-        double variance = ee - sum!.square().sum().item<double>() / rows;
-        sum.Dispose();
+        using var sq = sum.square().sum();
+        double variance = ee - sq.item<double>() / rows;
         return dd / variance;
     }
 
