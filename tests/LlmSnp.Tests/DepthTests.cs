@@ -266,6 +266,34 @@ public class DepthTests
         _ = src;
     }
 
+    /// <summary>
+    /// stories260K without its block 2, replaced by least squares (the fold gives down_proj a bias, so every layer has
+    /// one): export gguf writes 4 layers that llama.cpp runs at LlmSnp's perplexity of the same checkpoint.
+    /// </summary>
+    [Fact]
+    public void Depth_pruned_llama_exports_to_gguf_and_llama_cpp_matches()
+    {
+        using var tmp = new TempDir();
+        string stories = Path.Combine(Repo.Root, "models", "stories260k");
+        using var m = ModelFamilies.Open(stories);
+        var calib = Inputs(m, 2, 64, 4);
+        using var plan = DepthScan.Plan(m, calib, DepthOptions.Parse("2,", null, "lstsq", 0.01), null);
+        string outDir = tmp.Sub("out");
+        Write(m, plan, calib, outDir);
+        var cfg = Json(Path.Combine(outDir, "config.json"));
+        Assert.Equal(4, (int)cfg["num_hidden_layers"]!);
+        Assert.True((bool)cfg["mlp_bias"]!);
+        string gguf = tmp.Sub("m.gguf");
+        LlmSnp.Export.GgufExport.Run(outDir, gguf, LlmSnp.Export.GgufDType.F32);
+        var ids = System.Text.Json.JsonSerializer.Deserialize<int[]>(File.ReadAllBytes(Path.Combine(Repo.Root, "eval", "data", "tinystories", "eval.ids.json")))!;
+        using var pruned = ModelFamilies.OpenLanguageModel(outDir);
+        var ours = LlmSnp.Evaluation.Perplexity.Evaluate(pruned, ids, 256, 3, "tinystories");
+        using var rt = LlmSnp.Evaluation.LlamaCppRuntime.Load(gguf, 256, threads: 1, f32Attention: true);
+        Assert.Equal("4", rt.Metadata["llama.block_count"]);
+        var theirs = rt.Perplexity(ids, 256, 3);
+        Assert.True(Math.Abs(theirs.Perplexity / ours.Perplexity - 1) < 1e-4, $"llama.cpp {theirs.Perplexity} vs LlmSnp {ours.Perplexity}");
+    }
+
     [Fact]
     public void Renumbering_filters_per_layer_lists_and_states_pattern_derived_kinds()
     {
