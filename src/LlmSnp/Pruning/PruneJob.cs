@@ -152,7 +152,10 @@ public static class PruneJob
             var d = InferenceBench.Measure(model, prompt, log: log);
             var p = InferenceBench.Measure(pruned, prompt, log: log);
             long prunable = report["prunable_params"]!.GetValue<long>(), removed = report["prunable_params_removed"]!.GetValue<long>();
-            speed = new SpeedUp(d, p, FlopRatio: (double)prunable / Math.Max(1, prunable - removed));
+            // Removed blocks take all their weights with them: the whole model's weight ratio (its head included).
+            double flops = o.Depth is not null ? (double)report["params_before"]!.GetValue<long>() / report["params_after"]!.GetValue<long>()
+                : (double)prunable / Math.Max(1, prunable - removed);
+            speed = new SpeedUp(d, p, FlopRatio: flops);
         }
         return new PruneOutcome(o.OutDir, report, eval, speed);
     }
