@@ -48,12 +48,16 @@ sealed class PruneCliOptions
     readonly Option<bool> _padded = new("--export-padded") { Description = "also write a zero-padded copy with the original shapes (OUT/padded) that stock tools load" };
     readonly Option<bool> _force = new("--force") { Description = "replace an existing output directory" };
     readonly ExpertCliOptions _experts = new();
+    readonly Option<string?> _dropBlocks = new("--drop-blocks") { Description = "depth: remove N whole blocks (chosen by --depth-criterion) or the blocks i,j,… (original indices; one block: 'i,'), before any width pruning" };
+    readonly Option<string?> _depthCriterion = new("--depth-criterion") { Description = "which blocks --drop-blocks N removes: influence (1 - cos of a block's input and output, lowest blocks), angular (the span of N consecutive blocks with the smallest angle between its input and output), lstsq (the span whose least-squares replacement leaves the smallest residual); default angular" };
+    readonly Option<string?> _depthReplace = new("--depth-replace") { Description = "how removed blocks are replaced: none (dropped) or lstsq (a linear map over the hidden size fitted on the calibration set, folded into the preceding block's MLP output projection); default none" };
 
     public void AddTo(Command c)
     {
         foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _uniform, _widthMultiple, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
             c.Options.Add(o);
         _experts.AddTo(c);
+        foreach (var o in new Option[] { _dropBlocks, _depthCriterion, _depthReplace }) c.Options.Add(o);
     }
 
     public PruneJobOptions ToJobOptions(ParseResult p, string modelDir, TorchSharp.torch.Device device, TorchSharp.torch.ScalarType dtype)
@@ -61,6 +65,10 @@ sealed class PruneCliOptions
         var policies = new (double? Value, RatioPolicyKind Kind)[] { (p.GetValue(_ratio), RatioPolicyKind.Ratio), (p.GetValue(_variance), RatioPolicyKind.Variance), (p.GetValue(_budget), RatioPolicyKind.Budget) }
             .Where(x => x.Value != null).ToList();
         if (policies.Count > 1) throw new LlmSnpException("give only one of --ratio, --variance, --budget");
+        string? drop = p.GetValue(_dropBlocks);
+        if (drop is null && (p.GetValue(_depthCriterion) is not null || p.GetValue(_depthReplace) is not null))
+            throw new LlmSnpException($"{(p.GetValue(_depthCriterion) is not null ? "--depth-criterion" : "--depth-replace")} needs --drop-blocks");
+        var depth = drop is null ? null : LlmSnp.Pruning.Depth.DepthOptions.Parse(drop, p.GetValue(_depthCriterion), p.GetValue(_depthReplace), p.GetValue(_damp));
         var (amount, kind) = policies.Count == 1 ? (policies[0].Value!.Value, policies[0].Kind) : (0.99, RatioPolicyKind.Variance);
         var targets = NodeKinds.ParseSet(p.GetValue(_targets)!, "--targets");
         var reconstruct = ReconstructModes.Names.TryGetValue(p.GetValue(_reconstruct)!, out var r) ? r
@@ -78,6 +86,8 @@ sealed class PruneCliOptions
             CalibSource = p.GetValue(_calib)!, CalibSamples = p.GetValue(_samples), CalibSeqLen = p.GetValue(_calibLen),
             EvalDataset = p.GetValue(_eval), EvalSeqLen = p.GetValue(_evalLen), EvalLimit = p.GetValue(_evalWindows), EvalImages = p.GetValue(_images),
             Force = p.GetValue(_force), ExportPadded = p.GetValue(_padded), Device = device, DType = dtype,
+            // --drop-blocks alone removes blocks only; with a width policy, SNP then prunes the blocks that remain.
+            Depth = depth, PruneWidth = depth is null || policies.Count == 1,
         };
     }
 }

@@ -184,6 +184,13 @@ public interface IPrunableModel : IDisposable
 
     /// <summary>`llmsnp inspect`: the family's own description of the checkpoint (fields, per-layer widths).</summary>
     JsonObject Describe();
+
+    /// <summary>
+    /// Per layer, transformers' attention kind ("sliding_attention" or "full_attention") where the family derives it from
+    /// a pattern over layer indices; null where no layer's kind depends on its index. A checkpoint without some blocks
+    /// states them explicitly (<see cref="LayerRenumbering"/>).
+    /// </summary>
+    IReadOnlyList<string>? LayerTypes => null;
 }
 
 /// <summary>

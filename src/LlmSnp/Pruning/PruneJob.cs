@@ -30,6 +30,10 @@ public sealed record PruneJobOptions
     public bool MeasureSpeed { get; init; } = true;
     public Device Device { get; init; } = CPU;
     public ScalarType DType { get; init; } = ScalarType.Float32;
+    /// <summary>Blocks removed before width pruning (`--drop-blocks`); null: none.</summary>
+    public Depth.DepthOptions? Depth { get; init; }
+    /// <summary>Whether SNP prunes widths too (false: `--drop-blocks` without a width policy).</summary>
+    public bool PruneWidth { get; init; } = true;
 }
 
 /// <summary>Dense and pruned values of one metric (perplexity, top-1 %), with the evaluators' full reports.</summary>
@@ -71,6 +75,8 @@ public static class PruneJob
     {
         o.Prune.Validate();
         if (o.ExportPadded && o.Prune.Experts is not null) throw new LlmSnpException(PrunedCheckpoint.PaddedWithoutExperts);
+        if (o.ExportPadded && o.Depth is not null) throw new LlmSnpException("--export-padded with --drop-blocks: a removed block has no zero-padded form");
+        if (!o.PruneWidth && o.Depth is null) throw new LlmSnpException("nothing to prune: give a width policy (--ratio, --variance, --budget) or --drop-blocks");
         var outcome = ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
         if (outcome.Eval != null) ModelCard.Write(o.OutDir, outcome.Report, o.ModelDir, o.OutDir, outcome.Eval, outcome.Speed);   // the card gains this run's measurements
         return outcome;
@@ -81,6 +87,7 @@ public static class PruneJob
         if (o.EvalDataset == AccuracyEval) throw new LlmSnpException("--eval accuracy is for image models; use --eval wikitext2, c4, tinystories, a text file or tasks:LIST");
         using var model = ModelFamilies.OpenLanguageModel(o.ModelDir, o.Device, o.DType, "prune");
         o.Prune.Experts?.CheckAgainst(model);
+        o.Depth?.CheckAgainst(model.BlockCount);
         int calibLen = o.CalibSeqLen ?? Math.Min(2048, model.MaxPositions);
         if (calibLen > model.MaxPositions)
             throw new LlmSnpException($"--calib-seqlen {calibLen} exceeds the model's max_position_embeddings ({model.MaxPositions})");
@@ -145,18 +152,25 @@ public static class PruneJob
             var d = InferenceBench.Measure(model, prompt, log: log);
             var p = InferenceBench.Measure(pruned, prompt, log: log);
             long prunable = report["prunable_params"]!.GetValue<long>(), removed = report["prunable_params_removed"]!.GetValue<long>();
-            speed = new SpeedUp(d, p, FlopRatio: (double)prunable / Math.Max(1, prunable - removed));
+            // Removed blocks take all their weights with them: the whole model's weight ratio (its head included).
+            double flops = o.Depth is not null ? (double)report["params_before"]!.GetValue<long>() / report["params_after"]!.GetValue<long>()
+                : (double)prunable / Math.Max(1, prunable - removed);
+            speed = new SpeedUp(d, p, FlopRatio: flops);
         }
         return new PruneOutcome(o.OutDir, report, eval, speed);
     }
 
-    static JsonObject Write(PruneJobOptions o, IPrunableModel model, IReadOnlyList<Tensor> batches, JsonObject calibInfo, Action<string>? log) =>
-        PrunedCheckpoint.Write(new PrunedCheckpoint.Request
+    static JsonObject Write(PruneJobOptions o, IPrunableModel model, IReadOnlyList<Tensor> batches, JsonObject calibInfo, Action<string>? log)
+    {
+        // Depth first (its own streamed pass over the calibration set), then SNP width on the blocks that remain.
+        using var depth = o.Depth is null ? null : Depth.DepthScan.Plan(model, batches, o.Depth, log);
+        return PrunedCheckpoint.Write(new PrunedCheckpoint.Request
         {
             Model = model, Options = o.Prune, Calibration = batches, CalibrationInfo = calibInfo,
             OutDir = o.OutDir, SourceDir = o.ModelDir, ParamsBefore = model.ParameterCount(),
-            Force = o.Force, ExportPadded = o.ExportPadded,
+            Force = o.Force, ExportPadded = o.ExportPadded, Depth = depth, PruneWidth = o.PruneWidth,
         }, log);
+    }
 
     /// <summary>Image models: calibration images from a labelled folder, evaluation on images never used to calibrate.</summary>
     static PruneOutcome RunImage(PruneJobOptions o, Action<string>? log)
@@ -165,6 +179,7 @@ public static class PruneJob
         if (o.EvalDataset == AccuracyEval && o.EvalImages == null) throw new LlmSnpException("--eval accuracy needs --images DIR");
         if (o.CalibSource is TextSources.C4 or TextSources.WikiText2 or TextSources.TinyStories) throw new LlmSnpException($"--calib {o.CalibSource}: image models calibrate on a labelled image folder (--calib DIR)");
         using var model = ModelFamilies.OpenImageClassifier(o.ModelDir, o.Device, o.DType, "prune");
+        o.Depth?.CheckAgainst(model.BlockCount);
         var cfg = PreprocessConfig.Load(o.ModelDir);
         var all = ImageSet.Load(o.CalibSource).Images;
         var (calibImages, _) = ImageInputs.Split(all, Math.Min(o.CalibSamples, all.Count - 1), o.Prune.Seed);

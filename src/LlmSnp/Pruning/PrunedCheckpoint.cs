@@ -34,6 +34,10 @@ public static class PrunedCheckpoint
         public long ShardBytes { get; init; } = 2L << 30;
         /// <summary>Called with each pruned block once its tensors are written (compare evaluates it in the same pass).</summary>
         public Action<IPrunableBlock, int>? AfterBlockWritten { get; init; }
+        /// <summary>Blocks removed first (docs/depth.md); null: every block stays.</summary>
+        public Depth.DepthPlan? Depth { get; init; }
+        /// <summary>Whether SNP prunes the width of the blocks (false: a depth-only prune writes them whole).</summary>
+        public bool PruneWidth { get; init; } = true;
     }
 
     /// <summary>Prunes and writes; returns the report that was written as pruning_config.json.</summary>
@@ -83,7 +87,9 @@ public static class PrunedCheckpoint
     static JsonObject WriteInto(Request req, string dir, Action<string>? log)
     {
         var sw = Stopwatch.StartNew();
-        var model = req.Model;
+        // Depth first: the width pass and the writer see only the kept blocks, renumbered when written.
+        var depth = req.Depth is { } plan ? new Depth.DepthPrunedModel(req.Model, plan) : null;
+        IPrunableModel model = depth ?? req.Model;
         var dtype = model.StoredDType;
         var hashes = model.SourceHashes();
         long paramsAfter = 0;
@@ -102,15 +108,15 @@ public static class PrunedCheckpoint
                         w.Add(n, t);
                     }
             }
-            var engine = new SnpEngine(model, req.Options, log);
-            var result = engine.Run(req.Calibration, (block, b) =>
+            Action<IPrunableBlock, int> write = (block, b) =>
             {
                 if (block is IMixtureBlock { ExpertSubBlock: not null } mixture && mixture.ExpertParameters() is { Length: > 0 } experts)
                     activeAdjust += (long)Math.Round((double)experts.Sum() / experts.Length * mixture.TopK) - experts.Sum();
-                Add(writer, block.Tensors(dtype), true);
+                Add(writer, depth is null ? block.Tensors(dtype) : LayerRenumbering.Rename(block.Tensors(dtype), depth.Original(b), b), true);
                 if (padded != null) Add(padded, block.PaddedTensors(dtype), false);
                 req.AfterBlockWritten?.Invoke(block, b);
-            });
+            };
+            var result = req.PruneWidth ? new SnpEngine(model, req.Options, log).Run(req.Calibration, write) : Depth.WholeBlocks.Run(model, write, log);
             if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).Gguf is not null && result.Layers.Count(l => NodeKinds.IsNeurons(NodeKinds.Parse(l.Kind, "kind")) && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
                 log?.Invoke($"note: {odd} MLP layers keep a width that is not a multiple of 16; llama.cpp's fast F16/F32 GEMM then takes a slow path for their down_proj (--width-multiple 16 aligns them)");
             Add(writer, model.OuterTensors(dtype), true);
@@ -127,7 +133,8 @@ public static class PrunedCheckpoint
                 if (padded != null) File.Copy(f, Path.Combine(dir, PaddedDir, Path.GetFileName(f)));
             }
             report = Report(req, result, hashes, paramsAfter, files, writeSeconds, sw.Elapsed.TotalSeconds);
-            if (model is IMixtureModel moe) MixtureReports.AddTo(report, req.Options, result.Mixtures, moe.ActiveParameterCount(), paramsAfter + activeAdjust);
+            if (req.Depth is not null) report["depth"] = req.Depth.ToJson();
+            if (req.Model is IMixtureModel moe) MixtureReports.AddTo(report, req.Options, result.Mixtures, moe.ActiveParameterCount(), paramsAfter + activeAdjust);
         }
         AtomicFile.WriteAllText(Path.Combine(dir, ReportFile), report.ToJsonString(Indented));
         ModelCard.Write(dir, report, req.SourceDir, req.OutDir);
@@ -177,6 +184,7 @@ public static class PrunedCheckpoint
                 ["seed"] = o.Seed,
                 ["uniform_widths"] = o.UniformWidths,
                 ["width_multiple"] = o.WidthMultiple,
+                ["width_pruned"] = req.PruneWidth,
                 ["dtype_written"] = SafeDTypes.ConfigName(req.Model.StoredDType),
                 ["compute_dtype"] = SafeDTypes.ConfigName(req.Model.ComputeDType),
             },

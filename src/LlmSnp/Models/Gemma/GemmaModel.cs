@@ -89,6 +89,8 @@ public sealed class GemmaModel : DecoderModel<GemmaConfig>, ILanguageModel
         return cfg;
     }
 
+    public IReadOnlyList<string> LayerTypes => Config.Sliding.Select(s => s ? "sliding_attention" : "full_attention").ToArray();
+
     public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
 
     public JsonObject Describe()

@@ -75,6 +75,8 @@ public sealed class Qwen3Model : DecoderModel<Qwen3Config>, ILanguageModel
     }
 
     /// <summary>Qwen3's byte-level BPE, through the HF tokenizers library (vocab.json + merges.txt alone lack its pre-tokenizer and added tokens).</summary>
+    public IReadOnlyList<string> LayerTypes => Config.Windows.Select(w => w is null ? "full_attention" : "sliding_attention").ToArray();
+
     public ITextTokenizer Tokenizer()
     {
         string path = Path.Combine(ModelDir, "tokenizer.json");
