@@ -10,7 +10,7 @@ static class ConvertCommand
         var outDir = new Option<string>("--out") { Description = "output directory", Required = true };
         var to = new Option<string>("--to") { Description = "float32, float16 or bfloat16", Required = true };
         var cmd = new Command("convert", "rewrite a checkpoint's weights in another dtype") { model, outDir, to, Cli.Json };
-        cmd.SetAction(p => Cli.Run(p, () => CheckpointConvert.Run(p.GetValue(model)!, p.GetValue(outDir)!, SafeDTypes.ParseOption(p.GetValue(to)!))));
+        cmd.SetAction(p => Cli.Run(p, () => CheckpointConvert.Run(p.GetValue(model)!, p.GetValue(outDir)!, CheckpointConvert.ParseTarget(p.GetValue(to)!))));
         return cmd;
     }
 }

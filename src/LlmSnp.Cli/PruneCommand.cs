@@ -53,17 +53,23 @@ sealed class PruneCliOptions
             c.Options.Add(o);
     }
 
+    /// <summary>--targets: mlp, heads or both, comma-separated; at least one.</summary>
+    internal static string[] ParseTargets(string s)
+    {
+        var targets = s.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
+        foreach (var t in targets)
+            if (t is not ("mlp" or "heads")) throw new LlmSnpException($"--targets: unknown target '{t}' (mlp, heads)");
+        return targets.Length > 0 ? targets : throw new LlmSnpException($"--targets: '{s}' selects nothing to prune (mlp, heads or mlp,heads)");
+    }
+
     public PruneJobOptions ToJobOptions(ParseResult p, string modelDir, TorchSharp.torch.Device device, TorchSharp.torch.ScalarType dtype)
     {
         var policies = new (double? Value, RatioPolicyKind Kind)[] { (p.GetValue(_ratio), RatioPolicyKind.Ratio), (p.GetValue(_variance), RatioPolicyKind.Variance), (p.GetValue(_budget), RatioPolicyKind.Budget) }
             .Where(x => x.Value != null).ToList();
         if (policies.Count > 1) throw new LlmSnpException("give only one of --ratio, --variance, --budget");
         var (amount, kind) = policies.Count == 1 ? (policies[0].Value!.Value, policies[0].Kind) : (0.99, RatioPolicyKind.Variance);
-        var targets = p.GetValue(_targets)!.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
-        foreach (var t in targets)
-            if (t is not ("mlp" or "heads")) throw new LlmSnpException($"--targets: unknown target '{t}' (mlp, heads)");
-        var reconstruct = ReconstructModes.Names.TryGetValue(p.GetValue(_reconstruct)!, out var r) ? r
-            : throw new LlmSnpException($"--reconstruct: unknown mode '{p.GetValue(_reconstruct)}' ({string.Join(", ", ReconstructModes.Names.Keys)})");
+        var targets = ParseTargets(p.GetValue(_targets)!);
+        var reconstruct = ReconstructModes.Parse(p.GetValue(_reconstruct)!);
         return new PruneJobOptions
         {
             ModelDir = modelDir, OutDir = p.GetValue(_out)!,

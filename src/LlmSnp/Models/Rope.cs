@@ -56,21 +56,28 @@ public sealed record RopeScaling(string Type, double Factor, double LowFreqFacto
         string type = rs["rope_type"] is JsonValue rt && rt.TryGetValue<string>(out var t1) ? t1
             : rs["type"] is JsonValue ty && ty.TryGetValue<string>(out var t2) ? t2
             : throw f.Unsupported("rope_scaling", "has no rope_type");
+        // Every field must be a positive finite number: a negative or zero factor turns the positions around or
+        // divides by zero, and the model then computes garbage that no later check sees (eval, generate and prune alike).
         double Num(string field, double? fallback = null)
         {
             var n = rs[field];
-            if (n is JsonValue v && v.TryGetValue<double>(out var d)) return d;
             if (n == null && fallback is double x) return x;
+            if (n is JsonValue v && v.TryGetValue<double>(out var d))
+                return double.IsFinite(d) && d > 0 ? d : throw f.Unsupported("rope_scaling", $"field '{field}' is {d}; it must be a positive number");
             throw f.Unsupported("rope_scaling", $"field '{field}' is missing or not a number");
         }
-        return type switch
+        switch (type)
         {
-            "default" => new RopeScaling("default", 1, 1, 1, maxPositions),
-            "linear" => new RopeScaling("linear", Num("factor"), 1, 1, maxPositions),
-            "llama3" => new RopeScaling("llama3", Num("factor"), Num("low_freq_factor"), Num("high_freq_factor"),
-                (int)Num("original_max_position_embeddings")),
-            _ => throw f.Unsupported("rope_scaling", $"type '{type}' is not supported (linear, llama3)"),
-        };
+            case "default": return new RopeScaling("default", 1, 1, 1, maxPositions);
+            case "linear": return new RopeScaling("linear", Num("factor"), 1, 1, maxPositions);
+            case "llama3":
+                double low = Num("low_freq_factor"), high = Num("high_freq_factor");
+                if (!(high > low)) throw f.Unsupported("rope_scaling", $"high_freq_factor {high} must be above low_freq_factor {low} (the smoothing divides by their difference)");
+                double original = Num("original_max_position_embeddings");
+                if (original != Math.Floor(original) || original > int.MaxValue) throw f.Unsupported("rope_scaling", $"field 'original_max_position_embeddings' is {original}; it must be a positive integer");
+                return new RopeScaling("llama3", Num("factor"), low, high, (int)original);
+            default: throw f.Unsupported("rope_scaling", $"type '{type}' is not supported (linear, llama3)");
+        }
     }
 
     /// <summary>Inverse frequencies θ^(−2i/d), scaled as the type says, in float64.</summary>

@@ -69,8 +69,8 @@ public sealed class LlamaConfig
             File = f, ModelType = type,
             VocabSize = f.Int("vocab_size"), Hidden = hidden, Layers = layers, Heads = heads, KvHeads = kv, HeadDim = headDim,
             Intermediate = inter,
-            RmsNormEps = f.Double("rms_norm_eps", 1e-6),
-            RopeTheta = f.Double("rope_theta", 10000.0),
+            RmsNormEps = f.Positive("rms_norm_eps", 1e-6),
+            RopeTheta = f.Positive("rope_theta", 10000.0),
             Rope = RopeScaling.From(f, maxPos),
             MaxPositions = maxPos,
             // Qwen2's q/k/v biases are always on; its o_proj bias exists only where pruning added one.
