@@ -1,6 +1,7 @@
 using System.CommandLine;
 
 using LlmSnp;
+using LlmSnp.Models;
 using LlmSnp.Reporting;
 
 /// <summary>`llmsnp compare`: every method at every ratio on one calibration set, with speed.</summary>
@@ -16,9 +17,9 @@ static class CompareCommand
         var calib = new Option<string>("--calib") { DefaultValueFactory = _ => "c4", Description = "calibration text" };
         var samples = new Option<int>("--calib-samples") { DefaultValueFactory = _ => 32, Description = "calibration windows" };
         var calibLen = new Option<int?>("--calib-seqlen") { Description = "calibration window length" };
-        var eval = new Option<string>("--eval") { DefaultValueFactory = _ => "wikitext2", Description = "evaluation text" };
+        var eval = new Option<string>("--eval") { DefaultValueFactory = _ => "wikitext2", Description = "evaluation text (perplexity), or tasks:piqa,arc_easy,… (mean zero-shot accuracy, a column per task)" };
         var evalLen = new Option<int?>("--eval-seqlen") { Description = "evaluation window length" };
-        var evalWindows = new Option<int?>("--eval-limit", "--eval-max-windows") { Description = "evaluate the first N windows (text) or images" };
+        var evalWindows = new Option<int?>("--eval-limit", "--eval-max-windows") { Description = "evaluate the first N windows (text), documents of each task, or images" };
         var seed = new Option<int>("--seed") { DefaultValueFactory = _ => 0, Description = "seed" };
         var images = new Option<string?>("--images") { Description = "image models: labelled image folder; --calib-samples images calibrate, the others are evaluated" };
         var widthMultiple = PruneCliOptions.WidthMultipleOption();
@@ -47,8 +48,7 @@ static class CompareCommand
 
     internal static List<string> ParseTargetSets(string s)
     {
-        var sets = s.Split(';', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(t => t.Split(',').All(x => x is "mlp" or "heads") ? t
-            : throw new LlmSnpException($"--targets: unknown target set '{t}' (sets of mlp and heads separated by ';', e.g. \"mlp;heads;mlp,heads\")")).ToList();
+        var sets = s.Split(';', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(t => NodeKinds.Describe(NodeKinds.ParseSet(t, "--targets"))).ToList();
         return sets.Count > 0 ? sets : throw new LlmSnpException($"--targets: '{s}' names no target set (e.g. \"mlp;heads;mlp,heads\")");
     }
 }

@@ -1,11 +1,12 @@
 using System.CommandLine;
 using LlmSnp;
 using LlmSnp.Evaluation;
+using LlmSnp.Evaluation.Tasks;
 
-/// <summary>`llmsnp eval ppl | accuracy | logits`: measure one checkpoint.</summary>
+/// <summary>`llmsnp eval ppl | tasks | accuracy | logits`: measure one checkpoint.</summary>
 static class EvalCommand
 {
-    public static Command Build() => new("eval", "evaluate a checkpoint") { Perplexity(), Accuracy(), Logits() };
+    public static Command Build() => new("eval", "evaluate a checkpoint") { Perplexity(), Tasks(), Accuracy(), Logits() };
 
     static Command Perplexity()
     {
@@ -16,6 +17,24 @@ static class EvalCommand
         var cmd = new Command("ppl", "perplexity with the published protocol (non-overlapping windows, tail dropped)") { model, dataset, seqlen, maxWindows, Cli.Device, Cli.DType, Cli.Json };
         cmd.SetAction(p => Cli.Run(p, () => PerplexityJob.Run(p.GetValue(model)!, p.GetValue(dataset)!, p.GetValue(seqlen), p.GetValue(maxWindows),
             Cli.ComputeDevice(p), Cli.ComputeDType(p), Cli.Log).ToJson()));
+        return cmd;
+    }
+
+    static Command Tasks()
+    {
+        var model = Cli.ModelOption();
+        var tasks = new Option<string>("--tasks")
+        {
+            Description = $"comma-separated: {string.Join(", ", TaskCatalog.Known.Keys)} (bundled), or a .jsonl(.gz) file of the same format",
+            Required = true,
+        };
+        var limit = new Option<int?>("--limit") { Description = "the first N documents of each task (of each BLiMP paradigm)" };
+        var logSamples = new Option<string?>("--log-samples") { Description = "write one JSON line per document (loglikelihoods, is_greedy, continuation tokens) to this file" };
+        var addBos = new Option<string>("--add-bos") { Description = "auto (the tokenizer's default, as lm-eval 0.4), true or false (as older lm-eval releases)", DefaultValueFactory = _ => "auto" };
+        var cmd = new Command("tasks", "zero-shot accuracy scored as lm-evaluation-harness does (acc, acc_norm, stderr), streamed block by block")
+            { model, tasks, limit, logSamples, addBos, Cli.Device, Cli.DType, Cli.Json };
+        cmd.SetAction(p => Cli.Run(p, () => TaskEvalJob.Run(p.GetValue(model)!, p.GetValue(tasks)!, p.GetValue(limit), BosPolicies.Parse(p.GetValue(addBos)!),
+            p.GetValue(logSamples), Cli.ComputeDevice(p), Cli.ComputeDType(p), Cli.Log)));
         return cmd;
     }
 

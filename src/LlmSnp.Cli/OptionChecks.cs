@@ -6,6 +6,7 @@ using LlmSnp.Benchmarks;
 using LlmSnp.Checkpoint;
 using LlmSnp.Data;
 using LlmSnp.Export;
+using LlmSnp.Models;
 using LlmSnp.Pruning;
 
 [assembly: System.Runtime.CompilerServices.InternalsVisibleTo("LlmSnp.Tests")]
@@ -61,20 +62,20 @@ static class OptionChecks
     /// <summary>Options naming something the command reads: outputs must never reach them (<see cref="CheckDestinations"/>).</summary>
     public static readonly IReadOnlySet<string> InputOptions = new HashSet<string>(StringComparer.Ordinal)
     {
-        "--model", "--images", "--file", "--dataset", "--calib", "--eval",
+        "--model", "--images", "--file", "--dataset", "--calib", "--eval", "--tasks",
     };
 
     /// <summary>How a command writes each of its output options; null for an option that is not an output.</summary>
     public static DestinationKind? DestinationOf(Command cmd, Option o) => (cmd.Name, o.Name) switch
     {
-        (_, "--json") or ("gguf", "--out") => DestinationKind.File,
+        (_, "--json") or (_, "--log-samples") or ("gguf", "--out") => DestinationKind.File,
         ("prune", "--out") or ("convert", "--out") => DestinationKind.ReplacedDirectory,
         (_, "--out") or (_, "--work-dir") => DestinationKind.DirectoryWrittenInto,
         _ => null,
     };
 
     /// <summary>Options naming a file or directory: an empty value is refused where it is parsed.</summary>
-    public static readonly IReadOnlySet<string> PathOptions = new HashSet<string>(InputOptions.Concat(new[] { "--out", "--json", "--work-dir" }), StringComparer.Ordinal);
+    public static readonly IReadOnlySet<string> PathOptions = new HashSet<string>(InputOptions.Concat(new[] { "--out", "--json", "--work-dir", "--log-samples" }), StringComparer.Ordinal);
 
     /// <summary>Options whose value is free text (anything goes, the empty string included).</summary>
     public static readonly IReadOnlySet<string> FreeText = new HashSet<string>(StringComparer.Ordinal) { "--prompt", "--text" };
@@ -91,7 +92,7 @@ static class OptionChecks
         ["gguf --dtype"] = v => GgufExport.ParseDType(v),
         ["--to"] = v => CheckpointConvert.ParseTarget(v),
         ["--device"] = v => Runtime.ParseDevice(v),
-        ["--targets"] = v => PruneCliOptions.ParseTargets(v),
+        ["--targets"] = v => NodeKinds.ParseSet(v, "--targets"),
         ["compare --targets"] = v => CompareCommand.ParseTargetSets(v),
         ["--methods"] = v => CompareCommand.ParseMethods(v),
         ["--ratios"] = v => CompareCommand.ParseRatios(v),
@@ -230,7 +231,10 @@ static class OptionChecks
         foreach (var o in cmd.Options.Where(o => InputOptions.Contains(o.Name)))
         {
             if (p.GetValue<string>(o.Name) is not string v || string.IsNullOrWhiteSpace(v)) continue;
-            var files = o.Name is "--dataset" or "--calib" or "--eval" ? TextSources.Files(v) : new[] { v };
+            // Named bundled datasets and tasks resolve to their files; a --tasks entry that is not a file is a task name.
+            var files = o.Name is "--dataset" or "--calib" or "--eval" ? TextSources.Files(v)
+                : o.Name == "--tasks" ? v.Split(',', StringSplitOptions.TrimEntries).Where(File.Exists).ToArray()
+                : new[] { v };
             inputs.AddRange(files.Select(f => new DestinationInput(f, o.Name)));
         }
         if (cmd.Name == "tokenize" && p.GetValue<string>("--model") == null) inputs.Add(new DestinationInput(RepoPaths.OptTokenizer, "the bundled tokenizer"));

@@ -1,5 +1,6 @@
 using System.CommandLine;
 using LlmSnp;
+using LlmSnp.Models;
 using LlmSnp.Pruning;
 
 /// <summary>`llmsnp prune`: SNP (or a baseline) on a checkpoint, written atomically, optionally measured dense and pruned.</summary>
@@ -40,26 +41,19 @@ sealed class PruneCliOptions
     readonly Option<int?> _calibLen = new("--calib-seqlen") { Description = "calibration window length (default: 2048 or max positions)" };
     readonly Option<int> _seed = new("--seed") { Description = "seed for calibration sampling and the random ordering", DefaultValueFactory = _ => 0 };
     readonly Option<double> _damp = new("--damp") { Description = "damping, relative to the mean unit diagonal of G", DefaultValueFactory = _ => 0.01 };
-    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned: perplexity on wikitext2, c4, tinystories or a text file; 'accuracy' (with --images) for image models" };
+    readonly Option<string?> _eval = new("--eval") { Description = "measure dense and pruned: perplexity on wikitext2, c4, tinystories or a text file; zero-shot accuracy with tasks:piqa,arc_easy,… (see eval tasks); 'accuracy' (with --images) for image models" };
     readonly Option<int?> _evalLen = new("--eval-seqlen") { Description = "evaluation window length" };
-    readonly Option<int?> _evalWindows = new("--eval-limit", "--eval-max-windows") { Description = "evaluate only the first N windows (text) or images" };
+    readonly Option<int?> _evalWindows = new("--eval-limit", "--eval-max-windows") { Description = "evaluate only the first N windows (text), documents of each task, or images" };
     readonly Option<string?> _images = new("--images") { Description = "labelled image folder for --eval accuracy (image models)" };
     readonly Option<bool> _padded = new("--export-padded") { Description = "also write a zero-padded copy with the original shapes (OUT/padded) that stock tools load" };
     readonly Option<bool> _force = new("--force") { Description = "replace an existing output directory" };
+    readonly ExpertCliOptions _experts = new();
 
     public void AddTo(Command c)
     {
         foreach (var o in new Option[] { _out, _ordering, _reconstruct, _ratio, _variance, _budget, _uniform, _widthMultiple, _targets, _calib, _samples, _calibLen, _seed, _damp, _eval, _evalLen, _evalWindows, _images, _padded, _force })
             c.Options.Add(o);
-    }
-
-    /// <summary>--targets: mlp, heads or both, comma-separated; at least one.</summary>
-    internal static string[] ParseTargets(string s)
-    {
-        var targets = s.Split(',', StringSplitOptions.TrimEntries | StringSplitOptions.RemoveEmptyEntries);
-        foreach (var t in targets)
-            if (t is not ("mlp" or "heads")) throw new LlmSnpException($"--targets: unknown target '{t}' (mlp, heads)");
-        return targets.Length > 0 ? targets : throw new LlmSnpException($"--targets: '{s}' selects nothing to prune (mlp, heads or mlp,heads)");
+        _experts.AddTo(c);
     }
 
     public PruneJobOptions ToJobOptions(ParseResult p, string modelDir, TorchSharp.torch.Device device, TorchSharp.torch.ScalarType dtype)
@@ -68,7 +62,7 @@ sealed class PruneCliOptions
             .Where(x => x.Value != null).ToList();
         if (policies.Count > 1) throw new LlmSnpException("give only one of --ratio, --variance, --budget");
         var (amount, kind) = policies.Count == 1 ? (policies[0].Value!.Value, policies[0].Kind) : (0.99, RatioPolicyKind.Variance);
-        var targets = ParseTargets(p.GetValue(_targets)!);
+        var targets = NodeKinds.ParseSet(p.GetValue(_targets)!, "--targets");
         var reconstruct = ReconstructModes.Parse(p.GetValue(_reconstruct)!);
         return new PruneJobOptions
         {
@@ -76,12 +70,45 @@ sealed class PruneCliOptions
             Prune = new PruneOptions
             {
                 Ordering = Orderings.Parse(p.GetValue(_ordering)!), Reconstruct = reconstruct, Policy = kind, Amount = amount,
-                PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
+                Targets = targets, Damp = p.GetValue(_damp), Seed = p.GetValue(_seed),
                 UniformWidths = p.GetValue(_uniform), WidthMultiple = p.GetValue(_widthMultiple),
+                Experts = _experts.Parse(p), FewTokenExperts = _experts.FewTokens(p),
             },
             CalibSource = p.GetValue(_calib)!, CalibSamples = p.GetValue(_samples), CalibSeqLen = p.GetValue(_calibLen),
             EvalDataset = p.GetValue(_eval), EvalSeqLen = p.GetValue(_evalLen), EvalLimit = p.GetValue(_evalWindows), EvalImages = p.GetValue(_images),
             Force = p.GetValue(_force), ExportPadded = p.GetValue(_padded), Device = device, DType = dtype,
         };
     }
+}
+
+/// <summary>The mixture options of `prune`: expert removal and experts with few calibration tokens.</summary>
+sealed class ExpertCliOptions
+{
+    readonly Option<string?> _keep = new("--experts-keep") { Description = "mixtures: experts every sparse layer keeps, a count (at least num_experts_per_tok) or a fraction in (0, 1)" };
+    readonly Option<string?> _criterion = new("--experts-criterion") { Description = "how the kept experts are chosen: snp (least-squares contribution), reap (router weight × output norm), frequency (default snp)" };
+    readonly Option<string?> _fold = new("--experts-fold") { Description = "scale (kept experts' down_proj scaled by least squares to restore the layer's output) or none (default scale)" };
+    readonly Option<string> _few = new("--experts-few-tokens") { Description = "experts with fewer calibration tokens than neurons: damp (pruned on the damped Gram) or keep (kept whole; not with --uniform)", DefaultValueFactory = _ => "damp" };
+
+    public void AddTo(Command c)
+    {
+        foreach (var o in new Option[] { _keep, _criterion, _fold, _few }) c.Options.Add(o);
+    }
+
+    public ExpertOptions? Parse(ParseResult p)
+    {
+        string? keep = p.GetValue(_keep), criterion = p.GetValue(_criterion), fold = p.GetValue(_fold);
+        if (keep is null)
+        {
+            if (criterion is not null || fold is not null) throw new LlmSnpException($"{(criterion is not null ? "--experts-criterion" : "--experts-fold")} needs --experts-keep (how many experts each sparse layer keeps)");
+            return null;
+        }
+        return ExpertOptions.Parse(keep, criterion ?? "snp", fold ?? "scale");
+    }
+
+    public FewTokenPolicy FewTokens(ParseResult p) => p.GetValue(_few) switch
+    {
+        "damp" => FewTokenPolicy.Damp,
+        "keep" => FewTokenPolicy.KeepWhole,
+        var x => throw new LlmSnpException($"--experts-few-tokens: unknown policy '{x}' (damp, keep)"),
+    };
 }

@@ -27,7 +27,7 @@ public class GenerationTests
     /// The same ids through the cache in uneven pieces: a prefill, single tokens, a multi-token chunk past position 0
     /// (the explicit causal mask) and single tokens to the end; all logits kept.
     /// </summary>
-    static Tensor CachedLogits(ILanguageModel m, Tensor ids)
+    internal static Tensor CachedLogits(ILanguageModel m, Tensor ids)
     {
         int n = (int)ids.shape[1];
         var pieces = new List<int> { 5, 1, 1, 1, 3 };
@@ -53,7 +53,7 @@ public class GenerationTests
     /// one-row GEMMs of a decode step round differently from the full sequence's; 1.7e-5 measured). F64 shows the two
     /// paths compute the same function: 1e-10.
     /// </summary>
-    static void AssertCachedEqualsFull(ILanguageModel m, Tensor ids, string what)
+    internal static void AssertCachedEqualsFull(ILanguageModel m, Tensor ids, string what)
     {
         using var full = FullLogits(m, ids);
         using var cached = CachedLogits(m, ids);

@@ -71,7 +71,7 @@ public sealed class HardeningTests : IDisposable
         Assert.True(checkedOptions >= 25, $"only {checkedOptions} numeric options found");
 
         // As a user meets them: exit 1 and one line (these were exit 70, a hang, or two lines).
-        string vit = Path.Combine("models", "vit-tiny"), opt = Path.Combine("models", "opt-tiny-c4");
+        string vit = Path.Combine("models", "vit-tiny"), opt = Path.Combine("models", "opt-tiny-c4-v2");
         var cases = new (string[] Args, string Option)[]
         {
             (new[] { "eval", "accuracy", "--model", vit, "--images", "eval/data/imagenet-val", "--batch", "0" }, "--batch"),

@@ -93,7 +93,7 @@ public class LlamaTests
         using var tmp = new TempDir();
         string dir = tmp.Sub("m");
         Directory.CreateDirectory(dir);
-        var optDir = Path.Combine(Repo.Root, "tokenizers", "opt");
+        var optDir = RepoPaths.OptTokenizer;
         var vocab = JsonNode.Parse(File.ReadAllText(Path.Combine(optDir, "vocab.json")))!;
         var merges = File.ReadLines(Path.Combine(optDir, "merges.txt")).Where(l => l.Length > 0 && !l.StartsWith("#version")).Select(l => (JsonNode)l).ToArray();
         JsonObject Special(string which) => new() { ["SpecialToken"] = new JsonObject { ["id"] = which, ["type_id"] = 0 } };

@@ -264,7 +264,7 @@ public class PruningTests
             {
                 var info = block.NodeLayers[j];
                 using var acc = new GramAccumulator(info.Units, CPU);
-                foreach (var h in hidden) block.Forward(h, j, acc.Add);
+                foreach (var h in hidden) block.Forward(h, j, a => acc.Add(a));
                 using var gram = acc.Result("reference");
                 var (w, c) = block.Consumer(j);
                 var input = new OrderingInput(gram, w, c!, block.ProducerSquaredNorms(j), info.GroupSize, tokens, opt.Damp, 0, "reference");
@@ -369,7 +369,7 @@ public class PruningTests
     {
         using var tmp = new TempDir();
         string src = new TinyOpt { Layers = 3 }.Write(tmp.Sub("src"));
-        var opt = new PruneOptions { Policy = RatioPolicyKind.Budget, Amount = budget, PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads") };
+        var opt = new PruneOptions { Policy = RatioPolicyKind.Budget, Amount = budget, Targets = NodeKinds.ParseSet(targets, "targets") };
         var (_, report) = PruneBoth(src, tmp.Sub("out"), opt, padded: false);
         long prunable = (long)report["prunable_params"]!, removed = (long)report["prunable_params_removed"]!;
         long granularity = targets.Contains("heads") ? 4L * 8 * 32 + 3 * 8 : 2L * 32 + 1;

@@ -108,6 +108,84 @@ public class StockLoadTests
         return s;
     }
 
+    /// <summary>
+    /// MixtralForCausalLM as the hub stores it (transformers 4.48's per-expert modules; 5.x converts these names on load):
+    /// head_dim = config.head_dim or hidden // heads, no attention biases, `block_sparse_moe.gate` [num_local_experts,
+    /// hidden], experts' w1/w3 [intermediate_size, hidden] and w2 [hidden, intermediate_size].
+    /// </summary>
+    static Dictionary<string, long[]> MixtralShapes(JsonObject c)
+    {
+        int h = I(c, "hidden_size"), heads = I(c, "num_attention_heads"), kv = I(c, "num_key_value_heads", heads), ff = I(c, "intermediate_size"), v = I(c, "vocab_size");
+        int d = I(c, "head_dim", h / heads), experts = I(c, "num_local_experts", 8);
+        var s = new Dictionary<string, long[]> { ["model.embed_tokens.weight"] = new long[] { v, h }, ["model.norm.weight"] = new long[] { h } };
+        if (!B(c, "tie_word_embeddings", false)) s["lm_head.weight"] = new long[] { v, h };
+        for (int i = 0; i < I(c, "num_hidden_layers"); i++)
+        {
+            string l = $"model.layers.{i}.";
+            s[l + "self_attn.q_proj.weight"] = new long[] { heads * d, h };
+            s[l + "self_attn.k_proj.weight"] = new long[] { kv * d, h };
+            s[l + "self_attn.v_proj.weight"] = new long[] { kv * d, h };
+            s[l + "self_attn.o_proj.weight"] = new long[] { h, heads * d };
+            s[l + "block_sparse_moe.gate.weight"] = new long[] { experts, h };
+            for (int e = 0; e < experts; e++)
+            {
+                s[l + $"block_sparse_moe.experts.{e}.w1.weight"] = new long[] { ff, h };
+                s[l + $"block_sparse_moe.experts.{e}.w3.weight"] = new long[] { ff, h };
+                s[l + $"block_sparse_moe.experts.{e}.w2.weight"] = new long[] { h, ff };
+            }
+            s[l + "input_layernorm.weight"] = new long[] { h };
+            s[l + "post_attention_layernorm.weight"] = new long[] { h };
+        }
+        return s;
+    }
+
+    /// <summary>
+    /// Qwen3MoeForCausalLM as the hub stores it: head_dim = getattr(config, "head_dim", hidden // heads), q/k/v/o biases per
+    /// attention_bias, q_norm/k_norm [head_dim]; layer i has `mlp.gate` [num_experts, hidden] and experts of
+    /// moe_intermediate_size if i ∉ mlp_only_layers, num_experts > 0 and (i + 1) % decoder_sparse_step == 0, else a dense
+    /// `mlp` of intermediate_size.
+    /// </summary>
+    static Dictionary<string, long[]> Qwen3MoeShapes(JsonObject c)
+    {
+        int h = I(c, "hidden_size"), heads = I(c, "num_attention_heads"), kv = I(c, "num_key_value_heads", heads), v = I(c, "vocab_size");
+        int d = I(c, "head_dim", h / heads), experts = I(c, "num_experts", 128), moe = I(c, "moe_intermediate_size", 768), dense = I(c, "intermediate_size", 6144);
+        int step = I(c, "decoder_sparse_step", 1);
+        var mlpOnly = c["mlp_only_layers"] is JsonArray a ? a.Select(x => (int)x!).ToHashSet() : new HashSet<int>();
+        bool bias = B(c, "attention_bias", false);
+        var s = new Dictionary<string, long[]> { ["model.embed_tokens.weight"] = new long[] { v, h }, ["model.norm.weight"] = new long[] { h } };
+        if (!B(c, "tie_word_embeddings", false)) s["lm_head.weight"] = new long[] { v, h };
+        for (int i = 0; i < I(c, "num_hidden_layers"); i++)
+        {
+            string l = $"model.layers.{i}.";
+            foreach (var (n, rows, cols) in new[] { ("q_proj", (long)heads * d, (long)h), ("k_proj", (long)kv * d, h), ("v_proj", (long)kv * d, h), ("o_proj", h, (long)heads * d) })
+            {
+                s[l + $"self_attn.{n}.weight"] = new[] { rows, cols };
+                if (bias) s[l + $"self_attn.{n}.bias"] = new[] { rows };
+            }
+            s[l + "self_attn.q_norm.weight"] = new long[] { d };
+            s[l + "self_attn.k_norm.weight"] = new long[] { d };
+            if (!mlpOnly.Contains(i) && experts > 0 && (i + 1) % step == 0)
+            {
+                s[l + "mlp.gate.weight"] = new long[] { experts, h };
+                for (int e = 0; e < experts; e++)
+                {
+                    s[l + $"mlp.experts.{e}.gate_proj.weight"] = new long[] { moe, h };
+                    s[l + $"mlp.experts.{e}.up_proj.weight"] = new long[] { moe, h };
+                    s[l + $"mlp.experts.{e}.down_proj.weight"] = new long[] { h, moe };
+                }
+            }
+            else
+            {
+                s[l + "mlp.gate_proj.weight"] = new long[] { dense, h };
+                s[l + "mlp.up_proj.weight"] = new long[] { dense, h };
+                s[l + "mlp.down_proj.weight"] = new long[] { h, dense };
+            }
+            s[l + "input_layernorm.weight"] = new long[] { h };
+            s[l + "post_attention_layernorm.weight"] = new long[] { h };
+        }
+        return s;
+    }
+
     /// <summary>Every stored tensor has the stock class's name and shape, none is extra, none missing.</summary>
     static void AssertStockShapes(string dir, Func<JsonObject, Dictionary<string, long[]>> derive)
     {
@@ -137,7 +215,7 @@ public class StockLoadTests
         var ratio = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.25, UniformWidths = true };
 
         // OPT, MLP only: stock OPT expresses it through ffn_dim.
-        PruneJob.Run(TextJob(Model("opt-tiny-c4-v2"), tmp.Sub("opt"), ratio with { PruneHeads = false }, TextSources.C4, 64), null);
+        PruneJob.Run(TextJob(Model("opt-tiny-c4-v2"), tmp.Sub("opt"), ratio with { Targets = new HashSet<NodeKind> { NodeKind.Mlp } }, TextSources.C4, 64), null);
         Assert.Equal(768, I(Config(tmp.Sub("opt")), "ffn_dim"));
         AssertStockShapes(tmp.Sub("opt"), OptShapes);
         Assert.True((bool)Report(tmp.Sub("opt"))["stock_loadable"]!);
@@ -163,6 +241,39 @@ public class StockLoadTests
 
         // LlmSnp still reads all three at their pruned size.
         foreach (var d in new[] { "opt", "vit", "llama" })
+        {
+            using var m = ModelFamilies.Open(tmp.Sub(d));
+            Assert.Equal((long)Report(tmp.Sub(d))["params_after"]!, m.ParameterCount());
+        }
+    }
+
+    /// <summary>
+    /// Mixtures pruned with --uniform and --experts-keep: every stored tensor is what MixtralForCausalLM / Qwen3MoeForCausalLM
+    /// build from the written config (experts renumbered 0..K−1, the router's rows with them); Qwen3-MoE's dense layer keeps
+    /// intermediate_size stock for its own width. Per-expert widths (--variance) are not stock-loadable and say why.
+    /// </summary>
+    [Fact]
+    public void Uniform_mixture_prunes_with_experts_removed_have_exactly_the_stock_shapes()
+    {
+        using var tmp = new TempDir();
+        var ratio = new PruneOptions { Policy = RatioPolicyKind.Ratio, Amount = 0.25, UniformWidths = true };
+        PruneJob.Run(TextJob(FixtureWithTokenizer(tmp, "golden-families/mixtral"), tmp.Sub("mixtral-out"), ratio with { Experts = new ExpertOptions { Keep = 3 } }, TextSources.TinyStories, 64), null);
+        var mixtral = Config(tmp.Sub("mixtral-out"));
+        Assert.Equal((3, 72, 4, 2), (I(mixtral, "num_local_experts"), I(mixtral, "intermediate_size"), I(mixtral, "num_attention_heads"), I(mixtral, "num_key_value_heads")));
+        AssertStockShapes(tmp.Sub("mixtral-out"), MixtralShapes);
+        Assert.True((bool)Report(tmp.Sub("mixtral-out"))["stock_loadable"]!);
+
+        string qwenSrc = FixtureWithTokenizer(tmp, "golden-families/qwen3_moe");
+        PruneJob.Run(TextJob(qwenSrc, tmp.Sub("qwen3_moe-out"), ratio with { Experts = new ExpertOptions { KeepFraction = 0.5 } }, TextSources.TinyStories, 64), null);
+        var qwen = Config(tmp.Sub("qwen3_moe-out"));
+        Assert.Equal((4, 36, 96), (I(qwen, "num_experts"), I(qwen, "moe_intermediate_size"), I(qwen, "intermediate_size")));
+        AssertStockShapes(tmp.Sub("qwen3_moe-out"), Qwen3MoeShapes);
+        Assert.True((bool)Report(tmp.Sub("qwen3_moe-out"))["stock_loadable"]!);
+
+        PruneJob.Run(TextJob(qwenSrc, tmp.Sub("variance"), new PruneOptions { Policy = RatioPolicyKind.Variance, Amount = 0.9, Targets = new HashSet<NodeKind> { NodeKind.Expert } }, TextSources.TinyStories, 64), null);
+        Assert.False((bool)Report(tmp.Sub("variance"))["stock_loadable"]!);
+        Assert.Contains("expert widths differ", (string)Report(tmp.Sub("variance"))["stock_loadable_why_not"]!);
+        foreach (var d in new[] { "mixtral-out", "qwen3_moe-out", "variance" })
         {
             using var m = ModelFamilies.Open(tmp.Sub(d));
             Assert.Equal((long)Report(tmp.Sub(d))["params_after"]!, m.ParameterCount());
@@ -284,5 +395,72 @@ public class StockLoadTests
             for (int v = 0; v < 512; v += 37) Assert.Equal(want[t, v].item<double>(), (double)got[t]![v]!, 12);
         var e = Assert.Throws<LlmSnpException>(() => LlmSnp.Evaluation.LogitsDump.Run(Model("stories260k"), null, CPU, ScalarType.Float32));
         Assert.Contains("--ids", e.Message);
+    }
+
+    /// <summary>
+    /// The stock check itself (tools/reference/stock_load_check.py: prune, `from_pretrained` in float64, logits) on one case
+    /// per family and the negative control, where python3 imports torch and transformers (PYTHONPATH, or
+    /// LLMSNP_STOCK_PYTHONPATH prepended to it); skipped, with the reason, elsewhere (CI has neither).
+    /// </summary>
+    [StockTransformersFact]
+    public void Uniform_prunes_load_in_stock_transformers_with_llmsnp_logits()
+    {
+        using var tmp = new TempDir();
+        var psi = StockTransformersFactAttribute.Python("tools/reference/stock_load_check.py", "--out", tmp.Sub("out"), "--json", tmp.Sub("record.json"),
+            "--cases", "opt-mlp,opt-heads-padded,vit,stories260k,qwen2,neg-opt-heads-unpadded");
+        using var p = System.Diagnostics.Process.Start(psi)!;
+        var stdout = p.StandardOutput.ReadToEndAsync();
+        var stderr = p.StandardError.ReadToEndAsync();
+        Assert.True(p.WaitForExit(900_000), "the stock check did not finish in 15 minutes");
+        Assert.True(p.ExitCode == 0, $"exit {p.ExitCode}\n{stdout.Result}\n{stderr.Result}");
+        var record = JsonNode.Parse(File.ReadAllText(tmp.Sub("record.json")))!;
+        var cases = record["cases"]!.AsArray();
+        Assert.Equal(6, cases.Count);
+        Assert.All(cases, c => Assert.True((bool)c!["ok"]!, c.ToJsonString()));
+        Assert.All(cases.Where(c => (string)c!["case"]! != "neg-opt-heads-unpadded"), c => Assert.True((double)c!["max_abs_diff"]! < 1e-5));
+        Assert.StartsWith("does not load", stdout.Result.Split('\n').Single(l => l.Contains("neg-opt-heads-unpadded:")).Split(": ", 2)[1]);
+    }
+}
+
+/// <summary>Skips, saying why, unless a python3 imports torch and transformers: $LLMSNP_STOCK_PYTHON, python3, /usr/bin/python3 (Debian's python3-torch).</summary>
+public sealed class StockTransformersFactAttribute : FactAttribute
+{
+    static readonly Lazy<(string? Python, string Why)> Found = new(() =>
+    {
+        var tried = new List<string>();
+        foreach (var py in new[] { Environment.GetEnvironmentVariable("LLMSNP_STOCK_PYTHON"), "python3", "/usr/bin/python3" }.Where(x => !string.IsNullOrEmpty(x)).Distinct())
+        {
+            try
+            {
+                using var p = System.Diagnostics.Process.Start(Psi(py!, "-c", "import torch, transformers"))!;
+                string err = p.StandardError.ReadToEnd();
+                p.StandardOutput.ReadToEnd();
+                if (!p.WaitForExit(60_000)) { p.Kill(); tried.Add($"{py}: no answer in a minute"); continue; }
+                if (p.ExitCode == 0) return (py, "");
+                tried.Add($"{py}: {err.Trim().Split('\n').LastOrDefault()}");
+            }
+            catch (System.ComponentModel.Win32Exception e) { tried.Add($"{py}: {e.Message}"); }
+        }
+        return (null, "needs python3 with PyTorch and transformers (a transformers source tree can be put on LLMSNP_STOCK_PYTHONPATH): " + string.Join("; ", tried));
+    });
+
+    public StockTransformersFactAttribute()
+    {
+        if (Found.Value.Python == null) Skip = Found.Value.Why;
+    }
+
+    /// <summary>The python3 found, in the repository root, with LLMSNP_STOCK_PYTHONPATH before PYTHONPATH and the hub kept offline.</summary>
+    public static System.Diagnostics.ProcessStartInfo Python(params string[] args) => Psi(Found.Value.Python!, args);
+
+    static System.Diagnostics.ProcessStartInfo Psi(string python, params string[] args)
+    {
+        var psi = new System.Diagnostics.ProcessStartInfo(python) { WorkingDirectory = Repo.Root, RedirectStandardOutput = true, RedirectStandardError = true };
+        foreach (var a in args) psi.ArgumentList.Add(a);
+        string path = string.Join(':', new[] { Environment.GetEnvironmentVariable("LLMSNP_STOCK_PYTHONPATH"), Environment.GetEnvironmentVariable("PYTHONPATH") }
+            .Where(x => !string.IsNullOrEmpty(x)));
+        if (path.Length > 0) psi.Environment["PYTHONPATH"] = path;
+        psi.Environment["HF_HUB_OFFLINE"] = "1";
+        psi.Environment["TRANSFORMERS_OFFLINE"] = "1";
+        return psi;
     }
 }

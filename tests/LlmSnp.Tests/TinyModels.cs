@@ -1,5 +1,6 @@
 using System.Text.Json.Nodes;
 using LlmSnp.Checkpoint;
+using LlmSnp.Data;
 using static TorchSharp.torch;
 
 namespace LlmSnp.Tests;
@@ -87,7 +88,7 @@ public sealed record TinyOpt
     public static void CopyTokenizer(string dir)
     {
         foreach (var f in new[] { "vocab.json", "merges.txt" })
-            File.Copy(Path.Combine(Repo.Root, "tokenizers", "opt", f), Path.Combine(dir, f), overwrite: true);
+            File.Copy(Path.Combine(RepoPaths.OptTokenizer, f), Path.Combine(dir, f), overwrite: true);
     }
 }
 

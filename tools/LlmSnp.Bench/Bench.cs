@@ -29,6 +29,13 @@ public sealed record BenchOptions
     public int WidthMultiple { get; init; } = 1;
     /// <summary>Only the evaluation and llama.cpp's dense speed.</summary>
     public bool SkipPrune { get; init; }
+    /// <summary>Mixtures: experts every sparse layer keeps in the pruning run (null: all).</summary>
+    public ExpertOptions? Experts { get; init; }
+    /// <summary>Equal widths in every layer (llama.cpp's mixture architectures need them).</summary>
+    public bool UniformWidths { get; init; }
+    /// <summary>Zero-shot task throughput instead (<see cref="TaskBench"/>): comma-separated tasks, the first <see cref="TaskLimit"/> documents of each.</summary>
+    public string? Tasks { get; init; }
+    public int? TaskLimit { get; init; }
 }
 
 /// <summary>
@@ -55,6 +62,7 @@ public static class Bench
 
     public static JsonObject Run(BenchOptions o, Action<string>? log)
     {
+        if (o.Tasks != null) return TaskBench.Run(o, log);
         var s = o.Shape;
         // The peak is measured before and again after the evaluation, and the higher one counts: this
         // machine's GEMM speed drifts by ±15 % over minutes, and a peak caught low would flatter the fraction.
@@ -78,12 +86,12 @@ public static class Bench
             },
             ["date"] = DateTime.UtcNow.ToString("yyyy-MM-dd"),
             ["shape"] = s.Describe(),
-            ["dtype_on_disk"] = "float16",
+            ["dtype_on_disk"] = SafeDTypes.ConfigName(s.DiskDType),
         };
         try
         {
             var sw = Stopwatch.StartNew();
-            s.WriteRandom(dir, ScalarType.Float16, seed: 0);
+            s.WriteRandom(dir, s.DiskDType, seed: 0);
             long fileBytes = Directory.GetFiles(dir, "*.safetensors").Sum(f => new FileInfo(f).Length);
             result["checkpoint_bytes"] = fileBytes;
             result["generate_seconds"] = sw.Elapsed.TotalSeconds;
@@ -111,7 +119,7 @@ public static class Bench
                 };
                 log?.Invoke($"eval: {r.TokensPerSecond:F0} tokens/s, {flops / r.Seconds / 1e9:F1} GFLOP/s = {flops / r.Seconds / peak:P0} of peak");
             }
-            if (ModelFamilies.Of(dir).ExportsGguf)
+            if (ModelFamilies.Of(dir).Gguf is not null)
             {
                 // The strongest CPU engine a user would pick, on the same weights (F16), prefilling the same length.
                 var (cpp, skipped) = InferenceBench.LlamaCpp(dir, Export.GgufDType.F16, cppPrefill, o.DecodeSteps, s.Vocab, log);
@@ -134,7 +142,11 @@ public static class Bench
                 StagingDirectory.Track(outDir);
                 var report = PrunedCheckpoint.Write(new PrunedCheckpoint.Request
                 {
-                    Model = model, Options = new PruneOptions { Ordering = o.Ordering, Policy = RatioPolicyKind.Ratio, Amount = o.Ratio, WidthMultiple = o.WidthMultiple },
+                    Model = model, Options = new PruneOptions
+                    {
+                        Ordering = o.Ordering, Policy = RatioPolicyKind.Ratio, Amount = o.Ratio, WidthMultiple = o.WidthMultiple,
+                        Experts = o.Experts, UniformWidths = o.UniformWidths,
+                    },
                     Calibration = calib, CalibrationInfo = new JsonObject { ["source"] = "random ids", ["samples"] = o.CalibSamples, ["seqlen"] = seq },
                     OutDir = outDir, SourceDir = dir, ParamsBefore = model.ParameterCount(),
                 }, log);
@@ -146,6 +158,15 @@ public static class Bench
                 result["prune"] = new JsonObject
                 {
                     ["ordering"] = Orderings.Name(o.Ordering), ["ratio"] = o.Ratio, ["width_multiple"] = o.WidthMultiple, ["calibration_tokens"] = tokens, ["seconds"] = report["seconds"]!.DeepClone(),
+                    ["experts_keep"] = o.Experts?.Describe(), ["uniform_widths"] = o.UniformWidths,
+                    ["params_before"] = report["params_before"]!.DeepClone(), ["params_after"] = report["params_after"]!.DeepClone(),
+                    ["active_params_before"] = report["active_params_before"]?.DeepClone(), ["active_params_after"] = report["active_params_after"]?.DeepClone(),
+                    ["experts"] = report["experts"] is JsonArray ex ? new JsonArray(ex.Select(l => (JsonNode)new JsonObject
+                    {
+                        ["name"] = l!["name"]!.DeepClone(), ["relative_error_removed"] = l["relative_error_removed"]?.DeepClone(), ["relative_error_folded"] = l["relative_error_folded"]?.DeepClone(),
+                        ["few_tokens"] = l["few_tokens"]!.AsArray().Count,
+                        ["tokens_per_expert_min"] = l["tokens_per_expert"]!.AsArray().Min(t => (long)t!), ["tokens_per_expert_max"] = l["tokens_per_expert"]!.AsArray().Max(t => (long)t!),
+                    }).ToArray()) : null,
                     ["flop_bound_seconds"] = bound, ["ratio_to_bound"] = total / bound,
                     ["peak_anon_rss_bytes"] = mem.PeakAnonBytes, ["peak_anon_over_file_size"] = (double)mem.PeakAnonBytes / fileBytes,
                     ["bytes_read"] = model.BytesRead,
@@ -158,11 +179,19 @@ public static class Bench
                     var (cpp, skipped) = InferenceBench.LlamaCpp(outDir, Export.GgufDType.F16, cppPrefill, o.DecodeSteps, s.Vocab, log);
                     long embed = (long)report["params_before"]! - (long)report["prunable_params"]!;
                     double flopRatio = (double)((long)report["params_before"]! - embed) / ((long)report["params_after"]! - embed);
+                    if (report["active_params_before"] is JsonNode activeBefore)
+                    {
+                        // A mixture computes top-k experts per token whatever their count: the ratio of active block parameters.
+                        long outer;
+                        using (var ck = new CheckpointReader(dir))
+                            outer = ck.Names.Where(n => !n.StartsWith("model.layers.", StringComparison.Ordinal)).Sum(n => ck.Entry(n).Shape.Aggregate(1L, (a, b) => a * b));
+                        flopRatio = (double)((long)activeBefore - outer) / ((long)report["active_params_after"]! - outer);
+                    }
                     result["llama_cpp_pruned"] = new JsonObject
                     {
                         ["pruned"] = cpp?.ToJson(), ["skipped"] = skipped, ["weight_flop_ratio"] = flopRatio,
                         // Kept widths: llama.cpp's fast F16 GEMM needs the down_proj's inner (MLP) width aligned (--width-multiple).
-                        ["mlp_widths_kept"] = KeptWidths(report, "mlp"), ["heads_kept"] = KeptWidths(report, "heads"),
+                        ["mlp_widths_kept"] = KeptWidths(report, "mlp"), ["heads_kept"] = KeptWidths(report, "heads"), ["expert_widths_kept"] = KeptWidths(report, "experts"),
                         ["prefill_speedup"] = cpp is null ? null : cpp.PrefillTokensPerSecond / denseCpp.PrefillTokensPerSecond,
                         ["decode_speedup"] = cpp is null ? null : denseCpp.DecodeMsPerToken / cpp.DecodeMsPerToken,
                     };

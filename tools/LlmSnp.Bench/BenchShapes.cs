@@ -22,15 +22,18 @@ public interface IBenchShape
     double GramUnitsSquared { get; }
     JsonObject Describe();
     void WriteRandom(string dir, ScalarType dtype, int seed);
+    /// <summary>The dtype the random checkpoint is written in (the released models' own).</summary>
+    ScalarType DiskDType => ScalarType.Float16;
 }
 
 public static class BenchShapes
 {
-    public static IEnumerable<string> Names => OptShape.Released.Keys.Concat(LlamaShape.Released.Keys);
+    public static IEnumerable<string> Names => OptShape.Released.Keys.Concat(LlamaShape.Released.Keys).Concat(MoeShape.Released.Keys);
 
     public static IBenchShape Parse(string s) =>
         OptShape.Released.TryGetValue(s, out var o) ? new OptBenchShape(o)
         : LlamaShape.Released.TryGetValue(s, out var l) ? l
+        : MoeShape.Released.TryGetValue(s, out var m) ? m
         : throw new LlmSnpException($"--shape: unknown shape '{s}' ({string.Join(", ", Names)})");
 
     /// <summary>Writes the tensors one at a time (so a 16 GB model needs no more memory than its largest tensor), then config.json.</summary>
@@ -115,6 +118,82 @@ public sealed record LlamaShape(string Name, int Layers, int Hidden, int Heads, 
             yield return (l + "mlp.gate_proj.weight", new[] { f, h }, 0.02, 0);
             yield return (l + "mlp.up_proj.weight", new[] { f, h }, 0.02, 0);
             yield return (l + "mlp.down_proj.weight", new[] { h, f }, 0.02, 0);
+            yield return (l + "input_layernorm.weight", new[] { h }, 0.02, 1);
+            yield return (l + "post_attention_layernorm.weight", new[] { h }, 0.02, 1);
+        }
+        yield return ("model.norm.weight", new[] { h }, 0.02, 1);
+        yield return ("lm_head.weight", new[] { (long)Vocab, h }, 0.02, 0);
+    }
+
+    public void WriteRandom(string dir, ScalarType dtype, int seed)
+    {
+        BenchShapes.Write(dir, Layout(), Config(dtype), dtype, seed);
+        SyntheticVocabulary.Write(Path.Combine(dir, "tokenizer.model"), Vocab);
+    }
+}
+
+/// <summary>
+/// A Qwen3-MoE architecture (HF layout, per-expert hub names, untied head, q/k norms, every layer sparse), written in
+/// BF16 as the released checkpoints are.
+/// </summary>
+public sealed record MoeShape(string Name, int Layers, int Hidden, int Heads, int KvHeads, int HeadDim, int Experts, int ExpertWidth, int TopK, int Vocab,
+    int DenseWidth, int MaxPositions = 40960, double RopeTheta = 1e6) : IBenchShape
+{
+    public static readonly IReadOnlyDictionary<string, MoeShape> Released = new Dictionary<string, MoeShape>
+    {
+        ["qwen3-30b-a3b"] = new("qwen3-30b-a3b", 48, 2048, 32, 4, 128, 128, 768, 8, 151936, 6144),
+    };
+
+    public ScalarType DiskDType => ScalarType.BFloat16;
+    public IBenchShape WithLayers(int layers) => this with { Name = $"{Name}-{layers}l", Layers = layers };
+
+    /// <summary>Projections, causal scores, the router, and top-k experts of 3 GEMMs each.</summary>
+    public double BlockFlopsPerToken(int t)
+    {
+        double q = (double)Heads * HeadDim, kv = (double)KvHeads * HeadDim;
+        return Layers * (2.0 * Hidden * (2 * q + 2 * kv) + 2.0 * 2 * (t / 2.0) * q + 2.0 * Hidden * Experts + TopK * 2.0 * 3 * Hidden * ExpertWidth);
+    }
+
+    public double HeadFlopsPerToken => 2.0 * Hidden * Vocab;
+    /// <summary>Per token: the heads' Gram, and top-k experts' Grams (each token enters k of them).</summary>
+    public double GramUnitsSquared => Layers * ((double)Heads * HeadDim * Heads * HeadDim + (double)TopK * ExpertWidth * ExpertWidth);
+
+    public JsonObject Describe() => new()
+    {
+        ["family"] = "qwen3_moe", ["name"] = Name, ["layers"] = Layers, ["hidden"] = Hidden, ["heads"] = Heads, ["kv_heads"] = KvHeads, ["head_dim"] = HeadDim,
+        ["experts"] = Experts, ["expert_intermediate"] = ExpertWidth, ["experts_per_token"] = TopK, ["vocab"] = Vocab,
+    };
+
+    public JsonObject Config(ScalarType dtype) => new()
+    {
+        ["model_type"] = "qwen3_moe", ["architectures"] = new JsonArray("Qwen3MoeForCausalLM"), ["vocab_size"] = Vocab, ["hidden_size"] = Hidden,
+        ["intermediate_size"] = DenseWidth, ["moe_intermediate_size"] = ExpertWidth, ["num_hidden_layers"] = Layers, ["num_attention_heads"] = Heads,
+        ["num_key_value_heads"] = KvHeads, ["head_dim"] = HeadDim, ["num_experts"] = Experts, ["num_experts_per_tok"] = TopK, ["norm_topk_prob"] = true,
+        ["decoder_sparse_step"] = 1, ["mlp_only_layers"] = new JsonArray(), ["hidden_act"] = "silu", ["max_position_embeddings"] = MaxPositions,
+        ["rms_norm_eps"] = 1e-6, ["rope_theta"] = RopeTheta, ["rope_scaling"] = null, ["attention_bias"] = false, ["use_sliding_window"] = false,
+        ["tie_word_embeddings"] = false, ["bos_token_id"] = 1, ["eos_token_id"] = 2, ["torch_dtype"] = SafeDTypes.ConfigName(dtype),
+    };
+
+    public IEnumerable<(string Name, long[] Shape, double Std, double Mean)> Layout()
+    {
+        long h = Hidden, q = (long)Heads * HeadDim, kv = (long)KvHeads * HeadDim, f = ExpertWidth;
+        yield return ("model.embed_tokens.weight", new[] { (long)Vocab, h }, 0.02, 0);
+        for (int i = 0; i < Layers; i++)
+        {
+            string l = $"model.layers.{i}.";
+            yield return (l + "self_attn.q_proj.weight", new[] { q, h }, 0.02, 0);
+            yield return (l + "self_attn.k_proj.weight", new[] { kv, h }, 0.02, 0);
+            yield return (l + "self_attn.v_proj.weight", new[] { kv, h }, 0.02, 0);
+            yield return (l + "self_attn.o_proj.weight", new[] { h, q }, 0.02, 0);
+            yield return (l + "self_attn.q_norm.weight", new long[] { HeadDim }, 0.02, 1);
+            yield return (l + "self_attn.k_norm.weight", new long[] { HeadDim }, 0.02, 1);
+            yield return (l + "mlp.gate.weight", new[] { (long)Experts, h }, 0.02, 0);
+            for (int e = 0; e < Experts; e++)
+            {
+                yield return (l + $"mlp.experts.{e}.gate_proj.weight", new[] { f, h }, 0.02, 0);
+                yield return (l + $"mlp.experts.{e}.up_proj.weight", new[] { f, h }, 0.02, 0);
+                yield return (l + $"mlp.experts.{e}.down_proj.weight", new[] { h, f }, 0.02, 0);
+            }
             yield return (l + "input_layernorm.weight", new[] { h }, 0.02, 1);
             yield return (l + "post_attention_layernorm.weight", new[] { h }, 0.02, 1);
         }

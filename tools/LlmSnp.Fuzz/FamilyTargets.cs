@@ -27,7 +27,7 @@ public static partial class HeaderFuzzer
         Tensor input = m switch
         {
             ILanguageModel lm => (torch.arange(Math.Max(1, Math.Min(4, lm.MaxPositions)), ScalarType.Int64) % Math.Max(1, lm.VocabSize)).unsqueeze(0),
-            VitModel v => torch.rand(new long[] { 1, v.Config.Channels, v.Config.ImageSize, v.Config.ImageSize }, generator: new Generator(1)),
+            IImageClassifier ic => torch.rand(new long[] { 1, ic.Channels, ic.ImageSize, ic.ImageSize }, generator: new Generator(1)),
             _ => throw new InvalidOperationException($"{m.Family}: no forward input for this family"),
         };
         var h = m.Embed(input);
@@ -69,7 +69,7 @@ public static partial class HeaderFuzzer
         "llama-valid", "llama-mistral", "llama-qwen2", "llama-kv-heads", "llama-head-dim", "llama-rope-scaling", "llama-rope-theta",
         "llama-sliding-window", "llama-biases", "llama-tied", "llama-per-layer-lists", "llama-hidden-act", "llama-config-edit",
         "llama-missing-tensor", "llama-transposed", "llama-extra-tensor", "llama-half-dtype", "llama-weights-edit",
-        "llama-sharded-edit", "llama-layer-count",
+        "llama-sharded-edit", "llama-layer-count", "llama-quantization",
     };
 
     static readonly ConfigFields LlamaFields = new(
@@ -211,6 +211,17 @@ public static partial class HeaderFuzzer
                 break;
             case "llama-extra-tensor": tensorEdits.Add(ts => ts.Add(MakeTensor(rng, Pick(rng, "model.layers.7.mlp.up_proj.weight", "model.rotary_emb.inv_freq", "lm_head.bias"), "F32", 2))); break;
             case "llama-half-dtype": s.DType = Pick(rng, "F16", "BF16", "F64", "I32"); break;
+            case "llama-quantization":
+                // A quantization_config of any scheme (or a malformed one), or a quantized tensor without it.
+                if (rng.NextDouble() < 0.6)
+                    Set(j, Pick(rng, "quantization_config", "quantization_config", "compression_config"), Pick<Func<JsonNode?>>(rng,
+                        () => new JsonObject { ["quant_method"] = Pick(rng, "gptq", "awq", "fp8", "compressed-tensors", "bitsandbytes", "hqq", "nope", ""), ["bits"] = Pick<JsonNode?>(rng, 4, 8, "4", null, -1) },
+                        () => new JsonObject { ["load_in_8bit"] = Pick<JsonNode?>(rng, true, false, "yes"), ["load_in_4bit"] = Pick<JsonNode?>(rng, true, false, null), ["bnb_4bit_quant_type"] = Pick<JsonNode?>(rng, "nf4", "fp4", 3) },
+                        () => new JsonObject { ["quant_method"] = "compressed-tensors", ["format"] = Pick<JsonNode?>(rng, "pack-quantized", "float-quantized", 7), ["config_groups"] = new JsonObject() },
+                        () => Pick<JsonNode?>(rng, "gptq", 4, new JsonArray(), true), () => new JsonObject())());
+                else
+                    tensorEdits.Add(ts => ts.Add(MakeTensor(rng, "model.layers.0.mlp.up_proj." + Pick(rng, "SCB", "qweight", "qzeros", "g_idx", "weight_scale", "weight.absmax", "weight_packed", "weight_format"), Pick(rng, "F32", "I32", "I8", "U8"), 2)));
+                break;
             case "llama-weights-edit":
                 {
                     string fm = FileMutations[rng.Next(FileMutations.Length)];
@@ -242,6 +253,352 @@ public static partial class HeaderFuzzer
         ck.Write(dir);
         File.WriteAllBytes(Path.Combine(dir, "config.json"), cfg.Bytes());
         return new Built(dir, null);
+    }
+
+    // ------------------------------------------------------------------ Qwen3, Gemma 2, Gemma 3 (text)
+
+    static readonly string[] DecoderMutations =
+    {
+        "dec-valid", "dec-head-dim", "dec-kv-heads", "dec-qk-norm-shape", "dec-qk-norm-missing", "dec-extra-qk-norm", "dec-norms-missing",
+        "dec-softcaps", "dec-query-scalar", "dec-layer-types", "dec-window", "dec-pattern", "dec-rope", "dec-activation", "dec-tied",
+        "dec-attention-bias", "dec-per-layer-lists", "dec-config-edit", "dec-missing-tensor", "dec-transposed", "dec-half-dtype",
+        "dec-weights-edit", "dec-multimodal", "dec-model-type", "dec-bpe-tokenizer",
+    };
+
+    static readonly ConfigFields DecoderFields = new(
+        new[] { "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+            "max_position_embeddings", "sliding_window", "sliding_window_pattern", "max_window_layers", "bos_token_id", "eos_token_id" },
+        new[] { "attention_bias", "tie_word_embeddings", "pruned", "use_sliding_window", "use_bidirectional_attention" },
+        new[] { "model_type", "hidden_act", "hidden_activation", "rope_scaling", "rope_theta", "rope_local_base_freq", "rms_norm_eps", "query_pre_attn_scalar",
+            "attn_logit_softcapping", "final_logit_softcapping", "layer_types", "intermediate_sizes", "num_heads_per_layer", "num_key_value_heads_per_layer", "torch_dtype" });
+
+    /// <summary>What the tensors are written for: Qwen3 (two norms, q/k norms), Gemma 2 (four norms), Gemma 3 (four norms, q/k norms).</summary>
+    sealed class DecoderShape
+    {
+        public string Type = "qwen3", DType = "F32";
+        public int Vocab = 32, Hidden = 16, HeadDim = 4, Layers = 2, QkNorm = 4;
+        public int[] Heads = { 4, 4 }, Kv = { 2, 2 }, Inter = { 24, 24 };
+        public bool Tied, Bias, QkNorms = true;
+        public bool Gemma => Type != "qwen3";
+
+        // The HF layout Qwen3Model / GemmaModel read (their tensor lists are the families' own, so it is spelled here).
+        public List<StTensor> Tensors(Random rng)
+        {
+            var t = new List<StTensor> { MakeTensor(rng, "model.embed_tokens.weight", DType, Vocab, Hidden), MakeTensor(rng, "model.norm.weight", DType, Hidden) };
+            if (!Tied) t.Add(MakeTensor(rng, "lm_head.weight", DType, Vocab, Hidden));
+            for (int i = 0; i < Layers; i++)
+            {
+                string l = $"model.layers.{i}.";
+                long h = Hidden, q = Heads[i] * HeadDim, kv = Kv[i] * HeadDim, f = Inter[i];
+                foreach (var (name, rows, cols) in new[] { ("self_attn.q_proj", q, h), ("self_attn.k_proj", kv, h), ("self_attn.v_proj", kv, h), ("self_attn.o_proj", h, q) })
+                {
+                    t.Add(MakeTensor(rng, l + name + ".weight", DType, rows, cols));
+                    if (Bias) t.Add(MakeTensor(rng, l + name + ".bias", DType, rows));
+                }
+                if (QkNorms) { t.Add(MakeTensor(rng, l + "self_attn.q_norm.weight", DType, QkNorm)); t.Add(MakeTensor(rng, l + "self_attn.k_norm.weight", DType, QkNorm)); }
+                t.Add(MakeTensor(rng, l + "mlp.gate_proj.weight", DType, f, h));
+                t.Add(MakeTensor(rng, l + "mlp.up_proj.weight", DType, f, h));
+                t.Add(MakeTensor(rng, l + "mlp.down_proj.weight", DType, h, f));
+                foreach (var n in Gemma ? new[] { "input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm" }
+                    : new[] { "input_layernorm", "post_attention_layernorm" })
+                    t.Add(MakeTensor(rng, l + n + ".weight", DType, h));
+            }
+            return t;
+        }
+    }
+
+    static JsonObject DecoderConfigJson(string type)
+    {
+        var j = new JsonObject
+        {
+            ["model_type"] = type, ["vocab_size"] = 32, ["hidden_size"] = 16, ["intermediate_size"] = 24, ["num_hidden_layers"] = 2,
+            ["num_attention_heads"] = 4, ["num_key_value_heads"] = 2, ["head_dim"] = 4, ["max_position_embeddings"] = 16, ["rms_norm_eps"] = 1e-6,
+            ["bos_token_id"] = 2, ["eos_token_id"] = 1, ["torch_dtype"] = "float32", ["attention_bias"] = false,
+        };
+        if (type == "qwen3") { j["hidden_act"] = "silu"; j["rope_theta"] = 1e6; j["tie_word_embeddings"] = false; }
+        else
+        {
+            j["hidden_activation"] = "gelu_pytorch_tanh"; j["query_pre_attn_scalar"] = 4; j["sliding_window"] = 3; j["tie_word_embeddings"] = true;
+            if (type == "gemma2") { j["attn_logit_softcapping"] = 50.0; j["final_logit_softcapping"] = 30.0; }
+            else { j["rope_local_base_freq"] = 10000.0; j["sliding_window_pattern"] = 2; j["rope_scaling"] = new JsonObject { ["rope_type"] = "linear", ["factor"] = 2.0 }; }
+        }
+        return j;
+    }
+
+    /// <summary>A byte-level BPE tokenizer.json of 32 ids (Qwen's pre-tokenizer): the 26 letters, space as Ġ, merges, added tokens.</summary>
+    static JsonObject BpeTokenizerJson()
+    {
+        var vocab = new JsonObject();
+        int id = 0;
+        foreach (var c in "abcdefghijklmnopqrstuvwxyz") vocab[c.ToString()] = id++;
+        foreach (var t in new[] { "Ġ", "Ġa", "th", "the" }) vocab[t] = id++;
+        var split = new JsonObject { ["type"] = "Split", ["pattern"] = new JsonObject { ["Regex"] = @"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+" }, ["behavior"] = "Isolated", ["invert"] = false };
+        return new JsonObject
+        {
+            ["version"] = "1.0", ["normalizer"] = new JsonObject { ["type"] = "NFC" },
+            ["added_tokens"] = new JsonArray(new JsonObject { ["id"] = 30, ["content"] = "<|endoftext|>", ["special"] = true }, new JsonObject { ["id"] = 31, ["content"] = "<think>", ["special"] = false }),
+            ["pre_tokenizer"] = new JsonObject { ["type"] = "Sequence", ["pretokenizers"] = new JsonArray(split, new JsonObject { ["type"] = "ByteLevel", ["add_prefix_space"] = false, ["use_regex"] = false }) },
+            ["decoder"] = new JsonObject { ["type"] = "ByteLevel" },
+            ["model"] = new JsonObject { ["type"] = "BPE", ["vocab"] = vocab, ["merges"] = new JsonArray("Ġ a", "t h", "th e") },
+        };
+    }
+
+    static Built BuildDecoder(CasePlan plan, Random rng, string dir)
+    {
+        var s = new DecoderShape { Type = Pick(rng, "qwen3", "gemma2", "gemma3_text") };
+        s.QkNorms = s.Type != "gemma2";
+        s.Tied = s.Gemma;
+        var cfg = new CfgBuild(DecoderConfigJson(s.Type));
+        var j = cfg.Json;
+        var tensorEdits = new List<Action<List<StTensor>>>();
+        var ckEdits = new List<Action<CkBuild>>();
+        int shards = rng.NextDouble() < 0.2 ? 2 : 1;
+        bool follow = rng.NextDouble() < 0.6;
+        JsonObject? tokenizer = null;
+        Note(s.Type);
+        switch (plan.Mutation)
+        {
+            case "dec-valid": break;
+            case "dec-head-dim":
+                {
+                    JsonNode? hd = Pick<Func<JsonNode?>>(rng, () => 2, () => 8, () => 3, () => 0, () => null, () => 1 << 30)();
+                    if (rng.NextDouble() < 0.3) { j.Remove("head_dim"); Note("-head_dim"); }   // qwen3: 128, gemma: 256 by default
+                    else Set(j, "head_dim", hd);
+                    if (follow && hd is JsonValue v && v.TryGetValue<int>(out int d) && d is 2 or 8) s.HeadDim = s.QkNorm = d;
+                }
+                break;
+            case "dec-kv-heads":
+                {
+                    JsonNode? kv = Pick<Func<JsonNode?>>(rng, () => 1, () => 4, () => 3, () => 0, () => null)();
+                    if (kv is null) { j.Remove("num_key_value_heads"); Note("-num_key_value_heads"); }   // qwen3: 32, gemma: 4 by default
+                    else Set(j, "num_key_value_heads", kv);
+                    if (follow && kv is JsonValue v && v.TryGetValue<int>(out int k) && k is 1 or 4) s.Kv = new[] { k, k };
+                }
+                break;
+            case "dec-qk-norm-shape": s.QkNorm = Pick(rng, 3, 8, 16, 1); break;
+            case "dec-qk-norm-missing": s.QkNorms = false; break;
+            case "dec-extra-qk-norm": s.QkNorms = true; break;
+            case "dec-norms-missing": tensorEdits.Add(ts => ts.RemoveAll(t => t.Name.EndsWith(Pick(rng, "pre_feedforward_layernorm.weight", "post_feedforward_layernorm.weight", "input_layernorm.weight"), StringComparison.Ordinal))); break;
+            case "dec-softcaps": Set(j, Pick(rng, "attn_logit_softcapping", "final_logit_softcapping"), Pick<Func<JsonNode?>>(rng, () => null, () => 0, () => -1, () => 1e-300, () => 1e300, () => "30", () => true)()); break;
+            case "dec-query-scalar": Set(j, "query_pre_attn_scalar", Pick<Func<JsonNode?>>(rng, () => 0, () => -4, () => 1e-300, () => 1e300, () => "4", () => null)()); break;
+            case "dec-layer-types":
+                Set(j, "layer_types", Pick<Func<JsonNode?>>(rng, () => new JsonArray("sliding_attention", "full_attention"), () => new JsonArray("full_attention"),
+                    () => new JsonArray("sliding_attention", "global"), () => new JsonArray(1, 2), () => "sliding_attention", () => new JsonObject(), () => null)());
+                break;
+            case "dec-window":
+                Set(j, "sliding_window", Pick<Func<JsonNode?>>(rng, () => 1, () => 0, () => -3, () => int.MaxValue, () => "3", () => null)());
+                if (s.Type == "qwen3") { Set(j, "use_sliding_window", true); Set(j, "max_window_layers", Pick(rng, 0, 1, 5, -1)); }
+                break;
+            case "dec-pattern": Set(j, "sliding_window_pattern", Pick<Func<JsonNode?>>(rng, () => 1, () => 0, () => -2, () => 1 << 30, () => "6", () => null)()); break;
+            case "dec-rope":
+                Set(j, Pick(rng, "rope_theta", "rope_local_base_freq", "rope_scaling", "rope_parameters"), Pick<Func<JsonNode?>>(rng, () => 0, () => -1, () => 1e300, () => "x",
+                    () => new JsonObject { ["rope_type"] = "linear", ["factor"] = 0.0 }, () => new JsonObject { ["rope_type"] = "yarn", ["factor"] = 4.0 },
+                    () => new JsonObject { ["full_attention"] = new JsonObject { ["rope_type"] = "default" } }, () => null)());
+                break;
+            case "dec-activation": Set(j, Pick(rng, "hidden_act", "hidden_activation"), Pick<Func<JsonNode?>>(rng, () => "gelu", () => "relu", () => "silu", () => null, () => 1, () => "gelu_pytorch_tanh ")()); break;
+            case "dec-tied":
+                Set(j, "tie_word_embeddings", Pick<JsonNode?>(rng, true, false, "false", null));
+                if (follow) s.Tied = !s.Tied;
+                break;
+            case "dec-attention-bias":
+                Set(j, "attention_bias", Pick<JsonNode?>(rng, true, true, "true", 1));
+                s.Bias = follow;
+                break;
+            case "dec-per-layer-lists":
+                Set(j, Pick(rng, "intermediate_sizes", "num_heads_per_layer", "num_key_value_heads_per_layer"), Pick<Func<JsonNode?>>(rng,
+                    () => new JsonArray(12, 24), () => new JsonArray(24, 24), () => new JsonArray(2, 4), () => new JsonArray(1, 2), () => new JsonArray(0, 24),
+                    () => new JsonArray(24), () => new JsonArray(-1, 24), () => "24")());
+                if (follow && j["intermediate_sizes"] is JsonArray { Count: 2 } a && a.All(x => x is JsonValue xv && xv.TryGetValue<int>(out int n) && n > 0))
+                    s.Inter = a.Select(x => (int)x!).ToArray();
+                break;
+            case "dec-config-edit": MutateConfig(cfg, ConfigMutations[rng.Next(ConfigMutations.Length)], rng, DecoderFields); break;
+            case "dec-missing-tensor": tensorEdits.Add(ts => ts.RemoveAt(rng.Next(ts.Count))); break;
+            case "dec-transposed":
+                tensorEdits.Add(ts =>
+                {
+                    var twoD = ts.Where(t => t.Shape.Length == 2 && t.Shape[0] != t.Shape[1]).ToList();
+                    var v = twoD[rng.Next(twoD.Count)];
+                    v.Shape = new[] { v.Shape[1], v.Shape[0] };
+                });
+                break;
+            case "dec-half-dtype": s.DType = Pick(rng, "F16", "BF16", "F64", "I32"); break;
+            case "dec-weights-edit":
+                {
+                    string fm = FileMutations[rng.Next(FileMutations.Length)];
+                    ckEdits.Add(ck => MutateFile(ck.Shards[rng.Next(ck.Shards.Count)], fm, rng));
+                }
+                break;
+            case "dec-multimodal":
+                cfg.Json = j = new JsonObject { ["model_type"] = "gemma3", ["text_config"] = DecoderConfigJson("gemma3_text"), ["vision_config"] = new JsonObject() };
+                break;
+            case "dec-model-type": Set(j, "model_type", Pick<Func<JsonNode?>>(rng, () => "gemma", () => "gemma3", () => "qwen3_moe", () => "Qwen3", () => "gemma3_text", () => "gemma2")()); break;
+            case "dec-bpe-tokenizer":
+                {
+                    // A Qwen3 checkpoint with a tokenizer.json, exported to GGUF as well (the byte-level BPE vocabulary parser).
+                    s.Type = "qwen3"; s.QkNorms = true; s.Tied = false;
+                    cfg.Json = j = DecoderConfigJson("qwen3");
+                    tokenizer = BpeTokenizerJson();
+                    var model = tokenizer["model"]!.AsObject();
+                    switch (rng.Next(8))
+                    {
+                        case 0: break;
+                        case 1: model["vocab"]!["a"] = Pick<JsonNode?>(rng, 40, -1, "0", 1L << 40, 5); break;
+                        case 2: model["merges"] = Pick<Func<JsonNode?>>(rng, () => new JsonArray("a"), () => new JsonArray(new JsonArray("a", "b", "c")), () => new JsonArray(1), () => "a b", () => null)(); break;
+                        case 3: tokenizer["pre_tokenizer"] = Pick<Func<JsonNode?>>(rng, () => null, () => new JsonObject { ["type"] = "Whitespace" }, () => new JsonArray(), () => new JsonObject { ["type"] = "Sequence", ["pretokenizers"] = new JsonObject() })(); break;
+                        case 4: tokenizer["added_tokens"] = Pick<Func<JsonNode?>>(rng, () => new JsonArray(new JsonObject { ["id"] = 3, ["content"] = "<x>" }), () => new JsonArray(new JsonObject { ["id"] = 99, ["content"] = "<x>" }), () => new JsonArray(1), () => new JsonObject())(); break;
+                        case 5: model["type"] = Pick<JsonNode?>(rng, "WordPiece", "Unigram", null, 3); break;
+                        case 6: tokenizer["normalizer"] = Pick<Func<JsonNode?>>(rng, () => new JsonObject { ["type"] = "NFKC" }, () => new JsonObject { ["type"] = "Lowercase" }, () => "NFC")(); break;
+                        default: model["byte_fallback"] = true; break;
+                    }
+                }
+                break;
+            default: throw new InvalidOperationException($"unknown decoder mutation {plan.Mutation}");
+        }
+        var built = WriteCase(plan, rng, dir, cfg, DecoderFields, s.Tensors, tensorEdits, shards, ckEdits);
+        if (tokenizer is not null) File.WriteAllText(Path.Combine(dir, "tokenizer.json"), tokenizer.ToJsonString());
+        return built;
+    }
+
+    /// <summary>Opens a decoder case as the CLI does, and where it carries a tokenizer.json also exports it to GGUF.</summary>
+    static void OpenDecoder(string dir)
+    {
+        OpenFamilyModel(dir);
+        if (!File.Exists(Path.Combine(dir, "tokenizer.json"))) return;
+        string gguf = Path.Combine(dir, "out.gguf");
+        LlmSnp.Export.GgufExport.Run(dir, gguf, LlmSnp.Export.GgufDType.F32);
+        File.Delete(gguf);
+    }
+
+    // ------------------------------------------------------------------ mixtures (Mixtral, Qwen3-MoE)
+
+    static readonly string[] MixtureMutations =
+    {
+        "moe-valid", "moe-qwen3", "moe-experts-count", "moe-top-k", "moe-router-rows", "moe-extra-expert", "moe-mlp-only",
+        "moe-sparse-step", "moe-expert-widths", "moe-norm-topk", "moe-config-edit", "moe-missing-tensor", "moe-transposed",
+        "moe-half-dtype",
+    };
+
+    static readonly ConfigFields MixtureFields = new(
+        new[] { "vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "intermediate_size",
+            "moe_intermediate_size", "num_local_experts", "num_experts", "num_experts_per_tok", "decoder_sparse_step", "max_position_embeddings" },
+        new[] { "norm_topk_prob", "tie_word_embeddings", "pruned", "attention_bias", "use_sliding_window" },
+        new[] { "model_type", "hidden_act", "rope_scaling", "rope_theta", "rms_norm_eps", "mlp_only_layers", "expert_intermediate_sizes", "num_heads_per_layer", "torch_dtype" });
+
+    /// <summary>What a mixture case's tensors are written for: Mixtral (hub names) or Qwen3-MoE (q/k norms, a dense layer).</summary>
+    sealed class MixtureShape
+    {
+        public bool Qwen;
+        public int Vocab = 32, Hidden = 16, HeadDim = 4, Heads = 4, Kv = 2, Layers = 2, Experts = 4, Width = 8, Dense = 12, ExtraExpert = -1, RouterRows = -1;
+        public int[] DenseLayers = Array.Empty<int>();
+        public string DType = "F32";
+
+        public List<StTensor> Tensors(Random rng)
+        {
+            var t = new List<StTensor> { MakeTensor(rng, "model.embed_tokens.weight", DType, Vocab, Hidden), MakeTensor(rng, "model.norm.weight", DType, Hidden),
+                MakeTensor(rng, "lm_head.weight", DType, Vocab, Hidden) };
+            string moe = Qwen ? "mlp" : "block_sparse_moe";
+            var (gate, up, down) = Qwen ? ("gate_proj", "up_proj", "down_proj") : ("w1", "w3", "w2");
+            for (int i = 0; i < Layers; i++)
+            {
+                string l = $"model.layers.{i}.";
+                long h = Hidden, q = Heads * HeadDim, kv = Kv * HeadDim;
+                foreach (var (name, rows, cols) in new[] { ("q_proj", q, h), ("k_proj", kv, h), ("v_proj", kv, h), ("o_proj", h, q) })
+                    t.Add(MakeTensor(rng, $"{l}self_attn.{name}.weight", DType, rows, cols));
+                if (Qwen) { t.Add(MakeTensor(rng, $"{l}self_attn.q_norm.weight", DType, HeadDim)); t.Add(MakeTensor(rng, $"{l}self_attn.k_norm.weight", DType, HeadDim)); }
+                if (DenseLayers.Contains(i))
+                    foreach (var (name, rows, cols) in new[] { ("gate_proj", (long)Dense, h), ("up_proj", Dense, h), ("down_proj", h, Dense) })
+                        t.Add(MakeTensor(rng, $"{l}mlp.{name}.weight", DType, rows, cols));
+                else
+                {
+                    t.Add(MakeTensor(rng, $"{l}{moe}.gate.weight", DType, RouterRows > 0 ? RouterRows : Experts, h));
+                    for (int e = 0; e < Experts + (ExtraExpert == i ? 1 : 0); e++)
+                    {
+                        t.Add(MakeTensor(rng, $"{l}{moe}.experts.{e}.{gate}.weight", DType, Width, h));
+                        t.Add(MakeTensor(rng, $"{l}{moe}.experts.{e}.{up}.weight", DType, Width, h));
+                        t.Add(MakeTensor(rng, $"{l}{moe}.experts.{e}.{down}.weight", DType, h, Width));
+                    }
+                }
+                t.Add(MakeTensor(rng, $"{l}input_layernorm.weight", DType, h));
+                t.Add(MakeTensor(rng, $"{l}post_attention_layernorm.weight", DType, h));
+            }
+            return t;
+        }
+    }
+
+    static JsonObject MixtralConfigJson() => new()
+    {
+        ["architectures"] = new JsonArray("MixtralForCausalLM"), ["model_type"] = "mixtral", ["vocab_size"] = 32, ["hidden_size"] = 16,
+        ["intermediate_size"] = 8, ["num_hidden_layers"] = 2, ["num_attention_heads"] = 4, ["num_key_value_heads"] = 2, ["head_dim"] = 4,
+        ["num_local_experts"] = 4, ["num_experts_per_tok"] = 2, ["hidden_act"] = "silu", ["max_position_embeddings"] = 16, ["rms_norm_eps"] = 1e-5,
+        ["rope_theta"] = 1e6, ["tie_word_embeddings"] = false, ["bos_token_id"] = 1, ["eos_token_id"] = 2, ["torch_dtype"] = "float32",
+    };
+
+    static Built BuildMixture(CasePlan plan, Random rng, string dir)
+    {
+        var s = new MixtureShape();
+        var cfg = new CfgBuild(MixtralConfigJson());
+        var j = cfg.Json;
+        var tensorEdits = new List<Action<List<StTensor>>>();
+        var ckEdits = new List<Action<CkBuild>>();
+        bool follow = rng.NextDouble() < 0.6;
+        void ToQwen()
+        {
+            s.Qwen = true;
+            Set(j, "model_type", "qwen3_moe");
+            j.Remove("num_local_experts");
+            Set(j, "num_experts", 4); Set(j, "moe_intermediate_size", 8); Set(j, "intermediate_size", 12); Set(j, "norm_topk_prob", true);
+            Set(j, "mlp_only_layers", new JsonArray(1));
+            s.DenseLayers = new[] { 1 };
+        }
+        string expertsField() => s.Qwen ? "num_experts" : "num_local_experts";
+        switch (plan.Mutation)
+        {
+            case "moe-valid": break;
+            case "moe-qwen3": ToQwen(); break;
+            case "moe-experts-count":
+                {
+                    if (rng.NextDouble() < 0.5) ToQwen();
+                    JsonNode? v = Pick<Func<JsonNode?>>(rng, () => 3, () => 5, () => 0, () => -1, () => 1, () => "4", () => 1 << 30)();
+                    Set(j, expertsField(), v);
+                    if (follow && v is JsonValue x && x.TryGetValue<int>(out int n) && n is 3 or 5 or 1) s.Experts = n;
+                }
+                break;
+            case "moe-top-k": Set(j, "num_experts_per_tok", Pick<Func<JsonNode?>>(rng, () => 0, () => 5, () => 4, () => 1, () => -2, () => 2.5, () => null)()); break;
+            case "moe-router-rows": s.RouterRows = Pick(rng, 3, 5, 1); break;
+            case "moe-extra-expert": s.ExtraExpert = rng.Next(2); break;
+            case "moe-mlp-only":
+                ToQwen();
+                {
+                    JsonNode? v = Pick<Func<JsonNode?>>(rng, () => new JsonArray(), () => new JsonArray(0), () => new JsonArray(0, 1), () => new JsonArray(2),
+                        () => new JsonArray(-1), () => new JsonArray("1"), () => 1, () => new JsonArray(1, 1))();
+                    Set(j, "mlp_only_layers", v);
+                    if (follow && v is JsonArray a && a.All(x => x is JsonValue xv && xv.TryGetValue<int>(out int k) && k is 0 or 1)) s.DenseLayers = a.Select(x => (int)x!).Distinct().ToArray();
+                }
+                break;
+            case "moe-sparse-step":
+                ToQwen();
+                Set(j, "decoder_sparse_step", Pick<Func<JsonNode?>>(rng, () => 0, () => -1, () => 2, () => 3, () => 1 << 30, () => "1")());
+                break;
+            case "moe-expert-widths":
+                Set(j, "expert_intermediate_sizes", Pick<Func<JsonNode?>>(rng, () => new JsonArray(new JsonArray(8, 8, 8, 8), new JsonArray(8, 8, 8, 8)),
+                    () => new JsonArray(new JsonArray(4, 8, 8, 8), new JsonArray(8, 8, 8, 8)), () => new JsonArray(new JsonArray(8, 8, 8), new JsonArray(8, 8, 8, 8)),
+                    () => new JsonArray(new JsonArray(0, 8, 8, 8), new JsonArray(8, 8, 8, 8)), () => new JsonArray(8, 8), () => "8", () => new JsonArray(new JsonArray(), new JsonArray()))());
+                break;
+            case "moe-norm-topk": ToQwen(); Set(j, "norm_topk_prob", Pick<Func<JsonNode?>>(rng, () => false, () => "true", () => 1, () => null)()); break;
+            case "moe-config-edit": if (rng.NextDouble() < 0.5) ToQwen(); MutateConfig(cfg, ConfigMutations[rng.Next(ConfigMutations.Length)], rng, MixtureFields); break;
+            case "moe-missing-tensor": if (rng.NextDouble() < 0.5) ToQwen(); tensorEdits.Add(ts => ts.RemoveAt(rng.Next(ts.Count))); break;
+            case "moe-transposed":
+                tensorEdits.Add(ts =>
+                {
+                    var twoD = ts.Where(t => t.Shape.Length == 2 && t.Shape[0] != t.Shape[1]).ToList();
+                    var v = twoD[rng.Next(twoD.Count)];
+                    v.Shape = new[] { v.Shape[1], v.Shape[0] };
+                });
+                break;
+            case "moe-half-dtype": s.DType = Pick(rng, "F16", "BF16", "F64", "I32"); break;
+            default: throw new InvalidOperationException($"unknown mixture mutation {plan.Mutation}");
+        }
+        return WriteCase(plan, rng, dir, cfg, MixtureFields, s.Tensors, tensorEdits, 1, ckEdits);
     }
 
     // ------------------------------------------------------------------ ViT / DeiT
@@ -393,6 +750,7 @@ public static partial class HeaderFuzzer
         "sp-valid", "sp-truncated", "sp-byte-flips", "sp-bad-length", "sp-piece-type", "sp-score", "sp-empty", "sp-garbage",
         "sp-drop-fields", "sp-duplicate-pieces", "sp-tokenizer-config",
         "hf-valid", "hf-truncated", "hf-byte-flips", "hf-non-utf8", "hf-model-type", "hf-vocab", "hf-unk", "hf-deep", "hf-empty",
+        "hf-truncation", "hf-padding",
         "bpe-valid", "bpe-vocab-truncated", "bpe-vocab-byte-flips", "bpe-vocab-wrong-type", "bpe-merges-bad", "bpe-merges-non-utf8",
         "bpe-missing-merges", "bpe-bos-moved", "bpe-vocab-huge-id",
     };
@@ -578,6 +936,32 @@ public static partial class HeaderFuzzer
                     }
                     break;
                 case "hf-empty": c.Edits.Add(_ => Array.Empty<byte>()); break;
+                case "hf-truncation":
+                    // Options the tokenizers library panics on (stride ≥ max_length − specials, max_length 0) beside valid ones;
+                    // a post-processor that adds specials moves the bound. The fuzz text is ~12 tokens: small max_lengths truncate.
+                    if (rng.NextDouble() < 0.5)
+                        c.Json["post_processor"] = new JsonObject
+                        {
+                            ["type"] = "TemplateProcessing",
+                            ["single"] = new JsonArray(new JsonObject { ["SpecialToken"] = new JsonObject { ["id"] = "[UNK]", ["type_id"] = 0 } }, new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } }),
+                            ["pair"] = new JsonArray(new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "A", ["type_id"] = 0 } }, new JsonObject { ["Sequence"] = new JsonObject { ["id"] = "B", ["type_id"] = 1 } }),
+                            ["special_tokens"] = new JsonObject { ["[UNK]"] = new JsonObject { ["id"] = "[UNK]", ["ids"] = new JsonArray(0), ["tokens"] = new JsonArray("[UNK]") } },
+                        };
+                    c.Json["truncation"] = Pick<Func<JsonNode?>>(rng,
+                        () => new JsonObject { ["direction"] = Pick(rng, "Right", "Left"), ["max_length"] = Pick<JsonNode?>(rng, 0, 1, 2, 3, 5, 512), ["strategy"] = Pick(rng, "LongestFirst", "OnlyFirst", "OnlySecond"), ["stride"] = Pick<JsonNode?>(rng, 0, 1, 2, 3, 5, 600) },
+                        () => new JsonObject { ["max_length"] = Pick<JsonNode?>(rng, -1, 1e30, "8", null, 4294967296L), ["stride"] = Pick<JsonNode?>(rng, -3, "0", 1.5, null), ["strategy"] = Pick<JsonNode?>(rng, "Nope", 1, null) },
+                        () => Pick<JsonNode?>(rng, "yes", 5, new JsonArray(), true))();
+                    break;
+                case "hf-padding":
+                    c.Json["padding"] = Pick<Func<JsonNode?>>(rng,
+                        () => new JsonObject
+                        {
+                            ["strategy"] = Pick<Func<JsonNode?>>(rng, () => "BatchLongest", () => new JsonObject { ["Fixed"] = Pick<JsonNode?>(rng, 0, 3, 64, 4294967295L, -1) }, () => "Longest", () => 3)(),
+                            ["direction"] = Pick<JsonNode?>(rng, "Right", "Left", "Up"), ["pad_to_multiple_of"] = Pick<JsonNode?>(rng, null, 0, 1, 8, -8),
+                            ["pad_id"] = Pick<JsonNode?>(rng, 0, 5, -1, 1e12), ["pad_type_id"] = 0, ["pad_token"] = Pick<JsonNode?>(rng, "[UNK]", "[PAD]", 7),
+                        },
+                        () => Pick<JsonNode?>(rng, "yes", 5, new JsonArray()))();
+                    break;
             }
             File.WriteAllBytes(Path.Combine(dir, "tokenizer.json"), c.Bytes());
             return new Built(dir, null);

@@ -102,7 +102,7 @@ public static partial class HeaderFuzzer
     public const long MemoryLimitBytes = 1L << 30;
     const int MaxExamples = 20;
 
-    public enum Target { File, Checkpoint, Config, Model, Llama, Vit, Tokenizer, Labels }
+    public enum Target { File, Checkpoint, Config, Model, Llama, Vit, Tokenizer, Labels, Decoder, Mixture }
 
     /// <summary>The result of one case.</summary>
     public sealed record CaseResult(int Index, Target Target, string Mutation, string Outcome, string? Detail, string? ExceptionType, long AllocatedBytes, long WorkingSetGrowth)
@@ -336,8 +336,11 @@ public static partial class HeaderFuzzer
             case Target.Config:
                 _ = OptConfig.From(ConfigFile.Load(path));
                 break;
-            case Target.Llama or Target.Vit:
+            case Target.Llama or Target.Vit or Target.Mixture:
                 OpenFamilyModel(path);
+                break;
+            case Target.Decoder:
+                OpenDecoder(path);
                 break;
             case Target.Tokenizer:
                 OpenTokenizer(path);
@@ -425,10 +428,12 @@ public static partial class HeaderFuzzer
         // Half the cases for the OPT-era targets, half for the other families and the tokenizer and labels files.
         double u = rng.NextDouble();
         var target = u < 0.18 ? Target.File : u < 0.28 ? Target.Checkpoint : u < 0.38 ? Target.Config : u < 0.50 ? Target.Model
-            : u < 0.66 ? Target.Llama : u < 0.78 ? Target.Vit : u < 0.90 ? Target.Tokenizer : Target.Labels;
+            : u < 0.60 ? Target.Llama : u < 0.66 ? Target.Decoder : u < 0.72 ? Target.Mixture : u < 0.80 ? Target.Vit : u < 0.90 ? Target.Tokenizer : Target.Labels;
         string[] list = target switch
         {
             Target.Llama => LlamaMutations,
+            Target.Decoder => DecoderMutations,
+            Target.Mixture => MixtureMutations,
             Target.Vit => VitMutations,
             Target.Tokenizer => TokenizerMutations,
             Target.Labels => LabelsMutations,
@@ -491,6 +496,8 @@ public static partial class HeaderFuzzer
                     return new Built(dir, null);
                 }
             case Target.Llama: return BuildLlama(plan, rng, dir);
+            case Target.Decoder: return BuildDecoder(plan, rng, dir);
+            case Target.Mixture: return BuildMixture(plan, rng, dir);
             case Target.Vit: return BuildVit(plan, rng, dir);
             case Target.Tokenizer: return BuildTokenizer(plan, rng, dir);
             case Target.Labels: return BuildLabels(plan, rng, dir);

@@ -6,15 +6,24 @@ using static TorchSharp.torch;
 namespace LlmSnp.Checkpoint;
 
 /// <summary>
-/// The weights of an HF checkpoint directory: one `model.safetensors` or the shards named by
-/// `model.safetensors.index.json`. Tensors are read lazily by name, each in its stored dtype.
+/// The weights of an HF checkpoint directory: `model.safetensors`, the shards named by
+/// `model.safetensors.index.json`, or the same in PyTorch's format (`pytorch_model.bin`, or the shards named by
+/// `pytorch_model.bin.index.json`), as transformers looks for them. Tensors are read lazily by name, each in
+/// its stored dtype. A quantized checkpoint is refused when it is opened (<see cref="Quantization"/>).
+/// A name a file's `__metadata__` declares an alias of a stored tensor (how `safetensors.torch.save_model`
+/// stores a tied weight once) reads that tensor; <see cref="TieHead"/> settles a tied head stored under either name.
 /// </summary>
 public sealed class CheckpointReader : IDisposable
 {
     public string Directory { get; }
-    readonly Dictionary<string, SafeTensorsFile> _files = new(StringComparer.Ordinal);
-    readonly Dictionary<string, SafeTensorsFile> _byTensor = new(StringComparer.Ordinal);
+    /// <summary>"safetensors" or "pytorch" (pytorch_model.bin).</summary>
+    public string Format { get; }
+    readonly Dictionary<string, ITensorFile> _files = new(StringComparer.Ordinal);
+    readonly Dictionary<string, ITensorFile> _byTensor = new(StringComparer.Ordinal);
+    /// <summary>Names that read another stored tensor: a file's alias metadata, or a tied weight stored under its other name.</summary>
+    readonly Dictionary<string, string> _aliases = new(StringComparer.Ordinal);
 
+    /// <summary>The stored tensor names (aliases not included).</summary>
     public IEnumerable<string> Names => _byTensor.Keys;
     public IEnumerable<string> WeightFiles => _files.Keys;
     /// <summary>Total bytes copied out of the weight files so far.</summary>
@@ -23,13 +32,19 @@ public sealed class CheckpointReader : IDisposable
     public CheckpointReader(string directory)
     {
         Directory = directory;
-        string single = Path.Combine(directory, SafeTensorsWriter.SingleFileName);
-        string index = Path.Combine(directory, SafeTensorsWriter.IndexFileName);
+        Quantization.RefuseConfig(directory);
+        string F(string name) => Path.Combine(directory, name);
         try
         {
-            if (File.Exists(index)) OpenSharded(index);
-            else if (File.Exists(single)) AddFile(single, null);
-            else throw new LlmSnpException($"{directory}: no {SafeTensorsWriter.SingleFileName} or {SafeTensorsWriter.IndexFileName}");
+            if (File.Exists(F(SafeTensorsWriter.IndexFileName))) { Format = "safetensors"; OpenSharded(F(SafeTensorsWriter.IndexFileName), SafeTensorsFile.Open); }
+            else if (File.Exists(F(SafeTensorsWriter.SingleFileName))) { Format = "safetensors"; AddFile(SafeTensorsFile.Open(F(SafeTensorsWriter.SingleFileName)), null); }
+            else if (File.Exists(F(PytorchBinFile.IndexFileName))) { Format = "pytorch"; OpenSharded(F(PytorchBinFile.IndexFileName), PytorchBinFile.Open); }
+            else if (File.Exists(F(PytorchBinFile.SingleFileName))) { Format = "pytorch"; AddFile(PytorchBinFile.Open(F(PytorchBinFile.SingleFileName)), null); }
+            else throw new LlmSnpException($"{directory}: no weights ({SafeTensorsWriter.SingleFileName}, {SafeTensorsWriter.IndexFileName}, {PytorchBinFile.SingleFileName} or {PytorchBinFile.IndexFileName})");
+            Quantization.RefuseTensors(directory, _byTensor.Keys);
+            foreach (var f in _files.Values)
+                foreach (var (alias, target) in f.Metadata)
+                    if (!_byTensor.ContainsKey(alias) && _byTensor.ContainsKey(target)) _aliases.TryAdd(alias, target);
         }
         catch
         {
@@ -38,7 +53,7 @@ public sealed class CheckpointReader : IDisposable
         }
     }
 
-    void OpenSharded(string index)
+    void OpenSharded(string index, Func<string, ITensorFile> open)
     {
         Dictionary<string, string> weightMap = new(StringComparer.Ordinal);
         try
@@ -61,16 +76,22 @@ public sealed class CheckpointReader : IDisposable
         {
             throw new LlmSnpException($"{index}: not valid JSON ({e.Message.Split('\n')[0]})");
         }
+        // Every shard is checked to be there before any is opened: a download cut short says which file it lacks.
+        foreach (var group in weightMap.GroupBy(kv => kv.Value))
+        {
+            string shard = Path.Combine(Directory, group.Key);
+            if (!File.Exists(shard)) throw new LlmSnpException($"{index}: weight_map names shard '{group.Key}' (for '{group.First().Key}'), which is not in {Directory}");
+        }
         foreach (var group in weightMap.GroupBy(kv => kv.Value))
         {
             var expected = group.Select(kv => kv.Key).ToHashSet(StringComparer.Ordinal);
-            AddFile(Path.Combine(Directory, group.Key), expected);
+            AddFile(open(Path.Combine(Directory, group.Key)), expected);
         }
     }
 
-    void AddFile(string path, HashSet<string>? expected)
+    void AddFile(ITensorFile f, HashSet<string>? expected)
     {
-        var f = SafeTensorsFile.Open(path);
+        string path = f.Path;
         _files[path] = f;
         foreach (var name in f.Tensors.Keys)
         {
@@ -82,15 +103,62 @@ public sealed class CheckpointReader : IDisposable
                 if (!f.Tensors.ContainsKey(name)) throw new LlmSnpException($"{path}: tensor '{name}' listed in the index is missing");
     }
 
-    public bool Has(string name) => _byTensor.ContainsKey(name);
+    /// <summary>The stored name a name reads (itself, or the tensor it is an alias of).</summary>
+    string Stored(string name) => _byTensor.ContainsKey(name) ? name : _aliases.TryGetValue(name, out var t) ? t : name;
+
+    /// <summary>
+    /// Settles how a model's output head is stored, as transformers does, and returns whether it is tied to the
+    /// token embedding. A tying config (tie_word_embeddings) with only the head stored (TinyStories-656K:
+    /// `lm_head.weight` with the alias metadata, or without it) reads the embedding from the head; with only
+    /// the embedding stored, the head is the embedding; with both stored and equal, tied; with both stored and
+    /// different, untied (transformers keeps a checkpoint's distinct head rather than overwrite it).
+    /// A config that does not tie needs both.
+    /// </summary>
+    public bool TieHead(string embedding, string head, bool configTies)
+    {
+        bool hasEmbedding = Has(embedding), hasHead = Has(head);
+        if (!hasEmbedding && !hasHead) throw new LlmSnpException($"{Directory}: missing tensor '{embedding}' (and no tied '{head}' to read it from)");
+        if (!configTies)
+        {
+            if (!hasHead) throw new LlmSnpException($"{Directory}: tie_word_embeddings is false but {head} is missing");
+            if (!hasEmbedding) throw new LlmSnpException($"{Directory}: missing tensor '{embedding}' (tie_word_embeddings is false, so '{head}' cannot stand for it)");
+            return false;
+        }
+        if (!hasHead) return true;
+        if (!hasEmbedding)
+        {
+            _aliases[embedding] = Stored(head);
+            return true;
+        }
+        return SameValues(embedding, head);
+    }
+
+    /// <summary>Whether two tensors hold the same values: one storage, or equal bytes.</summary>
+    bool SameValues(string a, string b)
+    {
+        string sa = Stored(a), sb = Stored(b);
+        if (sa == sb) return true;
+        var (fa, fb) = (_byTensor[sa], _byTensor[sb]);
+        if (ReferenceEquals(fa, fb) && fa.SameStorage(sa, sb)) return true;
+        var (ea, eb) = (fa.Tensors[sa], fb.Tensors[sb]);
+        if (ea.DType != eb.DType || !ea.Shape.SequenceEqual(eb.Shape)) return false;
+        using var x = fa.Read(sa);
+        using var y = fb.Read(sb);
+        using var eq = x.eq(y);
+        using var all = eq.all();
+        return all.item<bool>();
+    }
+
+    public bool Has(string name) => _byTensor.ContainsKey(Stored(name));
 
     public TensorEntry Entry(string name) =>
-        _byTensor.TryGetValue(name, out var f) ? f.Tensors[name] : throw new LlmSnpException($"{Directory}: missing tensor '{name}'");
+        _byTensor.TryGetValue(Stored(name), out var f) ? f.Tensors[Stored(name)] : throw new LlmSnpException($"{Directory}: missing tensor '{name}'");
 
     /// <summary>Reads a tensor and converts it to the given dtype and device.</summary>
     public Tensor Read(string name, ScalarType dtype, Device device)
     {
-        if (!_byTensor.TryGetValue(name, out var f)) throw new LlmSnpException($"{Directory}: missing tensor '{name}'");
+        if (!_byTensor.TryGetValue(Stored(name), out var f)) throw new LlmSnpException($"{Directory}: missing tensor '{name}'");
+        name = Stored(name);
         var e = f.Tensors[name];
         BytesRead += e.ByteLength;
         if (device.type != DeviceType.CPU)

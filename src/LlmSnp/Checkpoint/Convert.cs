@@ -4,17 +4,21 @@ using static TorchSharp.torch;
 
 namespace LlmSnp.Checkpoint;
 
-/// <summary>`llmsnp convert`: rewrite a checkpoint's floating-point tensors in another dtype.</summary>
+/// <summary>
+/// `llmsnp convert`: rewrite a checkpoint as safetensors, its floating-point tensors in another dtype or as
+/// stored (a `pytorch_model.bin` checkpoint becomes the same tensors in `model.safetensors`, bit for bit).
+/// </summary>
 public static class CheckpointConvert
 {
-    /// <summary>The dtypes `convert --to` writes.</summary>
+    /// <summary>The dtypes `convert --to` writes; errors name --to.</summary>
     public static ScalarType ParseTarget(string s, string option = "--to") => SafeDTypes.ParseOption(s, option);
 
-    public static JsonObject Run(string modelDir, string outDir, ScalarType dtype)
+    /// <param name="dtype">The floating-point dtype to write; null keeps each tensor's stored dtype.</param>
+    public static JsonObject Run(string modelDir, string outDir, ScalarType? dtype)
     {
-        // config.json is read (strictly: a malformed one is an error naming it) before anything is written.
-        var cfg = ConfigFile.Load(modelDir);
         using var reader = new CheckpointReader(modelDir);
+        var config = File.Exists(Path.Combine(modelDir, "config.json")) ? Models.ConfigFile.Load(modelDir) : null;   // before anything is written: one line naming a broken one
+        var weights = reader.WeightFiles.Select(Path.GetFileName).ToHashSet(StringComparer.Ordinal);
         string full = Path.GetFullPath(outDir);
         var existing = FileNodes.Kind(full);
         if (existing != FileNodeKind.Missing)
@@ -33,19 +37,21 @@ public static class CheckpointConvert
                     using var scope = NewDisposeScope();
                     var stored = SafeDTypes.ToTorch(reader.Entry(name).DType);
                     var t = reader.Read(name, stored, CPU);
-                    w.Add(name, stored.IsFloatingPoint() ? FiniteCast.To(t, dtype, modelDir, name, remedy) : t);
+                    // Cast through the one finiteness check export gguf uses: no +inf where the source was finite.
+                    w.Add(name, stored.IsFloatingPoint() && dtype is ScalarType to ? FiniteCast.To(t, to, modelDir, name, remedy) : t);
                 }
                 w.Finish();
             }
             foreach (var f in Directory.GetFiles(modelDir))
             {
                 string n = Path.GetFileName(f);
-                if (n.EndsWith(".safetensors") || n == SafeTensorsWriter.IndexFileName) continue;
-                if (n == "config.json")
+                // The weights are written anew; a .bin index would name files the output does not have.
+                if (n.EndsWith(".safetensors") || weights.Contains(n) || n is SafeTensorsWriter.IndexFileName or PytorchBinFile.IndexFileName) continue;
+                if (n == "config.json" && dtype is ScalarType d)
                 {
-                    var json = cfg.Json.DeepClone().AsObject();
-                    json["torch_dtype"] = SafeDTypes.ConfigName(dtype);
-                    AtomicFile.WriteAllText(Path.Combine(tmp, n), json.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
+                    var cfg = (JsonObject)config!.Json.DeepClone();
+                    cfg["torch_dtype"] = SafeDTypes.ConfigName(d);
+                    File.WriteAllText(Path.Combine(tmp, n), cfg.ToJsonString(new System.Text.Json.JsonSerializerOptions { WriteIndented = true }));
                 }
                 else File.Copy(f, Path.Combine(tmp, n));
             }
@@ -59,6 +65,10 @@ public static class CheckpointConvert
             throw;
         }
         finally { StagingDirectory.Release(tmp); }
-        return new JsonObject { ["model"] = modelDir, ["out"] = outDir, ["dtype"] = SafeDTypes.ConfigName(dtype) };
+        return new JsonObject
+        {
+            ["model"] = modelDir, ["out"] = outDir, ["from"] = reader.Format, ["to"] = "safetensors",
+            ["dtype"] = dtype is ScalarType x ? SafeDTypes.ConfigName(x) : "as stored",
+        };
     }
 }

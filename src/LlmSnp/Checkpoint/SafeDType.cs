@@ -11,7 +11,7 @@ public static class SafeDTypes
         "F64" => SafeDType.F64, "F32" => SafeDType.F32, "F16" => SafeDType.F16, "BF16" => SafeDType.BF16,
         "I64" => SafeDType.I64, "I32" => SafeDType.I32, "I16" => SafeDType.I16, "I8" => SafeDType.I8,
         "U8" => SafeDType.U8, "BOOL" => SafeDType.BOOL,
-        "F8_E4M3" or "F8_E5M2" => throw new LlmSnpException($"{where}: dtype {s} (8-bit float) is not supported"),
+        "F8_E4M3" or "F8_E5M2" => throw new LlmSnpException($"{where}: dtype {s} (8-bit float: an FP8-quantized checkpoint) is not supported; LlmSnp prunes full-precision weights"),
         _ => throw new LlmSnpException($"{where}: unknown dtype '{s}'"),
     };
 

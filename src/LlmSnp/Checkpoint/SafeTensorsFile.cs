@@ -18,7 +18,7 @@ public sealed record TensorEntry(string Name, SafeDType DType, long[] Shape, lon
 /// tensor bytes are copied out of the map only when a tensor is read, so reading one block's
 /// tensors touches only that block's pages.
 /// </summary>
-public sealed class SafeTensorsFile : IDisposable
+public sealed class SafeTensorsFile : ITensorFile
 {
     /// <summary>The reference implementation's bound; checked before anything is allocated.</summary>
     public const long MaxHeaderBytes = 100_000_000;
@@ -186,9 +186,6 @@ public sealed class SafeTensorsFile : IDisposable
         return ReadConverted(name, SafeDTypes.ToTorch(e.DType));
     }
 
-    /// <summary>Bytes of the stored dtype converted at a time by <see cref="ReadConverted"/>: below glibc's mmap threshold, so the staging buffer is heap memory reused from call to call.</summary>
-    const long StagingBytes = 1 << 20;
-
     /// <summary>
     /// Reads one tensor converted to <paramref name="dtype"/>, on the CPU, a MiB of stored bytes at a time:
     /// the stored-dtype copy never exists whole (a llama3-8b block's F16 weights are 436 MB of fresh pages
@@ -210,36 +207,51 @@ public sealed class SafeTensorsFile : IDisposable
         if (!destination.shape.SequenceEqual(e.Shape) || !destination.is_contiguous() || destination.device_type != DeviceType.CPU)
             throw new ArgumentException($"{name}: destination [{string.Join(", ", destination.shape)}] is not a contiguous CPU tensor of the stored shape", nameof(destination));
         if (e.ByteLength == 0) return;
-        var stored = SafeDTypes.ToTorch(e.DType);
         byte* basePtr = null;
         _view!.SafeMemoryMappedViewHandle.AcquirePointer(ref basePtr);
-        try
-        {
-            byte* src = basePtr + _view.PointerOffset + _dataStart + e.Begin;
-            if (stored == destination.dtype)
-            {
-                TensorBytes.Chunked(destination, (offset, dst) => new ReadOnlySpan<byte>(src + offset, dst.Length).CopyTo(dst));
-                return;
-            }
-            long elem = SafeDTypes.Size(e.DType), numel = e.ByteLength / elem, per = Math.Max(1, StagingBytes / elem);
-            using var staging = torch.empty(Math.Min(per, numel), stored);
-            using var flat = destination.view(-1);
-            for (long i = 0; i < numel; i += per)
-            {
-                long n = Math.Min(per, numel - i);
-                using var from = staging.narrow(0, 0, n);
-                new ReadOnlySpan<byte>(src + i * elem, checked((int)(n * elem))).CopyTo(from.bytes);
-                using var to = flat.narrow(0, i, n);
-                to.copy_(from);
-            }
-        }
+        try { MappedBytes.CopyInto(basePtr + _view.PointerOffset + _dataStart + e.Begin, e.DType, e.ByteLength, destination); }
         finally { _view.SafeMemoryMappedViewHandle.ReleasePointer(); }
     }
+
+    /// <summary>Each name has its own bytes in a safetensors file (overlaps are refused).</summary>
+    public bool SameStorage(string a, string b) => false;
 
     public void Dispose()
     {
         _view?.Dispose();
         _map?.Dispose();
+    }
+}
+
+/// <summary>Copies stored tensor bytes from a mapped file into a tensor, converting a MiB of stored bytes at a time.</summary>
+static class MappedBytes
+{
+    /// <summary>Bytes of the stored dtype converted at a time: below glibc's mmap threshold, so the staging buffer is heap memory reused from call to call.</summary>
+    const long StagingBytes = 1 << 20;
+
+    /// <summary>
+    /// <paramref name="byteLength"/> bytes of <paramref name="stored"/> elements at <paramref name="src"/> into a contiguous CPU
+    /// tensor of as many elements (any dtype: converted as <c>to</c> converts). The stored-dtype copy never exists whole.
+    /// </summary>
+    public static unsafe void CopyInto(byte* src, SafeDType storedDType, long byteLength, Tensor destination)
+    {
+        var stored = SafeDTypes.ToTorch(storedDType);
+        if (stored == destination.dtype)
+        {
+            TensorBytes.Chunked(destination, (offset, dst) => new ReadOnlySpan<byte>(src + offset, dst.Length).CopyTo(dst));
+            return;
+        }
+        long elem = SafeDTypes.Size(storedDType), numel = byteLength / elem, per = Math.Max(1, StagingBytes / elem);
+        using var staging = torch.empty(Math.Min(per, numel), stored);
+        using var flat = destination.view(-1);
+        for (long i = 0; i < numel; i += per)
+        {
+            long n = Math.Min(per, numel - i);
+            using var from = staging.narrow(0, 0, n);
+            new ReadOnlySpan<byte>(src + i * elem, checked((int)(n * elem))).CopyTo(from.bytes);
+            using var to = flat.narrow(0, i, n);
+            to.copy_(from);
+        }
     }
 }
 

@@ -45,8 +45,36 @@ public sealed class OptTokenizer : ITextTokenizer
         return new OptTokenizer(bpe, $"{dir} (byte-level BPE)");
     }
 
-    /// <summary>Ids with the leading bos.</summary>
-    public int[] Encode(string text) => _bpe.EncodeToIds(text).ToArray();
+    /// <summary>
+    /// The longest run of non-space (or of space) characters encoded: the library's BPE removes merged symbols
+    /// from a word one shift at a time, so a word costs the square of its length (1 MB of letters: 86 s). A
+    /// run this long is not language (base64, a hex dump); it is refused rather than encoded for minutes.
+    /// </summary>
+    public const int MaxWordChars = 1 << 15;
+
+    /// <summary>Ids with the leading bos (an empty text is the bos alone, as HF's OPT tokenizer gives).</summary>
+    public int[] Encode(string text)
+    {
+        if (text.Length == 0) return new[] { BosId };
+        int run = 0;
+        bool space = false;
+        for (int i = 0; i < text.Length; i++)
+        {
+            bool s = char.IsWhiteSpace(text[i]);
+            run = s == space ? run + 1 : 1;
+            space = s;
+            if (run > MaxWordChars)
+                throw new LlmSnpException($"{Description}: the text has a run of more than {MaxWordChars} {(s ? "whitespace" : "non-space")} characters at character {i - run + 1}; byte-level BPE's cost grows with the square of a word's length: split it");
+        }
+        return _bpe.EncodeToIds(text).ToArray();
+    }
+
+    /// <summary>Ids without the leading bos (the BPE tokenizer always adds it: Load checks).</summary>
+    public int[] EncodeWithoutSpecialTokens(string text)
+    {
+        var ids = Encode(text);
+        return ids.Length > 0 && ids[0] == BosId ? ids[1..] : ids;
+    }
 
     public string Decode(IEnumerable<int> ids) => _bpe.Decode(ids) ?? "";
 }

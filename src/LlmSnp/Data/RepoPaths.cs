@@ -1,11 +1,12 @@
 namespace LlmSnp.Data;
 
-/// <summary>Locates the files the product ships (tokenizers/, eval/data/, models/) from the binary's location.</summary>
+/// <summary>Locates the files the product ships (models/, eval/data/) from the binary's location.</summary>
 public static class RepoPaths
 {
     static readonly Lazy<string> RootLazy = new(FindRoot);
     public static string Root => RootLazy.Value;
-    public static string OptTokenizer => Path.Combine(Root, "tokenizers", "opt");
+    /// <summary>The OPT tokenizer (vocab.json + merges.txt): the bundled OPT's own, kept once, in its model directory.</summary>
+    public static string OptTokenizer => Path.Combine(Root, "models", "opt-tiny-c4-v2");
     public static string EvalData => Path.Combine(Root, "eval", "data");
 
     static string FindRoot()

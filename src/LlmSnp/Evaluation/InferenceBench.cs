@@ -49,7 +49,7 @@ public static class InferenceBench
         var runs = Enumerable.Range(0, Repeats).Select(_ => TextGeneration.MeasureSpeed(model, promptLength, decodeSteps)).ToList();
         var own = runs[0] with { PrefillSeconds = runs.Min(r => r.PrefillSeconds), DecodeSeconds = runs.Min(r => r.DecodeSeconds) };
         log?.Invoke($"speed (LlmSnp): prefill {own.PrefillTokensPerSecond:F0} tokens/s at {promptLength}, decode {own.DecodeMsPerToken:F2} ms/token");
-        if (!ModelFamilies.Of(model.ModelDir).ExportsGguf) return new ModelSpeed(own, null, $"no GGUF export for the {model.Family} family");
+        if (ModelFamilies.Of(model.ModelDir).Gguf is null) return new ModelSpeed(own, null, $"no GGUF export for the {model.Family} family");
         var cpp = LlamaCpp(model.ModelDir, model.StoredDType == ScalarType.Float32 ? GgufDType.F32 : GgufDType.F16, promptLength, decodeSteps, model.VocabSize, log);
         return new ModelSpeed(own, cpp.Speed, cpp.Skipped);
     }

@@ -216,9 +216,13 @@ public sealed class LlamaCppRuntime : IDisposable
         return Enumerable.Range(0, ids.Count).Select(t => _context.NativeHandle.GetLogitsIth(t).ToArray()).ToArray();
     }
 
-    /// <summary>llama.cpp's own tokenizer on the file's vocabulary (checks the exported tokenizer metadata).</summary>
-    public int[] Tokenize(string text, bool addBos) =>
-        _context.Tokenize(text, addBos, special: false).Select(t => (int)t).ToArray();
+    /// <summary>
+    /// llama.cpp's own tokenizer on the file's vocabulary (checks the exported tokenizer metadata). With
+    /// <paramref name="special"/> control tokens written in the text are matched too (llama.cpp makes some control
+    /// tokens by name, e.g. Gemma's &lt;end_of_turn&gt;, whatever the file says).
+    /// </summary>
+    public int[] Tokenize(string text, bool addBos, bool special = false) =>
+        _context.Tokenize(text, addBos, special).Select(t => (int)t).ToArray();
 
     public void Dispose()
     {

@@ -35,8 +35,8 @@ public static class LogitsDump
         else
         {
             if (ids is not null) throw new LlmSnpException("eval logits: an image classifier takes no --ids (its input is the fixed pattern image)");
-            var c = ((VitModel)model).Config;
-            input = Pattern(c.Channels, c.ImageSize);
+            var classifier = (IImageClassifier)model;
+            input = Pattern(classifier.Channels, classifier.ImageSize);
         }
         var h = model.Embed(input);
         for (int i = 0; i < model.BlockCount; i++)

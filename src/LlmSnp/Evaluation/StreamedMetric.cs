@@ -16,8 +16,12 @@ public interface IStreamedMetric
     bool HigherIsBetter { get; }
     /// <summary>Evaluation hidden states (micro-batches) at the input of block 0.</summary>
     List<Tensor> Embed(IPrunableModel model);
+    /// <summary>Moves the hidden states through one block (the plain causal forward unless the metric packs its inputs otherwise).</summary>
+    void Advance(IPrunableBlock block, List<Tensor> hidden) => block.Advance(hidden);
     /// <summary>The metric from the hidden states after the last block.</summary>
     double Finish(IPrunableModel model, List<Tensor> hidden);
+    /// <summary>Parts of the last <see cref="Finish"/>'s value worth a column of their own (per task accuracy); none by default.</summary>
+    IReadOnlyList<(string Name, double Value)> Breakdown => Array.Empty<(string, double)>();
 }
 
 public static class StreamedMetrics
@@ -29,7 +33,7 @@ public static class StreamedMetrics
         for (int b = 0; b < model.BlockCount; b++)
         {
             var block = model.LoadBlock(b);
-            try { block.Advance(hidden); }
+            try { metric.Advance(block, hidden); }
             finally
             {
                 // Each block's weights become the next one's buffers; the last block's are released before the head.

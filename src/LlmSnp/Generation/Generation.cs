@@ -86,7 +86,11 @@ public static class TextGeneration
     /// Continues <paramref name="promptIds"/> until the tokenizer's eos (<paramref name="eosId"/>), max-new-tokens, or the
     /// model's max positions; <paramref name="onToken"/> sees each new id as it is chosen.
     /// </summary>
-    public static TokenGeneration Generate(ILanguageModel model, IReadOnlyList<int> promptIds, GenerationOptions options, int? eosId, Action<int>? onToken = null)
+    public static TokenGeneration Generate(ILanguageModel model, IReadOnlyList<int> promptIds, GenerationOptions options, int? eosId, Action<int>? onToken = null) =>
+        GenerateUntil(model, promptIds, options, eosId is int e ? new[] { e } : Array.Empty<int>(), onToken);
+
+    /// <summary>The same, stopping at any of <paramref name="eosIds"/> (a model may have several end tokens).</summary>
+    public static TokenGeneration GenerateUntil(ILanguageModel model, IReadOnlyList<int> promptIds, GenerationOptions options, IReadOnlyCollection<int> eosIds, Action<int>? onToken = null)
     {
         options.Validate();
         if (promptIds.Count == 0) throw new LlmSnpException("generation needs at least one prompt token");
@@ -112,7 +116,7 @@ public static class TextGeneration
         {
             newIds.Add(next);
             onToken?.Invoke(next);
-            if (next == eosId) { stop = StopReasons.Eos; break; }
+            if (eosIds.Contains(next)) { stop = StopReasons.Eos; break; }
             if (newIds.Count >= options.MaxNewTokens) { stop = StopReasons.MaxNewTokens; break; }
             if (promptIds.Count + newIds.Count >= model.MaxPositions) { stop = StopReasons.MaxPositions; break; }
             // One scope per step: the step's activations and logits go, the caches (detached) stay.
@@ -167,7 +171,7 @@ public static class TextGeneration
             from = shownUpTo;
             shownUpTo = all.Count;
         }
-        var gen = Generate(model, promptIds, options, tok.EosId, id => { all.Add(id); Show(final: false); });
+        var gen = GenerateUntil(model, promptIds, options, tok.EosIds, id => { all.Add(id); Show(final: false); });
         Show(final: true);
         return new GenerationResult(model.ModelDir, model.Family, prompt, Continuation(), options, gen);
     }

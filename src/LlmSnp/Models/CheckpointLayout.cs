@@ -25,6 +25,8 @@ public static partial class CheckpointLayout
         {
             want.Add(name);
             var e = ck.Entry(name);   // missing: one line naming it
+            if (!SafeDTypes.ToTorch(e.DType).IsFloatingPoint())
+                throw new LlmSnpException($"{modelDir}: tensor '{name}' is stored as {e.DType}, not as floating-point weights (a quantized checkpoint?); LlmSnp prunes full-precision weights");
             if (!e.Shape.SequenceEqual(shape))
                 throw new LlmSnpException($"{modelDir}: tensor '{name}' has shape [{string.Join(", ", e.Shape)}], config says [{string.Join(", ", shape)}]");
         }

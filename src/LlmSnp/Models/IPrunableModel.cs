@@ -13,7 +13,34 @@ public sealed record NodeLayerInfo(string Name, NodeKind Kind, int Units, int Gr
     public int Groups => Units / GroupSize;
 }
 
-public enum NodeKind { Heads, Mlp }
+/// <summary>Heads (or K/V groups) of an attention layer, neurons of a dense MLP, neurons of a mixture's experts.</summary>
+public enum NodeKind { Heads, Mlp, Expert }
+
+/// <summary>The node kinds' names, as options (`--targets`) and reports spell them: the one place they are spelled.</summary>
+public static class NodeKinds
+{
+    public static readonly IReadOnlyList<NodeKind> All = new[] { NodeKind.Mlp, NodeKind.Heads, NodeKind.Expert };
+
+    public static string Name(NodeKind k) => k switch { NodeKind.Heads => "heads", NodeKind.Expert => "experts", _ => "mlp" };
+
+    /// <summary>Kinds whose units are MLP neurons (a width multiple applies to them).</summary>
+    public static bool IsNeurons(NodeKind k) => k is NodeKind.Mlp or NodeKind.Expert;
+
+    public static NodeKind Parse(string s, string option) =>
+        All.Cast<NodeKind?>().FirstOrDefault(k => Name(k!.Value) == s)
+        ?? throw new LlmSnpException($"{option}: unknown target '{s}' ({string.Join(", ", All.Select(Name))})");
+
+    /// <summary>A comma-separated target set ("mlp,heads"); empty or unknown entries are refused.</summary>
+    public static IReadOnlySet<NodeKind> ParseSet(string s, string option)
+    {
+        var parts = s.Split(',', StringSplitOptions.TrimEntries);
+        if (parts.All(p => p.Length == 0)) throw new LlmSnpException($"{option}: empty target set ({string.Join(", ", All.Select(Name))})");
+        return parts.Select(p => p.Length == 0 ? throw new LlmSnpException($"{option}: empty entry in '{s}'") : Parse(p, option)).ToHashSet();
+    }
+
+    /// <summary>The set as options spell it, in a fixed order (mlp, heads, experts).</summary>
+    public static string Describe(IReadOnlySet<NodeKind> kinds) => string.Join(",", All.Where(kinds.Contains).Select(Name));
+}
 
 /// <summary>
 /// One transformer block, resident on the device, as the pruning engine sees it. The engine
@@ -31,6 +58,24 @@ public interface IPrunableBlock : IDisposable
 
     /// <summary>Node layers in the order they are pruned (heads, then the MLP).</summary>
     IReadOnlyList<NodeLayerInfo> NodeLayers { get; }
+
+    /// <summary>
+    /// The node layers grouped by the sub-block they belong to, in order: one node layer reads each sub-block's
+    /// input in a chain (attention, then a dense MLP); several read the same input where they run in parallel and
+    /// their consumers' outputs are summed with weights (the experts of a mixture).
+    /// </summary>
+    IReadOnlyList<int[]> SubBlocks { get; }
+
+    /// <summary>
+    /// Sub-block <paramref name="subBlock"/>'s node layers on the residual stream entering it: each layer's activations
+    /// [rows, units] and the weight its consumer's output carries per row ([rows]; null: 1) go to
+    /// <paramref name="collect"/>; nothing past them is computed. A least-squares fit of a consumer then weighs each
+    /// row as the block's output does.
+    /// </summary>
+    void Collect(int subBlock, Tensor input, Action<int, Tensor, Tensor?> collect);
+
+    /// <summary>The residual stream leaving sub-block <paramref name="subBlock"/>, given the one entering it.</summary>
+    Tensor Advance(int subBlock, Tensor input);
 
     /// <summary>
     /// Runs the block on hidden states [batch, tokens, width]. With <paramref name="captureLayer"/> ≥ 0,
@@ -77,8 +122,15 @@ public interface IPrunableBlock : IDisposable
     IEnumerable<(string Name, Tensor Tensor)> PaddedTensors(ScalarType dtype);
 }
 
-/// <summary>What one pruned block kept: per node layer the original group indices, and whether its consumer now has a bias.</summary>
-public sealed record KeptBlock(IReadOnlyList<long[]> Groups, IReadOnlyList<bool> ConsumerBias);
+/// <summary>
+/// What one pruned block kept: its original layer index (a checkpoint written without some blocks renumbers the
+/// rest), per node layer the original group indices, and whether its consumer now has a bias.
+/// </summary>
+public sealed record KeptBlock(int Layer, IReadOnlyList<long[]> Groups, IReadOnlyList<bool> ConsumerBias)
+{
+    /// <summary>A mixture's kept experts (original indices), in the order they are written; null for a dense block.</summary>
+    public IReadOnlyList<long>? Experts { get; init; }
+}
 
 /// <summary>A model family as the pruning engine and the jobs see it: streamed block by block.</summary>
 public interface IPrunableModel : IDisposable
@@ -135,9 +187,10 @@ public interface IPrunableModel : IDisposable
 }
 
 /// <summary>
-/// A decoder block that also runs incrementally for generation: the tokens at positions
-/// <c>position</c>.. attend to the keys and values cached for the earlier ones. The pruning engine never uses
-/// it; generation keeps every block resident, each with its own cache.
+/// A decoder block as the language-model paths run it beyond the plain causal <see cref="IPrunableBlock.Forward"/>:
+/// incrementally for generation (the tokens at positions <c>position</c>.. attend to the keys and values cached for
+/// the earlier ones; every block resident, each with its own cache), and on packed rows with an explicit attention
+/// mask for task evaluation (docs/models.md, "Packed rows").
 /// </summary>
 public interface ICachedBlock : IPrunableBlock
 {
@@ -146,6 +199,16 @@ public interface ICachedBlock : IPrunableBlock
     /// them; their keys and values are appended to <paramref name="cache"/>, which holds exactly the positions before.
     /// </summary>
     Tensor Step(Tensor hidden, KvCache cache, int position);
+
+    /// <summary>
+    /// The block on packed, padded rows: hidden [batch, t, width]; <paramref name="positions"/> [batch, t] (int64) each
+    /// token's position in its own sequence (the rotary angle; a family with learned positions adds them in
+    /// <see cref="ILanguageModel.EmbedAt(Tensor, Tensor)"/> and ignores them here); <paramref name="attend"/> [batch, t, t]
+    /// (bool, true where query i may read key j), built by the caller: several sequences, or one shared context and its
+    /// continuations, share a row, and every token (padding too) sees at least itself. A family with a sliding window
+    /// narrows the mask further by the positions. Equals <see cref="IPrunableBlock.Forward"/> of each sequence alone.
+    /// </summary>
+    Tensor ForwardMasked(Tensor hidden, Tensor positions, Tensor attend);
 }
 
 /// <summary>A language model: token ids in, next-token logits out.</summary>
@@ -159,6 +222,9 @@ public interface ILanguageModel : IPrunableModel
     /// <summary>Hidden states for ids [batch, t] standing at positions start..start+t-1 (generation continues a sequence); a name of its own, so that `Embed` stays one method group.</summary>
     Tensor EmbedAt(Tensor ids, int startPosition);
 
+    /// <summary>Hidden states for ids [batch, t] at per-token positions [batch, t] (packed rows, <see cref="ICachedBlock.ForwardMasked"/>).</summary>
+    Tensor EmbedAt(Tensor ids, Tensor positions);
+
     /// <summary>Decoder block <paramref name="index"/> with its cached forward (<see cref="ICachedBlock.Step"/>).</summary>
     ICachedBlock LoadCachedBlock(int index);
 }
@@ -167,6 +233,9 @@ public interface ILanguageModel : IPrunableModel
 public interface IImageClassifier : IPrunableModel
 {
     int Classes { get; }
+    /// <summary>Input images are [batch, Channels, ImageSize, ImageSize], already normalised.</summary>
+    int Channels { get; }
+    int ImageSize { get; }
 }
 
 public static class PrunableBlockExtensions

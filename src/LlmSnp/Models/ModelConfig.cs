@@ -91,9 +91,21 @@ public sealed class ConfigFile
         for (int i = 0; i < layers; i++)
         {
             if (a[i] is JsonValue v && v.TryGetValue<JsonElement>(out var e) && e.ValueKind == JsonValueKind.Number && e.TryGetInt32(out int x) && x >= 1) r[i] = x;
+            else if (a[i] is JsonValue z && z.TryGetValue<JsonElement>(out var ze) && ze.ValueKind == JsonValueKind.Number && ze.TryGetInt32(out int zero) && zero == 0)
+                throw new LlmSnpException($"{Path}: field '{field}'[{i}] is 0: layer {i} would have no units (a removed layer leaves the config instead)");
             else throw new LlmSnpException($"{Path}: field '{field}'[{i}] is not a positive integer");
         }
         return r;
+    }
+
+    /// <summary>`layer_types` (transformers' per-layer attention kinds): per layer, true for "sliding_attention", false for "full_attention".</summary>
+    public bool[] SlidingLayerTypes(int layers)
+    {
+        if (Json["layer_types"] is not JsonArray a || a.Count != layers)
+            throw Unsupported("layer_types", $"must be a list of {layers} strings (\"full_attention\" or \"sliding_attention\")");
+        return a.Select((n, i) => n is JsonValue v && v.TryGetValue<string>(out var s) && s is "full_attention" or "sliding_attention"
+            ? s == "sliding_attention"
+            : throw Unsupported("layer_types", $"[{i}] is not \"full_attention\" or \"sliding_attention\"")).ToArray();
     }
 
     /// <summary>More layers than any real model: refused before per-layer arrays are allocated.</summary>

@@ -3,8 +3,12 @@ using static TorchSharp.torch;
 
 namespace LlmSnp.Models;
 
-/// <summary>A producer of a node layer: a weight whose rows (and a bias whose entries) belong to its units' groups.</summary>
-public sealed record Producer(string Weight, string? Bias);
+/// <summary>
+/// A producer of a node layer: a weight whose rows (and a bias whose entries) belong to its units' groups. In a
+/// fused tensor (Phi-3's qkv_proj, gate_up_proj) the producer owns one <paramref name="Segment"/> of the rows:
+/// the block declares the segments, consecutive runs of rows, when it is built.
+/// </summary>
+public sealed record Producer(string Weight, string? Bias, int Segment = 0);
 
 /// <summary>
 /// Where a node layer's units lie in its block's tensors: each producer holds rows for every group
@@ -17,23 +21,35 @@ public sealed record UnitMap(string Name, NodeKind Kind, int GroupSize, IReadOnl
 /// The pruning surgery every family's block shares, on the block's tensors under their checkpoint
 /// names: a family's block file holds only its forward (<see cref="Activations"/>, <see cref="Residual"/>)
 /// and its <see cref="UnitMap"/>s. The consumer bias is optional (LLaMA has none) and is added when a
-/// reconstruction gives one.
+/// reconstruction gives one. Fused producers stay fused: their segments shrink in place.
 /// </summary>
 public abstract class PrunableBlock : IPrunableBlock
 {
     /// <summary>The block's tensors by full checkpoint name, in the order they are written.</summary>
     protected readonly Dictionary<string, Tensor> W;
-    readonly IReadOnlyList<UnitMap> _maps;
-    readonly int[] _origGroups;
-    readonly long[][] _keptGroups;   // original indices, per node layer
-    readonly Dictionary<string, (int Dim, int Layer, long PerGroup)> _pruned = new(StringComparer.Ordinal);
+    readonly List<UnitMap> _maps;
+    readonly List<int> _origGroups;
+    readonly List<long[]> _keptGroups;   // original indices, per node layer
+
+    /// <summary>A run of a pruned tensor's rows (or a consumer's columns) that one node layer owns (Layer −1: none).</summary>
+    sealed class Segment
+    {
+        public int Layer = -1;
+        public long PerGroup;
+        public long OrigRows, Rows;
+        public Segment Clone() => (Segment)MemberwiseClone();
+    }
+
+    /// <summary>Per pruned tensor: the dimension pruned and its segments in order.</summary>
+    readonly Dictionary<string, (int Dim, Segment[] Segments)> _layout = new(StringComparer.Ordinal);
 
     /// <param name="tensors">Name → tensor (taken over: the block disposes them).</param>
-    protected PrunableBlock(Dictionary<string, Tensor> tensors, IReadOnlyList<UnitMap> maps)
+    /// <param name="fused">Fused producer weights: name → the rows of each segment, in order (default: one segment).</param>
+    protected PrunableBlock(Dictionary<string, Tensor> tensors, IReadOnlyList<UnitMap> maps, IReadOnlyDictionary<string, long[]>? fused = null)
     {
-        W = tensors; _maps = maps;
-        _origGroups = new int[maps.Count];
-        _keptGroups = new long[maps.Count][];
+        W = tensors; _maps = maps.ToList();
+        _origGroups = new List<int>(new int[maps.Count]);
+        _keptGroups = new List<long[]>(new long[maps.Count][]);
         for (int j = 0; j < maps.Count; j++)
         {
             var m = maps[j];
@@ -43,10 +59,39 @@ public abstract class PrunableBlock : IPrunableBlock
             _origGroups[j] = groups;
             _keptGroups[j] = Enumerable.Range(0, groups).Select(g => (long)g).ToArray();
             foreach (var p in m.Producers)
+            {
+                long[]? parts = fused != null && fused.TryGetValue(p.Weight, out var f) ? f : null;
                 foreach (var name in new[] { p.Weight, p.Bias })
-                    if (name != null && W.TryGetValue(name, out var t)) _pruned[name] = (0, j, t.shape[0] / groups);
-            _pruned[m.ConsumerWeight] = (1, j, m.GroupSize);
+                {
+                    if (name == null || !W.TryGetValue(name, out var t)) continue;
+                    if (!_layout.TryGetValue(name, out var layout))
+                    {
+                        var rows = parts ?? new[] { t.shape[0] };
+                        if (rows.Sum() != t.shape[0])
+                            throw new LlmSnpException($"{name}: {t.shape[0]} rows, but its fused parts have {string.Join(" + ", rows)} = {rows.Sum()}");
+                        layout = (0, rows.Select(r => new Segment { OrigRows = r, Rows = r }).ToArray());
+                        _layout[name] = layout;
+                    }
+                    var seg = layout.Segments[p.Segment];
+                    if (seg.Rows % groups != 0) throw new LlmSnpException($"{name}: {seg.Rows} rows do not split into {groups} groups");
+                    seg.Layer = j;
+                    seg.PerGroup = seg.Rows / groups;
+                }
+            }
+            _layout[m.ConsumerWeight] = (1, new[] { new Segment { Layer = j, PerGroup = m.GroupSize, OrigRows = units, Rows = units } });
         }
+    }
+
+    /// <summary>The current rows of each segment of a fused tensor (the forward splits it by them).</summary>
+    protected long[] SegmentRows(string name) => _layout[name].Segments.Select(s => s.Rows).ToArray();
+
+    /// <summary>The producer's own rows (its segment of a fused tensor) of a weight or bias.</summary>
+    Tensor Rows(string name, int segment)
+    {
+        var t = W[name];
+        var segs = _layout[name].Segments;
+        if (segs.Length == 1) return t;
+        return t.narrow(0, segs.Take(segment).Sum(s => s.Rows), segs[segment].Rows);
     }
 
     /// <summary>Parameters one group of a node layer owns: its producer rows and biases, its consumer columns.</summary>
@@ -57,8 +102,8 @@ public abstract class PrunableBlock : IPrunableBlock
         long n = W[m.ConsumerWeight].shape[0] * m.GroupSize;
         foreach (var p in m.Producers)
         {
-            n += W[p.Weight].numel() / groups;
-            if (p.Bias != null && W.TryGetValue(p.Bias, out var b)) n += b.numel() / groups;
+            n += Rows(p.Weight, p.Segment).numel() / groups;
+            if (p.Bias != null && W.ContainsKey(p.Bias)) n += Rows(p.Bias, p.Segment).numel() / groups;
         }
         return n;
     }
@@ -72,15 +117,36 @@ public abstract class PrunableBlock : IPrunableBlock
 
     public abstract Tensor Residual(int layer, Tensor input, Tensor activations);
 
+    /// <summary>By default each node layer is its own sub-block, in a chain; a block with parallel node layers overrides these.</summary>
+    public virtual IReadOnlyList<int[]> SubBlocks => _maps.Select((_, j) => new[] { j }).ToArray();
+
+    public virtual void Collect(int subBlock, Tensor input, Action<int, Tensor, Tensor?> collect)
+    {
+        int j = SubBlocks[subBlock].Single();
+        using var a = Activations(j, input);
+        using var flat = a.reshape(-1, a.shape[^1]);
+        collect(j, flat, null);
+    }
+
+    public virtual Tensor Advance(int subBlock, Tensor input)
+    {
+        using var scope = NewDisposeScope();
+        int j = SubBlocks[subBlock].Single();
+        return Residual(j, input, Activations(j, input)).MoveToOuterDisposeScope();
+    }
+
     public Tensor? Forward(Tensor hidden, int captureLayer = -1, Action<Tensor>? capture = null)
     {
         using var scope = NewDisposeScope();
         var h = hidden;
-        for (int j = 0; j < _maps.Count; j++)
+        foreach (var (sub, s) in SubBlocks.Select((sub, s) => (sub, s)))
         {
-            var a = Activations(j, h);
-            if (captureLayer == j) { capture!(a.reshape(-1, a.shape[2])); return null; }
-            h = Residual(j, h, a);
+            if (sub.Contains(captureLayer))
+            {
+                Collect(s, h, (j, a, _) => { if (j == captureLayer) capture!(a); });
+                return null;
+            }
+            h = Advance(s, h);
         }
         return h.MoveToOuterDisposeScope();
     }
@@ -98,8 +164,8 @@ public abstract class PrunableBlock : IPrunableBlock
         Tensor? r = null;
         foreach (var p in m.Producers)
         {
-            var rows = W[p.Weight].square().sum(1);
-            if (p.Bias != null && Optional(p.Bias) is Tensor b) rows = rows + b.square();
+            var rows = Rows(p.Weight, p.Segment).square().sum(1);
+            if (p.Bias != null && W.ContainsKey(p.Bias)) rows = rows + Rows(p.Bias, p.Segment).square();
             // A producer with fewer rows per group than units (a shared K/V head) spreads its norm evenly over the group's units.
             if (rows.shape[0] != groups * m.GroupSize)
                 rows = rows.reshape(groups, -1).sum(1).div(m.GroupSize).repeat_interleave(m.GroupSize);
@@ -113,19 +179,32 @@ public abstract class PrunableBlock : IPrunableBlock
         var m = _maps[layer];
         var reference = W[m.ConsumerWeight];
         var (device, dtype) = (reference.device, reference.dtype);
-        int gs = m.GroupSize, groups = Groups(layer);
+        int gs = m.GroupSize;
         var keptGroups = keptUnits.Where(u => u % gs == 0).Select(u => u / gs).ToArray();
-        foreach (var p in m.Producers)
-            foreach (var name in new[] { p.Weight, p.Bias })
+        var names = m.Producers.SelectMany(p => new[] { p.Weight, p.Bias }).Where(n => n != null && W.ContainsKey(n)).Distinct().ToArray();
+        foreach (var name in names)
+        {
+            // Each segment this layer owns keeps its kept groups' rows; other segments of a fused tensor stay whole.
+            var rows = new List<long>();
+            long offset = 0;
+            foreach (var seg in _layout[name!].Segments)
             {
-                if (name == null || Optional(name) is not Tensor t) continue;
-                long perGroup = t.shape[0] / groups;
-                // Rows of the kept groups; for one row per unit these are the kept units themselves.
-                var rows = perGroup == gs ? keptUnits : Rows(keptGroups, perGroup);
-                using var idx = torch.tensor(rows, device: device);
-                Replace(name, t.index_select(0, idx));
+                long before = seg.Rows;
+                if (seg.Layer == layer)
+                {
+                    // Rows of the kept groups; for one row per unit these are the kept units themselves.
+                    var own = seg.PerGroup == gs ? keptUnits : Rows(keptGroups, seg.PerGroup);
+                    rows.AddRange(own.Select(r => offset + r));
+                    seg.Rows = own.Length;
+                }
+                else rows.AddRange(Enumerable.Range(0, (int)before).Select(r => offset + r));
+                offset += before;
             }
+            using var idx = torch.tensor(rows.ToArray(), device: device);
+            Replace(name!, W[name!].index_select(0, idx));
+        }
         Replace(m.ConsumerWeight, consumerWeight.to(dtype, device));
+        _layout[m.ConsumerWeight].Segments[0].Rows = keptUnits.Length;
         if (consumerBias is not null)
         {
             if (!W.ContainsKey(m.ConsumerBias))
@@ -137,6 +216,32 @@ public abstract class PrunableBlock : IPrunableBlock
             Replace(m.ConsumerBias, consumerBias.to(dtype, device));
         }
         _keptGroups[layer] = keptGroups.Select(g => _keptGroups[layer][g]).ToArray();
+    }
+
+    /// <summary>
+    /// Removes whole node layers (the experts a mixture drops) with the tensors only they own; later node layers move
+    /// down. A removed layer's producers and consumer must not be shared with a kept one.
+    /// </summary>
+    protected void RemoveNodeLayers(IReadOnlyCollection<int> layers, IEnumerable<string> tensors)
+    {
+        var gone = layers.ToHashSet();
+        var renumber = new int[_maps.Count];
+        for (int j = 0, next = 0; j < _maps.Count; j++) renumber[j] = gone.Contains(j) ? -1 : next++;
+        foreach (var name in tensors)
+        {
+            if (W.Remove(name, out var t)) t.Dispose();
+            _layout.Remove(name);
+        }
+        foreach (var (name, at) in _layout)
+            foreach (var seg in at.Segments)
+                if (seg.Layer >= 0)
+                    seg.Layer = renumber[seg.Layer] >= 0 ? renumber[seg.Layer] : throw new InvalidOperationException($"{name}: owned by a removed node layer but still in the block");
+        foreach (int j in gone.OrderByDescending(j => j))
+        {
+            _maps.RemoveAt(j);
+            _origGroups.RemoveAt(j);
+            _keptGroups.RemoveAt(j);
+        }
     }
 
     /// <summary>By default a consumer may gain a bias (OPT and ViT consumers have one already).</summary>
@@ -154,7 +259,7 @@ public abstract class PrunableBlock : IPrunableBlock
         if (W.ContainsKey(biasName)) return;
         var w = W[weightName];
         W[biasName] = torch.zeros(w.shape[0], w.dtype, w.device).DetachFromDisposeScope();
-        if (_pruned.TryGetValue(weightName, out var at)) _pruned[biasName] = at;
+        if (_layout.TryGetValue(weightName, out var at)) _layout[biasName] = (at.Dim, at.Segments.Select(x => x.Clone()).ToArray());
     }
 
     public long[] KeptGroups(int layer) => _keptGroups[layer];
@@ -182,8 +287,19 @@ public abstract class PrunableBlock : IPrunableBlock
         foreach (var (name, t) in W)
         {
             Tensor p = t;
-            if (_pruned.TryGetValue(name, out var at))
-                p = ZeroPad(t, at.Dim, _origGroups[at.Layer] * at.PerGroup, Rows(_keptGroups[at.Layer], at.PerGroup));
+            if (_layout.TryGetValue(name, out var at))
+            {
+                // Kept rows at their original places, segment by segment.
+                var kept = new List<long>();
+                long offset = 0;
+                foreach (var seg in at.Segments)
+                {
+                    kept.AddRange(seg.Layer >= 0 ? Rows(_keptGroups[seg.Layer], seg.PerGroup).Select(r => offset + r)
+                        : Enumerable.Range(0, (int)seg.OrigRows).Select(r => offset + (long)r));
+                    offset += seg.Layer >= 0 ? _origGroups[seg.Layer] * seg.PerGroup : seg.OrigRows;
+                }
+                p = ZeroPad(t, at.Dim, offset, kept.ToArray());
+            }
             padded[name] = p.to(dtype);
         }
         return ToCheckpoint(padded);

@@ -5,6 +5,8 @@ namespace LlmSnp.Pruning;
 /// <summary>
 /// Accumulates the augmented Gram matrix G = (1/T) Σ x xᵀ with x = [1; a] (snp.md §2): chunks are
 /// multiplied in float32 (float64 when activations are float64) and summed into float64 on the device.
+/// Rows may carry weights w (an expert's output enters its block scaled by its routing weight): then
+/// G = Σ w² x xᵀ / Σ w², the Gram of the least squares that weighs each row as the block's output does.
 /// </summary>
 public sealed class GramAccumulator : IDisposable
 {
@@ -13,7 +15,10 @@ public sealed class GramAccumulator : IDisposable
     // result needs no second n² buffer: for an 8192-wide MLP that is 0.5 GB less at the peak.
     Tensor? _g;
     readonly Tensor _xtx, _sum;
+    /// <summary>Rows added (tokens that reached the layer).</summary>
     public long Count { get; private set; }
+    /// <summary>Σ w² over the rows added (the row count when unweighted): G's normaliser.</summary>
+    public double Mass { get; private set; }
     public int Units { get; }
 
     public GramAccumulator(int units, Device device)
@@ -34,8 +39,8 @@ public sealed class GramAccumulator : IDisposable
     const int BlockUnits = 512;
     readonly (long Start, long Length)[] _blocks;
 
-    /// <summary>Adds activations [tokens, units].</summary>
-    public void Add(Tensor a)
+    /// <summary>Adds activations [tokens, units], each row weighted by <paramref name="rowWeights"/> [tokens] where given.</summary>
+    public void Add(Tensor a, Tensor? rowWeights = null)
     {
         if (_g is null) throw new InvalidOperationException("GramAccumulator: Result was already taken");
         using var scope = NewDisposeScope();
@@ -44,7 +49,15 @@ public sealed class GramAccumulator : IDisposable
         for (long r = 0; r < rows; r += ChunkRows)
         {
             using var chunk = NewDisposeScope();
-            var x = a.narrow(0, r, Math.Min(ChunkRows, rows - r)).to(mm);
+            long n = Math.Min(ChunkRows, rows - r);
+            var x = a.narrow(0, r, n).to(mm);
+            Tensor? w = null;
+            if (rowWeights is not null)
+            {
+                // Σ w² a aᵀ = Σ (w a)(w a)ᵀ: the products run on the scaled rows; the constant row sums w·(w a).
+                w = rowWeights.narrow(0, r, n).to(mm).unsqueeze(1);
+                x = x * w;
+            }
             for (int i = 0; i < _blocks.Length; i++)
             {
                 var xi = x.narrow(1, _blocks[i].Start, _blocks[i].Length);
@@ -57,7 +70,16 @@ public sealed class GramAccumulator : IDisposable
                     else target.add_(xi.t().mm(xj));
                 }
             }
-            _sum.add_(x.sum(0, type: ScalarType.Float64));
+            if (w is null)
+            {
+                _sum.add_(x.sum(0, type: ScalarType.Float64));
+                Mass += n;
+            }
+            else
+            {
+                _sum.add_((x * w).sum(0, type: ScalarType.Float64));
+                Mass += w.to(ScalarType.Float64).square().sum().item<double>();
+            }
         }
         Count += rows;
     }
@@ -78,7 +100,8 @@ public sealed class GramAccumulator : IDisposable
                     _xtx.narrow(0, _blocks[j].Start, _blocks[j].Length).narrow(1, _blocks[i].Start, _blocks[i].Length)
                         .copy_(_xtx.narrow(0, _blocks[i].Start, _blocks[i].Length).narrow(1, _blocks[j].Start, _blocks[j].Length).t());
             }
-            g.div_(Count);
+            if (!(Mass > 0)) throw new LlmSnpException($"{layer}: the calibration tokens that reached this layer carry no weight");
+            g.div_(Mass);
             g[0, 0] = 1.0;
             g.narrow(1, 0, 1).copy_(g.narrow(0, 0, 1).t());
             if (!Subspace.AllFinite(g))

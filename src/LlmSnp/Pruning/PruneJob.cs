@@ -2,6 +2,7 @@ using System.Text.Json.Nodes;
 using LlmSnp.Data;
 using LlmSnp.Data.Images;
 using LlmSnp.Evaluation;
+using LlmSnp.Evaluation.Tasks;
 using LlmSnp.Models;
 using static TorchSharp.torch;
 
@@ -69,25 +70,37 @@ public static class PruneJob
     public static PruneOutcome Run(PruneJobOptions o, Action<string>? log)
     {
         o.Prune.Validate();
-        return ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
+        if (o.ExportPadded && o.Prune.Experts is not null) throw new LlmSnpException(PrunedCheckpoint.PaddedWithoutExperts);
+        var outcome = ModelFamilies.Of(o.ModelDir).Modality == Modality.Image ? RunImage(o, log) : RunText(o, log);
+        if (outcome.Eval != null) ModelCard.Write(o.OutDir, outcome.Report, o.ModelDir, o.OutDir, outcome.Eval, outcome.Speed);   // the card gains this run's measurements
+        return outcome;
     }
 
     static PruneOutcome RunText(PruneJobOptions o, Action<string>? log)
     {
-        if (o.EvalDataset == AccuracyEval) throw new LlmSnpException("--eval accuracy is for image models; use --eval wikitext2, c4, tinystories or a text file");
+        if (o.EvalDataset == AccuracyEval) throw new LlmSnpException("--eval accuracy is for image models; use --eval wikitext2, c4, tinystories, a text file or tasks:LIST");
         using var model = ModelFamilies.OpenLanguageModel(o.ModelDir, o.Device, o.DType, "prune");
+        o.Prune.Experts?.CheckAgainst(model);
         int calibLen = o.CalibSeqLen ?? Math.Min(2048, model.MaxPositions);
         if (calibLen > model.MaxPositions)
             throw new LlmSnpException($"--calib-seqlen {calibLen} exceeds the model's max_position_embeddings ({model.MaxPositions})");
         int? evalLen = o.EvalSeqLen;
         if (evalLen > model.MaxPositions)
             throw new LlmSnpException($"--eval-seqlen {evalLen} exceeds the model's max_position_embeddings ({model.MaxPositions})");
-        if (o.EvalDataset != null && TextSources.Overlap(o.CalibSource, o.EvalDataset))
+        if (o.EvalDataset != null && TaskEvalJob.TaskList(o.EvalDataset) == null && TextSources.Overlap(o.CalibSource, o.EvalDataset))
             log?.Invoke($"warning: calibrating and evaluating on the same text ({TextSources.Describe(o.CalibSource)})");
 
         int[]? evalIds = null;
         PerplexityReport? dense = null;
-        if (o.EvalDataset != null)
+        // `--eval tasks:a,b`: zero-shot accuracy of the dense and the pruned model on the same documents.
+        var taskSets = TaskEvalJob.TaskList(o.EvalDataset) is string list ? TaskCatalog.Load(list, o.EvalLimit) : null;
+        TaskRun? denseTasks = null;
+        if (taskSets != null)
+        {
+            log?.Invoke("evaluating the dense model");
+            denseTasks = TaskEvalJob.Evaluate(model, model.Tokenizer(), taskSets, BosPolicy.Auto, log);
+        }
+        else if (o.EvalDataset != null)
         {
             evalIds = PerplexityJob.Tokenize(model, o.EvalDataset, log);
             log?.Invoke("evaluating the dense model");
@@ -109,16 +122,25 @@ public static class PruneJob
         var report = Write(o, model, batches, calibInfo, log);
         batches.ForEach(b => b.Dispose());
         calib.Ids.Dispose();
-        if (evalIds == null) return new PruneOutcome(o.OutDir, report, null, null);
+        if (evalIds == null && denseTasks == null) return new PruneOutcome(o.OutDir, report, null, null);
         log?.Invoke("evaluating the pruned model");
         using var pruned = ModelFamilies.OpenLanguageModel(o.OutDir, o.Device, o.DType);
-        var after = PerplexityJob.Measure(pruned, evalIds, o.EvalDataset!, evalLen, o.EvalLimit, log);
-        var eval = new MetricPair("perplexity", dense!.Perplexity, after.Perplexity, dense.Windows, dense.ToJson(), after.ToJson());
+        MetricPair eval;
+        if (denseTasks != null)
+        {
+            var afterTasks = TaskEvalJob.Evaluate(pruned, pruned.Tokenizer(), taskSets!, BosPolicy.Auto, log);
+            eval = new MetricPair("mean_acc", denseTasks.Summary.MeanAcc, afterTasks.Summary.MeanAcc, denseTasks.Encoded.Rows.Count, denseTasks.ToJson(), afterTasks.ToJson());
+        }
+        else
+        {
+            var after = PerplexityJob.Measure(pruned, evalIds!, o.EvalDataset!, evalLen, o.EvalLimit, log);
+            eval = new MetricPair("perplexity", dense!.Perplexity, after.Perplexity, dense.Windows, dense.ToJson(), after.ToJson());
+        }
         SpeedUp? speed = null;
         if (o.MeasureSpeed)
         {
-            // Same machine, same run: prefill at the evaluation length, batch-1 decode.
-            int prompt = Math.Min(dense.SeqLen, model.MaxPositions - InferenceBench.DecodeSteps);
+            // Same machine, same run: prefill at the evaluation length (the default window for tasks), batch-1 decode.
+            int prompt = Math.Min(dense?.SeqLen ?? Math.Min(2048, model.MaxPositions), model.MaxPositions - InferenceBench.DecodeSteps);
             log?.Invoke("measuring dense and pruned inference speed");
             var d = InferenceBench.Measure(model, prompt, log: log);
             var p = InferenceBench.Measure(pruned, prompt, log: log);

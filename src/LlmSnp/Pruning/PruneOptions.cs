@@ -12,8 +12,8 @@ public sealed record PruneOptions
     public RatioPolicyKind Policy { get; init; } = RatioPolicyKind.Variance;
     /// <summary>r for Ratio, τ for Variance, p for Budget.</summary>
     public double Amount { get; init; } = 0.99;
-    public bool PruneHeads { get; init; } = true;
-    public bool PruneMlp { get; init; } = true;
+    /// <summary>The node kinds pruned (`--targets`).</summary>
+    public IReadOnlySet<NodeKind> Targets { get; init; } = new HashSet<NodeKind> { NodeKind.Mlp, NodeKind.Heads };
     public double Damp { get; init; } = 0.01;
     public int Seed { get; init; }
     /// <summary>
@@ -27,8 +27,13 @@ public sealed record PruneOptions
     /// (8 with AVX2) and otherwise falls back to a much slower path for the whole down_proj.
     /// </summary>
     public int WidthMultiple { get; init; } = 1;
+    /// <summary>Expert removal in mixtures (`--experts-keep`); null: every expert stays.</summary>
+    public ExpertOptions? Experts { get; init; }
+    /// <summary>Experts with fewer calibration tokens than neurons (`--experts-few-tokens`).</summary>
+    public FewTokenPolicy FewTokenExperts { get; init; } = FewTokenPolicy.Damp;
 
-    public bool Targets(NodeKind k) => k == NodeKind.Heads ? PruneHeads : PruneMlp;
+    /// <summary>Whether a node kind is pruned: `mlp` covers every MLP neuron, the experts' too; `experts` only theirs.</summary>
+    public bool Prunes(NodeKind k) => Targets.Contains(k) || (k == NodeKind.Expert && Targets.Contains(NodeKind.Mlp));
 
     public void Validate()
     {
@@ -44,7 +49,8 @@ public sealed record PruneOptions
         if (UniformWidths && Policy == RatioPolicyKind.Variance)
             throw new LlmSnpException("--uniform works with --ratio or --budget: --variance chooses each layer's width from its own spectrum");
         if (WidthMultiple < 1) throw new LlmSnpException($"--width-multiple must be a positive integer (got {WidthMultiple})");
-        if (!PruneHeads && !PruneMlp) throw new LlmSnpException("--targets selects nothing to prune (use mlp, heads or mlp,heads)");
+        if (Targets.Count == 0) throw new LlmSnpException("--targets selects nothing to prune (use mlp, heads or mlp,heads)");
+        Experts?.Validate();
         if (!(Damp >= 0) || double.IsInfinity(Damp)) throw new LlmSnpException($"--damp must be a non-negative number (got {Damp})");
     }
 
@@ -130,10 +136,12 @@ public static class RatioPolicy
         {
             var of = layers.Where(l => l.Kind == k).ToArray();
             if (of.Select(l => l.D.Length).Distinct().Count() > 1)
-                throw new LlmSnpException($"--uniform: the source's {(k == NodeKind.Heads ? "head" : "MLP")} widths differ across layers ({string.Join(", ", of.Select(l => l.D.Length))})");
+                throw new LlmSnpException($"--uniform: the source's {(k == NodeKind.Heads ? "head" : k == NodeKind.Expert ? "expert" : "MLP")} widths differ across layers ({string.Join(", ", of.Select(l => l.D.Length))})");
             groups[k] = of[0].D.Length;
             cost[k] = of.Sum(l => l.ParamsPerGroup);
         }
+        if (kinds.Length > 2)
+            throw new LlmSnpException($"--uniform --budget plans at most two node kinds, not {string.Join(", ", kinds.Select(NodeKinds.Name))} (a mixture with dense layers): use --uniform --ratio, or --targets to choose two");
         long total = kinds.Sum(k => groups[k] * cost[k]);
         double target = budget * total;
         double Dropped(NodeKind k, int keep) => layers.Where(l => l.Kind == k).Sum(l =>

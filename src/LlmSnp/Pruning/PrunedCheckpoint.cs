@@ -16,6 +16,7 @@ public static class PrunedCheckpoint
 {
     public const string ReportFile = "pruning_config.json";
     public const string PaddedDir = "padded";
+    public const string PaddedWithoutExperts = "--export-padded with --experts-keep: a removed expert cannot be padded back (its router row would still draw tokens)";
     static readonly JsonSerializerOptions Indented = new() { WriteIndented = true };
 
     public sealed record Request
@@ -38,6 +39,9 @@ public static class PrunedCheckpoint
     /// <summary>Prunes and writes; returns the report that was written as pruning_config.json.</summary>
     public static JsonObject Write(Request req, Action<string>? log = null)
     {
+        req.Options.Experts?.CheckAgainst(req.Model);
+        if (req.ExportPadded && req.Options.Experts is not null)
+            throw new LlmSnpException(PaddedWithoutExperts);
         string outDir = Path.GetFullPath(req.OutDir);
         string src = Path.GetFullPath(req.SourceDir);
         if (outDir == src || outDir.StartsWith(src + Path.DirectorySeparatorChar) || src.StartsWith(outDir + Path.DirectorySeparatorChar))
@@ -86,6 +90,7 @@ public static class PrunedCheckpoint
         var dtype = model.StoredDType;
         var hashes = model.SourceHashes();
         long paramsAfter = 0;
+        long activeAdjust = 0;   // mixtures: top-k experts (at their mean size) in place of all of them
         JsonObject report;
         using (var writer = new SafeTensorsWriter(dir, req.ShardBytes))
         using (var padded = req.ExportPadded ? new SafeTensorsWriter(Path.Combine(dir, PaddedDir), req.ShardBytes) : null)
@@ -103,11 +108,13 @@ public static class PrunedCheckpoint
             var engine = new SnpEngine(model, req.Options, log);
             var result = engine.Run(req.Calibration, (block, b) =>
             {
+                if (block is IMixtureBlock { ExpertSubBlock: not null } mixture && mixture.ExpertParameters() is { Length: > 0 } experts)
+                    activeAdjust += (long)Math.Round((double)experts.Sum() / experts.Length * mixture.TopK) - experts.Sum();
                 Add(writer, block.Tensors(dtype), true);
                 if (padded != null) Add(padded, block.PaddedTensors(dtype), false);
                 req.AfterBlockWritten?.Invoke(block, b);
             });
-            if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).ExportsGguf && result.Layers.Count(l => l.Kind == "mlp" && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
+            if (req.Options.WidthMultiple == 1 && Models.ModelFamilies.Of(req.SourceDir).Gguf is not null && result.Layers.Count(l => NodeKinds.IsNeurons(NodeKinds.Parse(l.Kind, "kind")) && l.UnitsKept < l.Units && l.UnitsKept % 16 != 0) is int odd and > 0)
                 log?.Invoke($"note: {odd} MLP layers keep a width that is not a multiple of 16; llama.cpp's fast F16/F32 GEMM then takes a slow path for their down_proj (--width-multiple 16 aligns them)");
             Add(writer, model.OuterTensors(dtype), true);
             if (padded != null) Add(padded, model.OuterTensors(dtype), false);
@@ -123,8 +130,10 @@ public static class PrunedCheckpoint
                 if (padded != null) File.Copy(f, Path.Combine(dir, PaddedDir, Path.GetFileName(f)));
             }
             report = Report(req, result, hashes, paramsAfter, files, writeSeconds, sw.Elapsed.TotalSeconds);
+            if (model is IMixtureModel moe) MixtureReports.AddTo(report, req.Options, result.Mixtures, moe.ActiveParameterCount(), paramsAfter + activeAdjust);
         }
         AtomicFile.WriteAllText(Path.Combine(dir, ReportFile), report.ToJsonString(Indented));
+        ModelCard.Write(dir, report, req.SourceDir, req.OutDir);
         return report;
     }
 
@@ -138,7 +147,7 @@ public static class PrunedCheckpoint
             {
                 ["name"] = l.Name, ["kind"] = l.Kind, ["units"] = l.Units, ["group_size"] = l.GroupSize,
                 ["units_kept"] = l.UnitsKept, ["groups_kept"] = l.UnitsKept / l.GroupSize,
-                [l.Kind == "heads" ? "kept_heads" : "kept_neurons"] = new JsonArray(l.KeptIndices.Select(i => (JsonNode)i).ToArray()),
+                [l.Kind == NodeKinds.Name(NodeKind.Heads) ? "kept_heads" : "kept_neurons"] = new JsonArray(l.KeptIndices.Select(i => (JsonNode)i).ToArray()),
                 ["error"] = l.Error, ["relative_error"] = l.RelativeError,
                 ["damping_lambda"] = l.Lambda, ["damping_escalations"] = l.DampingEscalations,
                 ["reconstruct_constant"] = l.Constant,
@@ -146,7 +155,10 @@ public static class PrunedCheckpoint
                 ["params_removed"] = l.ParamsRemoved,
             });
         for (int i = 0; i < r.Layers.Count; i++)
+        {
             if (r.Layers[i].BiasFreeBecause is string why) layers[i]!["bias_free_because"] = why;
+            if (r.Layers[i].KeptWholeBecause is string whole) layers[i]!["kept_whole_because"] = whole;
+        }
         var sourceHashes = new JsonObject();
         string? notStock = req.Model.NotStockLoadable(r.Kept);
         if (hashes != null) foreach (var (k, v) in hashes) sourceHashes[k] = v;
@@ -163,7 +175,7 @@ public static class PrunedCheckpoint
                 ["reconstruct"] = ReconstructModes.Name(o.Reconstruct),
                 ["policy"] = o.PolicyName,
                 [o.PolicyName] = o.Amount,
-                ["targets"] = string.Join(",", new[] { o.PruneMlp ? "mlp" : null, o.PruneHeads ? "heads" : null }.Where(x => x != null)),
+                ["targets"] = NodeKinds.Describe(o.Targets),
                 ["damp"] = o.Damp,
                 ["seed"] = o.Seed,
                 ["uniform_widths"] = o.UniformWidths,
@@ -174,7 +186,7 @@ public static class PrunedCheckpoint
             ["calibration"] = req.CalibrationInfo.DeepClone(),
             ["tau"] = r.Tau,
             ["uniform_kept_groups"] = r.UniformKept is { } u
-                ? new JsonObject(u.OrderBy(kv => kv.Key).Select(kv => KeyValuePair.Create(kv.Key == NodeKind.Heads ? "heads" : "mlp", (JsonNode?)kv.Value)))
+                ? new JsonObject(u.OrderBy(kv => kv.Key).Select(kv => KeyValuePair.Create(NodeKinds.Name(kv.Key), (JsonNode?)kv.Value)))
                 : null,
             // Whether the family's stock transformers class builds exactly the stored shapes from config.json alone.
             ["stock_loadable"] = notStock is null,

@@ -1,6 +1,7 @@
 using System.Text.Json.Nodes;
 using LlmSnp.Data;
 using LlmSnp.Evaluation;
+using LlmSnp.Evaluation.Tasks;
 using LlmSnp.Models;
 using static TorchSharp.torch;
 
@@ -70,7 +71,9 @@ public static class CompareJob
     /// <summary>Language models: perplexity on the evaluation text, calibration from a different text.</summary>
     public static JsonObject RunText(CompareOptions o, Action<string>? log)
     {
-        if (TextSources.Overlap(o.Calib, o.Eval)) throw new LlmSnpException($"--calib and --eval are both '{o.Calib}': calibration and evaluation text must not overlap");
+        string? taskList = TaskEvalJob.TaskList(o.Eval);
+        if (taskList == null && TextSources.Overlap(o.Calib, o.Eval)) throw new LlmSnpException($"--calib and --eval are both '{o.Calib}': calibration and evaluation text must not overlap");
+        var taskSets = taskList != null ? TaskCatalog.Load(taskList, o.EvalLimit) : null;
         int maxPos;
         long paramsBefore;
         ITextTokenizer tok;
@@ -80,7 +83,21 @@ public static class CompareJob
         int micro = Math.Max(1, 4096 / calibLen);
         var batches = Enumerable.Range(0, (o.CalibSamples + micro - 1) / micro)
             .Select(i => calib.Ids.narrow(0, i * micro, Math.Min(micro, o.CalibSamples - i * micro))).ToList();
-        var metric = new PerplexityMetric(tok.Encode(TextSources.EvaluationText(o.Eval)), evalLen, o.EvalLimit);
+        IStreamedMetric metric;
+        string evaluation;
+        if (taskSets != null)
+        {
+            // Zero-shot tasks: mean accuracy (%) over them, a column per task (each pruned model scored in the pass that prunes it).
+            var encoded = EncodedTasks.Encode(taskSets, tok, maxPos, BosPolicy.Auto, TaskEvalJob.ConfigPrefixToken(o.ModelDir));
+            metric = new TaskMetric(encoded);
+            evaluation = $"zero-shot tasks scored as lm-evaluation-harness: {string.Join(", ", taskSets.Select(t => $"{t.Name} ({t.Docs.Count} docs)"))}; metric = mean acc (%) over the tasks";
+        }
+        else
+        {
+            var ppl = new PerplexityMetric(tok.Encode(TextSources.EvaluationText(o.Eval)), evalLen, o.EvalLimit);
+            metric = ppl;
+            evaluation = $"{TextSources.Describe(o.Eval)}, {ppl.Windows} windows × {evalLen} tokens";
+        }
         // Speed at the evaluation length (less the decode steps where that is the model's limit), as `prune --eval` measures it.
         int prompt = Math.Min(evalLen, maxPos - InferenceBench.DecodeSteps);
         var result = Comparison.Run(new Comparison.Request
@@ -94,11 +111,13 @@ public static class CompareJob
         {
             ["model"] = Path.GetFileName(Path.GetFullPath(o.ModelDir).TrimEnd('/')), ["params_before"] = paramsBefore,
             ["calibration"] = $"{o.CalibSamples} windows × {calibLen} tokens from {TextSources.Describe(o.Calib)}, seed {o.Seed}",
-            ["evaluation"] = $"{TextSources.Describe(o.Eval)}, {metric.Windows} windows × {evalLen} tokens",
+            ["evaluation"] = evaluation,
             ["damp"] = o.Damp, ["width_multiple"] = o.WidthMultiple, ["command"] = o.CommandLine,
             ["date"] = DateTime.UtcNow.ToString("yyyy-MM-dd"),
             ["speed"] = o.MeasureSpeed ? $"prefill of {prompt} tokens and batch-1 decode, best of {InferenceBench.Repeats}, each pruned model written and timed against dense in this run" : null,
         };
+        if (taskSets != null)
+            return Comparison.Write(o.OutDir, $"{provenance["model"]}: zero-shot accuracy", $"mean accuracy (%) over {string.Join(", ", taskSets.Select(t => t.Name))}", true, result, provenance);
         return Comparison.Write(o.OutDir, $"{provenance["model"]}: perplexity", $"perplexity ({TextSources.ShortName(o.Eval)})", false, result, provenance);
     }
 }

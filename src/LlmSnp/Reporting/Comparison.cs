@@ -53,6 +53,9 @@ public sealed record ComparisonRow(string Targets, string Method, string Orderin
     public double? DecodeSpeedup { get; init; }
     public double? LlamaCppPrefillSpeedup { get; init; }
     public double? LlamaCppDecodeSpeedup { get; init; }
+    /// <summary>The metric's parts (per task accuracy, %), where it has them.</summary>
+    [System.Text.Json.Serialization.JsonIgnore(Condition = System.Text.Json.Serialization.JsonIgnoreCondition.WhenWritingNull)]
+    public IReadOnlyDictionary<string, double>? Breakdown { get; init; }
 
     public ComparisonRow WithSpeed(SpeedUp s) => this with
     {
@@ -87,12 +90,17 @@ public static class Comparison
         public required string SourceDir { get; init; }
     }
 
-    public sealed record Result(double Dense, List<ComparisonRow> Rows, ModelSpeed? DenseSpeed);
+    public sealed record Result(double Dense, List<ComparisonRow> Rows, ModelSpeed? DenseSpeed)
+    {
+        /// <summary>The dense model's metric parts (per task accuracy), where the metric has them.</summary>
+        public IReadOnlyDictionary<string, double>? DenseBreakdown { get; init; }
+    }
 
     public static Result Run(Request req, Action<string>? log)
     {
         double dense;
         using (var m = req.OpenModel()) dense = StreamedMetrics.Dense(m, req.Metric);
+        var denseBreakdown = Parts(req.Metric);
         log?.Invoke($"dense {req.Metric.Name}: {dense:F3}");
         ModelSpeed? denseSpeed = null;
         if (req.MeasureSpeed != null) denseSpeed = req.MeasureSpeed(req.SourceDir);
@@ -105,7 +113,7 @@ public static class Comparison
                     var opt = new PruneOptions
                     {
                         Ordering = method.Ordering, Reconstruct = method.Reconstruct, Policy = method.Policy, Amount = ratio,
-                        PruneMlp = targets.Contains("mlp"), PruneHeads = targets.Contains("heads"), Damp = req.Damp, Seed = req.Seed, WidthMultiple = req.WidthMultiple,
+                        Targets = NodeKinds.ParseSet(targets, "--targets"), Damp = req.Damp, Seed = req.Seed, WidthMultiple = req.WidthMultiple,
                     };
                     using var model = req.OpenModel();
                     var hidden = req.Metric.Embed(model);
@@ -122,13 +130,14 @@ public static class Comparison
                         {
                             Model = model, Options = opt, Calibration = req.Calibration, CalibrationInfo = new JsonObject { ["source"] = "compare" },
                             OutDir = written, SourceDir = req.SourceDir, ParamsBefore = req.ParamsBefore,
-                            AfterBlockWritten = (block, _) => block.Advance(hidden),
+                            AfterBlockWritten = (block, _) => req.Metric.Advance(block, hidden),
                         });
                         long prunable = (long)report["prunable_params"]!, removed = (long)report["prunable_params_removed"]!;
                         metric = req.Metric.Finish(model, hidden);
                         frac = prunable > 0 ? (double)removed / prunable : 0;
                         row = new ComparisonRow(targets, method.Label, Orderings.Name(method.Ordering), ReconstructModes.Name(method.Reconstruct),
-                            method.Policy == RatioPolicyKind.Budget ? "variance" : "ratio", ratio, frac, (long)report["params_after"]!, metric, sw.Elapsed.TotalSeconds);
+                            method.Policy == RatioPolicyKind.Budget ? "variance" : "ratio", ratio, frac, (long)report["params_after"]!, metric, sw.Elapsed.TotalSeconds)
+                            { Breakdown = Parts(req.Metric) };
                         if (denseSpeed != null)
                         {
                             var speed = new SpeedUp(denseSpeed, req.MeasureSpeed!(written), FlopRatio: (double)prunable / Math.Max(1, prunable - removed));
@@ -144,8 +153,11 @@ public static class Comparison
                     rows.Add(row);
                     log?.Invoke($"{targets,-9} {method.Label,-30} r={ratio:F2} removed {frac:P1}: {req.Metric.Name} {metric:F3}{speedNote} ({sw.Elapsed.TotalSeconds:F1}s)");
                 }
-        return new Result(dense, rows, denseSpeed);
+        return new Result(dense, rows, denseSpeed) { DenseBreakdown = denseBreakdown };
     }
+
+    static IReadOnlyDictionary<string, double>? Parts(IStreamedMetric metric) =>
+        metric.Breakdown.Count == 0 ? null : metric.Breakdown.ToDictionary(p => p.Name, p => p.Value);
 
     /// <summary>Writes comparison.json, comparison.csv and one PNG per target set into <paramref name="dir"/>.</summary>
     public static JsonObject Write(string dir, string title, string metricName, bool higherIsBetter, Result result, JsonObject provenance)
@@ -153,13 +165,16 @@ public static class Comparison
         var (dense, rows) = (result.Dense, result.Rows);
         Directory.CreateDirectory(dir);
         var ci = CultureInfo.InvariantCulture;
+        // A metric with parts (tasks) adds a column per part after the fixed ones; `metric` is then their mean.
+        var parts = result.DenseBreakdown?.Keys.ToList() ?? new List<string>();
+        string Parts(IReadOnlyDictionary<string, double>? b) => string.Concat(parts.Select(p => b != null && b.TryGetValue(p, out var v) ? "," + v.ToString("R", ci) : ","));
         var csv = new StringBuilder("targets,method,ordering,reconstruct,policy,ratio,fraction_removed,params_after,metric,seconds,"
-            + "flop_ratio,prefill_speedup,decode_speedup,llama_cpp_prefill_speedup,llama_cpp_decode_speedup\n");
-        csv.Append(string.Create(ci, $"dense,dense,,,,0,0,{provenance["params_before"]},{dense},,,,,,\n"));
+            + "flop_ratio,prefill_speedup,decode_speedup,llama_cpp_prefill_speedup,llama_cpp_decode_speedup" + string.Concat(parts.Select(p => "," + p)) + "\n");
+        csv.Append(string.Create(ci, $"dense,dense,,,,0,0,{provenance["params_before"]},{dense},,,,,,{Parts(result.DenseBreakdown)}\n"));
         static string F(double? x) => x is double v ? v.ToString("F4", CultureInfo.InvariantCulture) : "";
         foreach (var r in rows)
             csv.Append(string.Create(ci, $"{r.Targets.Replace(',', '+')},\"{r.Method}\",{r.Ordering},{r.Reconstruct},{r.Policy},{r.Ratio},{r.FractionRemoved:F6},{r.ParamsAfter},{r.Metric},{r.Seconds:F2},"
-                + $"{F(r.FlopRatio)},{F(r.PrefillSpeedup)},{F(r.DecodeSpeedup)},{F(r.LlamaCppPrefillSpeedup)},{F(r.LlamaCppDecodeSpeedup)}\n"));
+                + $"{F(r.FlopRatio)},{F(r.PrefillSpeedup)},{F(r.DecodeSpeedup)},{F(r.LlamaCppPrefillSpeedup)},{F(r.LlamaCppDecodeSpeedup)}{Parts(r.Breakdown)}\n"));
         AtomicFile.WriteAllText(Path.Combine(dir, "comparison.csv"), csv.ToString());
         var plots = new JsonArray();
         foreach (var targets in rows.Select(r => r.Targets).Distinct())
@@ -173,6 +188,7 @@ public static class Comparison
         {
             ["title"] = title, ["metric"] = metricName, ["dense"] = dense, ["provenance"] = provenance.DeepClone(), ["plots"] = plots,
             ["dense_speed"] = result.DenseSpeed?.ToJson(),
+            ["dense_breakdown"] = result.DenseBreakdown is { } db ? new JsonObject(db.Select(kv => KeyValuePair.Create(kv.Key, (JsonNode?)kv.Value))) : null,
             ["rows"] = JsonSerializer.SerializeToNode(rows, new JsonSerializerOptions { PropertyNamingPolicy = JsonNamingPolicy.SnakeCaseLower }),
         };
         AtomicFile.WriteAllText(Path.Combine(dir, "comparison.json"), json.ToJsonString(new JsonSerializerOptions { WriteIndented = true }));

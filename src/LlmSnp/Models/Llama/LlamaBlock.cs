@@ -62,11 +62,13 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
     /// With a cache, x holds the tokens at positions <paramref name="position"/>..: they are rotated at those positions, their
     /// K/V (before the grouped repeat) appended, and the queries attend to the whole cached history.
     /// </summary>
-    Tensor SelfAttention(Tensor x, KvCache? cache = null, int position = 0)
+    /// <remarks>Packed rows (<see cref="ForwardMasked"/>): per-token <paramref name="positions"/> and the caller's mask <paramref name="attend"/>.</remarks>
+    Tensor SelfAttention(Tensor x, KvCache? cache = null, int position = 0, Tensor? positions = null, Tensor? attend = null)
     {
         long b = x.shape[0], t = x.shape[1];
         Tensor Heads(string linear) => Linear(x, linear).view(b, t, -1, _headDim).transpose(1, 2);
-        var (q, k) = _rope.Apply(Heads("self_attn.q_proj"), Heads("self_attn.k_proj"), position);
+        var (q, k) = positions is null ? _rope.Apply(Heads("self_attn.q_proj"), Heads("self_attn.k_proj"), position)
+            : _rope.ApplyAt(Heads("self_attn.q_proj"), Heads("self_attn.k_proj"), positions);
         var v = Heads("self_attn.v_proj");
         if (cache is not null) (k, v) = cache.Append(k, v);
         if (_queriesPerKv > 1)
@@ -76,7 +78,12 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
         }
         Tensor? mask;
         bool causal;
-        if (position == 0)
+        if (attend is not null)
+        {
+            mask = Attention.PackedMask(attend, positions!, _window);
+            causal = false;
+        }
+        else if (position == 0)
         {
             // Mistral's window applies only when the sequence is longer than it.
             mask = _window is int w && w < t ? Attention.SlidingWindowMask(t, w, x.device) : null;
@@ -97,6 +104,15 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
     {
         using var scope = NewDisposeScope();
         var a = SelfAttention(Norms.Rms(hidden, T("input_layernorm.weight"), _eps), cache, position);
+        var h = Residual(0, hidden, a);
+        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+    }
+
+    /// <summary>The block on packed rows: rotary angles from each token's own position, attention as the caller's mask allows.</summary>
+    public Tensor ForwardMasked(Tensor hidden, Tensor positions, Tensor attend)
+    {
+        using var scope = NewDisposeScope();
+        var a = SelfAttention(Norms.Rms(hidden, T("input_layernorm.weight"), _eps), positions: positions, attend: attend);
         var h = Residual(0, hidden, a);
         return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
     }

@@ -28,7 +28,17 @@ public sealed class LlamaConfig
     public bool QkvBias { get; init; }
     public bool OBias { get; init; }
     public bool MlpBias { get; init; }
-    public bool TieWordEmbeddings { get; init; }
+    public bool TieWordEmbeddings { get; private set; }
+
+    /// <summary>
+    /// The checkpoint stores a head distinct from the embedding under a tying config: it is used untied, as
+    /// transformers loads it, and every config written from this one says so.
+    /// </summary>
+    public void Untie()
+    {
+        TieWordEmbeddings = false;
+        File.Json["tie_word_embeddings"] = false;
+    }
     /// <summary>Mistral's sliding attention window (null: full causal attention).</summary>
     public int? SlidingWindow { get; init; }
     public required int[] IntermediateSizes { get; init; }
@@ -64,13 +74,16 @@ public sealed class LlamaConfig
         for (int i = 0; i < layers; i++)
             if (headsPerLayer[i] % kvPerLayer[i] != 0 || headsPerLayer[i] / kvPerLayer[i] != heads / kv)
                 throw f.Unsupported("num_heads_per_layer", $"[{i}] = {headsPerLayer[i]} with {kvPerLayer[i]} K/V heads: every layer must keep {heads / kv} query heads per K/V head");
+        double eps = f.Double("rms_norm_eps", 1e-6), theta = f.Double("rope_theta", 10000.0);
+        if (!(eps > 0) || !double.IsFinite(eps)) throw f.Unsupported("rms_norm_eps", $"is {eps}; must be a positive number");
+        if (!(theta > 0) || !double.IsFinite(theta)) throw f.Unsupported("rope_theta", $"is {theta}; must be a positive number");
         return new LlamaConfig
         {
             File = f, ModelType = type,
             VocabSize = f.Int("vocab_size"), Hidden = hidden, Layers = layers, Heads = heads, KvHeads = kv, HeadDim = headDim,
             Intermediate = inter,
-            RmsNormEps = f.Positive("rms_norm_eps", 1e-6),
-            RopeTheta = f.Positive("rope_theta", 10000.0),
+            RmsNormEps = eps,
+            RopeTheta = theta,
             Rope = RopeScaling.From(f, maxPos),
             MaxPositions = maxPos,
             // Qwen2's q/k/v biases are always on; its o_proj bias exists only where pruning added one.

@@ -11,16 +11,11 @@ namespace LlmSnp.Models;
 /// Llama, Mistral and Qwen2 causal LMs (HF `modeling_llama` semantics, docs/models.md), streamed like
 /// OPT: the embedding, final norm and head stay loaded, each decoder layer is read when it is needed.
 /// </summary>
-public sealed class LlamaModel : ILanguageModel
+public sealed class LlamaModel : StreamedModel, ILanguageModel
 {
     public const string Prefix = "model.";
     public string Family => "llama";
     public LlamaConfig Config { get; }
-    public CheckpointReader Checkpoint { get; }
-    public string ModelDir { get; }
-    public Device Device { get; }
-    public ScalarType ComputeDType { get; }
-    public ScalarType StoredDType { get; }
     public int BlockCount => Config.Layers;
     public int MaxPositions => Config.MaxPositions;
     public int VocabSize => Config.VocabSize;
@@ -30,25 +25,24 @@ public sealed class LlamaModel : ILanguageModel
     readonly Rope _rope;
 
     public LlamaModel(string modelDir, Device? device = null, ScalarType computeDType = ScalarType.Float32)
+        : this(modelDir, LlamaConfig.From(ConfigFile.Load(modelDir)), device, computeDType) { }
+
+    /// <summary>The config is read first: its errors come before the weights are opened.</summary>
+    LlamaModel(string modelDir, LlamaConfig config, Device? device, ScalarType computeDType)
+        : base(modelDir, device, computeDType, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
     {
-        ModelDir = modelDir;
-        Config = LlamaConfig.From(ConfigFile.Load(modelDir));
-        Device = device ?? CPU;
-        ComputeDType = computeDType;
-        Checkpoint = new CheckpointReader(modelDir);
+        Config = config;
         try
         {
             var c = Config;
+            // A tied head may be stored under either name (or both, then untied if they differ).
+            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
             StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             // The vocabulary stays in its stored dtype (rows are converted as they are looked up).
-            _embedTokens = ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden);
-            _norm = ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden);
-            if (!c.TieWordEmbeddings)
-            {
-                if (!Checkpoint.Has("lm_head.weight")) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
-                _lmHead = ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden);
-            }
+            _embedTokens = Resident(ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden));
+            _norm = Resident(ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden));
+            if (!c.TieWordEmbeddings) _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
             _rope = new Rope(c.Rope.InverseFrequencies(c.HeadDim, c.RopeTheta), c.MaxPositions, ComputeDType, Device);
         }
         catch
@@ -58,24 +52,30 @@ public sealed class LlamaModel : ILanguageModel
         }
     }
 
-    Tensor ReadAs(string name, ScalarType dtype, params long[] shape) => Checkpoint.ReadShaped(name, dtype, Device, shape);
-
     Tensor? _headCompute;
-    Tensor HeadWeight => _headCompute ??= (_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope();
+    Tensor HeadWeight => _headCompute ??= Resident((_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope());
 
     public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
 
     /// <summary>Token embeddings carry no position (RoPE rotates inside attention): the start only bounds the sequence.</summary>
     public Tensor EmbedAt(Tensor ids, int startPosition)
     {
-        if (startPosition < 0) throw new ArgumentOutOfRangeException(nameof(startPosition));
-        if (startPosition + ids.shape[1] > Config.MaxPositions)
-            throw new LlmSnpException($"sequence of {startPosition + ids.shape[1]} tokens exceeds max_position_embeddings {Config.MaxPositions}");
+        CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    /// <summary>Packed rows: the positions only bound each sequence (RoPE reads them in the blocks); a row may hold several.</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
+        return Lookup(ids);
+    }
+
+    /// <summary>Embedding rows of ids [batch, t] in the compute dtype.</summary>
+    Tensor Lookup(Tensor ids)
+    {
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
-        long maxId = ids.max().item<long>(), minId = ids.min().item<long>();
-        if (maxId >= Config.VocabSize || minId < 0)
-            throw new LlmSnpException($"token id {(minId < 0 ? minId : maxId)} is outside the vocabulary of {ModelDir} (vocab_size {Config.VocabSize}); is this the model's tokenizer?");
         return _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1).MoveToOuterDisposeScope();
     }
 
@@ -193,14 +193,6 @@ public sealed class LlamaModel : ILanguageModel
 
     public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
 
-    public IEnumerable<string> CompanionFiles() =>
-        new[] { "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json" }
-            .Select(f => Path.Combine(ModelDir, f)).Where(File.Exists);
-
-    public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
-
-    public IReadOnlyList<string> UnusedTensors { get; } = Array.Empty<string>();
-
     IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
     {
         var c = Config;
@@ -210,8 +202,6 @@ public sealed class LlamaModel : ILanguageModel
         for (int i = 0; i < c.Layers; i++)
             foreach (var (name, shape) in BlockTensors(i)) yield return ($"{Prefix}layers.{i}.{name}", shape);
     }
-
-    public long BytesRead => Checkpoint.BytesRead;
 
     public JsonObject Describe()
     {
@@ -237,10 +227,9 @@ public sealed class LlamaModel : ILanguageModel
         };
     }
 
-    public void Dispose()
+    public override void Dispose()
     {
-        foreach (var t in new[] { _embedTokens, _norm, _lmHead, _headCompute }) t?.Dispose();
         _rope?.Dispose();
-        Checkpoint.Dispose();
+        base.Dispose();
     }
 }

@@ -60,11 +60,19 @@ public sealed class OptBlock : PrunableBlock, ICachedBlock
     }
 
     /// <summary>The heads' outputs (node layer 0) of the whole sequence, or with a cache of the tokens from <paramref name="position"/>.</summary>
-    Tensor HeadOutputs(Tensor input, KvCache? cache, int position)
+    Tensor HeadOutputs(Tensor input, KvCache? cache, int position, Tensor? attend = null)
     {
         var x = _preLayerNorm ? LayerNorm(input, "self_attn_layer_norm") : input;
         return Attention.MultiHead(x, T("self_attn.q_proj.weight"), T("self_attn.q_proj.bias"), T("self_attn.k_proj.weight"), T("self_attn.k_proj.bias"),
-            T("self_attn.v_proj.weight"), T("self_attn.v_proj.bias"), _headDim, causal: true, cache, position);
+            T("self_attn.v_proj.weight"), T("self_attn.v_proj.bias"), _headDim, causal: true, cache, position, attend);
+    }
+
+    /// <summary>The block on packed rows: attention as the caller's mask allows (OPT's positions were added at embedding).</summary>
+    public Tensor ForwardMasked(Tensor hidden, Tensor positions, Tensor attend)
+    {
+        using var scope = NewDisposeScope();
+        var h = Residual(0, hidden, HeadOutputs(hidden, null, 0, attend));
+        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
     }
 
     /// <summary>The block on new tokens only: the cached attention, then the same residuals and MLP as <see cref="PrunableBlock.Forward"/>.</summary>

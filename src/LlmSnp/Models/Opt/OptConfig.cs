@@ -12,7 +12,17 @@ public sealed class OptConfig
     public int MaxPositions { get; init; }
     public bool PreLayerNorm { get; init; }
     public int WordEmbedProjDim { get; init; }
-    public bool TieWordEmbeddings { get; init; }
+    public bool TieWordEmbeddings { get; private set; }
+
+    /// <summary>
+    /// The checkpoint stores a head distinct from the embedding under a tying config: it is used untied, as
+    /// transformers loads it, and every config written from this one says so.
+    /// </summary>
+    public void Untie()
+    {
+        TieWordEmbeddings = false;
+        File.Json["tie_word_embeddings"] = false;
+    }
     public int HeadDim => Hidden / Heads;
     /// <summary>Per-layer widths: the config's lists for a pruned checkpoint, else uniform.</summary>
     public required int[] FfnDims { get; init; }

@@ -12,38 +12,35 @@ namespace LlmSnp.Models;
 /// OPT (HF `modeling_opt` semantics, models.md §2), streamed: the embeddings and head stay loaded,
 /// each decoder block is read from the checkpoint when it is needed and released after.
 /// </summary>
-public sealed class OptModel : ILanguageModel
+public sealed class OptModel : StreamedModel, ILanguageModel
 {
     public const double LayerNormEps = 1e-5;
     public string Family => "opt";
     public OptConfig Config { get; }
-    public CheckpointReader Checkpoint { get; }
-    public string ModelDir { get; }
-    public Device Device { get; }
-    public ScalarType ComputeDType { get; }
-    public ScalarType StoredDType { get; }
     public int BlockCount => Config.Layers;
     /// <summary>"model.decoder." or "decoder." — both exist in the wild.</summary>
     public string Prefix { get; }
 
     readonly Tensor _embedTokens, _embedPositions;
     readonly Tensor? _projectIn, _projectOut, _finalLnW, _finalLnB, _lmHead;
-    readonly bool _lmHeadStored;
 
     public OptModel(string modelDir, Device? device = null, ScalarType computeDType = ScalarType.Float32)
+        : this(modelDir, OptConfig.From(ConfigFile.Load(modelDir)), device, computeDType) { }
+
+    /// <summary>The config is read first: its errors come before the weights are opened.</summary>
+    OptModel(string modelDir, OptConfig config, Device? device, ScalarType computeDType)
+        : base(modelDir, device, computeDType, "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "generation_config.json")
     {
-        ModelDir = modelDir;
-        Config = OptConfig.From(ConfigFile.Load(modelDir));
-        Device = device ?? CPU;
-        ComputeDType = computeDType;
-        Checkpoint = new CheckpointReader(modelDir);
+        Config = config;
         try
         {
-            Prefix = Checkpoint.Has("model.decoder.embed_tokens.weight") ? "model.decoder."
-                : Checkpoint.Has("decoder.embed_tokens.weight") ? "decoder."
+            // The positions name the prefix too: a tied embedding may be stored only as lm_head.weight.
+            Prefix = Checkpoint.Has("model.decoder.embed_tokens.weight") || Checkpoint.Has("model.decoder.embed_positions.weight") ? "model.decoder."
+                : Checkpoint.Has("decoder.embed_tokens.weight") || Checkpoint.Has("decoder.embed_positions.weight") ? "decoder."
                 : throw new LlmSnpException($"{modelDir}: no OPT embedding tensor (model.decoder.embed_tokens.weight or decoder.embed_tokens.weight)");
-            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             var c = Config;
+            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
+            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
             UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
             // The token embedding (and an untied head) stay in the stored dtype: rows are converted as they
             // are looked up, the head once on first use, so pruning never holds an F32 copy of the vocabulary.
@@ -59,30 +56,23 @@ public sealed class OptModel : ILanguageModel
                 _finalLnW = Load("final_layer_norm.weight", c.Hidden);
                 _finalLnB = Load("final_layer_norm.bias", c.Hidden);
             }
-            _lmHeadStored = Checkpoint.Has("lm_head.weight");
-            if (!c.TieWordEmbeddings)
-            {
-                if (!_lmHeadStored) throw new LlmSnpException($"{modelDir}: tie_word_embeddings is false but lm_head.weight is missing");
-                _lmHead = ReadStored("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
-            }
+            if (!c.TieWordEmbeddings) _lmHead = ReadStored("lm_head.weight", c.VocabSize, c.WordEmbedProjDim);
         }
         catch
         {
-            Checkpoint.Dispose();
+            Dispose();
             throw;
         }
     }
 
-    Tensor Load(string name, params long[] shape) => Read(Prefix + name, shape);
+    Tensor Load(string name, params long[] shape) => Resident(Read(Prefix + name, shape));
 
     internal Tensor Read(string fullName, params long[] shape) => ReadAs(fullName, ComputeDType, shape);
 
-    Tensor ReadStored(string fullName, params long[] shape) => ReadAs(fullName, StoredDType, shape);
-
-    Tensor ReadAs(string fullName, ScalarType dtype, long[] shape) => Checkpoint.ReadShaped(fullName, dtype, Device, shape);
+    Tensor ReadStored(string fullName, params long[] shape) => Resident(ReadAs(fullName, StoredDType, shape));
 
     Tensor? _headCompute;
-    Tensor HeadWeight => _headCompute ??= (_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope();
+    Tensor HeadWeight => _headCompute ??= Resident((_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope());
 
     /// <summary>Token ids [batch, tokens] → hidden states [batch, tokens, hidden], positions from 0.</summary>
     public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
@@ -90,16 +80,24 @@ public sealed class OptModel : ILanguageModel
     /// <summary>The same for tokens at positions start..start+t-1 (a continued sequence: generation with a KV cache).</summary>
     public Tensor EmbedAt(Tensor ids, int startPosition)
     {
+        CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
         using var scope = NewDisposeScope();
         long b = ids.shape[0], t = ids.shape[1];
-        if (startPosition < 0) throw new ArgumentOutOfRangeException(nameof(startPosition));
-        if (startPosition + t > Config.MaxPositions) throw new LlmSnpException($"sequence of {startPosition + t} tokens exceeds max_position_embeddings {Config.MaxPositions}");
-        long maxId = ids.max().item<long>(), minId = ids.min().item<long>();
-        if (maxId >= Config.VocabSize || minId < 0)
-            throw new LlmSnpException($"token id {(minId < 0 ? minId : maxId)} is outside the vocabulary of {ModelDir} (vocab_size {Config.VocabSize}); is this the model's tokenizer?");
         var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1);
         if (_projectIn is not null) h = F.linear(h, _projectIn);
         h = h + _embedPositions.narrow(0, 2 + startPosition, t).unsqueeze(0);   // learned positions with offset 2
+        return h.MoveToOuterDisposeScope();
+    }
+
+    /// <summary>Packed rows: each token's learned position embedding from its own position [batch, t] (offset 2, as HF).</summary>
+    public Tensor EmbedAt(Tensor ids, Tensor positions)
+    {
+        using var scope = NewDisposeScope();
+        long b = ids.shape[0], t = ids.shape[1];
+        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
+        var h = _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1);
+        if (_projectIn is not null) h = F.linear(h, _projectIn);
+        h = h + _embedPositions.index_select(0, (positions.reshape(-1) + 2).to(Device)).view(b, t, -1);
         return h.MoveToOuterDisposeScope();
     }
 
@@ -186,10 +184,6 @@ public sealed class OptModel : ILanguageModel
         return cfg;
     }
 
-    public IEnumerable<string> CompanionFiles() =>
-        new[] { "vocab.json", "merges.txt", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.json", "generation_config.json" }
-            .Select(f => Path.Combine(ModelDir, f)).Where(File.Exists);
-
     /// <summary>Parameter count of the model as configured (per-layer widths honoured).</summary>
     public long ParameterCount()
     {
@@ -208,10 +202,6 @@ public sealed class OptModel : ILanguageModel
     public int VocabSize => Config.VocabSize;
 
     public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
-
-    public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
-
-    public IReadOnlyList<string> UnusedTensors { get; } = Array.Empty<string>();
 
     /// <summary>Every tensor the config says the checkpoint holds, with its shape.</summary>
     IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
@@ -237,8 +227,6 @@ public sealed class OptModel : ILanguageModel
         }
     }
 
-    public long BytesRead => Checkpoint.BytesRead;
-
     public JsonObject Describe()
     {
         var c = Config;
@@ -259,11 +247,5 @@ public sealed class OptModel : ILanguageModel
                 ["parameters"] = BlockParameters(c.HeadsPerLayer[i], c.FfnDims[i]),
             }).ToArray()),
         };
-    }
-
-    public void Dispose()
-    {
-        foreach (var t in new[] { _embedTokens, _embedPositions, _projectIn, _projectOut, _finalLnW, _finalLnB, _lmHead, _headCompute }) t?.Dispose();
-        Checkpoint.Dispose();
     }
 }

@@ -64,15 +64,10 @@ public sealed class VitConfig
 /// ViT / DeiT image classifiers in HF (`vit.`, `deit.`) or timm layout (fused qkv), streamed block
 /// by block like OPT. DeiT distilled models average the class and distillation heads.
 /// </summary>
-public sealed class VitModel : IImageClassifier
+public sealed class VitModel : StreamedModel, IImageClassifier
 {
     public string Family => "vit";
     public VitConfig Config { get; }
-    public CheckpointReader Checkpoint { get; }
-    public string ModelDir { get; }
-    public Device Device { get; }
-    public ScalarType ComputeDType { get; }
-    public ScalarType StoredDType { get; }
     public int BlockCount => Config.Layers;
     public bool Timm { get; }
     public bool Distilled { get; }
@@ -81,12 +76,12 @@ public sealed class VitModel : IImageClassifier
     readonly Dictionary<string, Tensor> _outer = new(StringComparer.Ordinal);
 
     public VitModel(string modelDir, Device? device = null, ScalarType computeDType = ScalarType.Float32)
+        : this(modelDir, ConfigFile.Load(modelDir), device, computeDType) { }
+
+    /// <summary>config.json is read first (its layout defaults depend on the weights' names, so it is parsed after they open).</summary>
+    VitModel(string modelDir, ConfigFile cfgFile, Device? device, ScalarType computeDType)
+        : base(modelDir, device, computeDType, "preprocessor_config.json")
     {
-        ModelDir = modelDir;
-        var cfgFile = ConfigFile.Load(modelDir);
-        Device = device ?? CPU;
-        ComputeDType = computeDType;
-        Checkpoint = new CheckpointReader(modelDir);
         try
         {
             Timm = Checkpoint.Has("patch_embed.proj.weight");
@@ -145,10 +140,10 @@ public sealed class VitModel : IImageClassifier
             OuterRole.DistHeadW => "distillation_classifier.weight", _ => "distillation_classifier.bias",
         };
 
-    void Load(OuterRole r, params long[] shape) => _outer[Name(r)] = Read(Name(r), shape);
+    void Load(OuterRole r, params long[] shape) => _outer[Name(r)] = Resident(Read(Name(r), shape));
     Tensor Outer(OuterRole r) => _outer[Name(r)];
 
-    Tensor Read(string name, params long[] shape) => Checkpoint.ReadShaped(name, ComputeDType, Device, shape);
+    Tensor Read(string name, params long[] shape) => ReadAs(name, ComputeDType, shape);
 
     /// <summary>Pixels [batch, channels, size, size] (already normalised) → tokens [batch, 1 (+1) + patches, hidden].</summary>
     public Tensor Embed(Tensor pixels)
@@ -259,9 +254,6 @@ public sealed class VitModel : IImageClassifier
         return cfg;
     }
 
-    public IEnumerable<string> CompanionFiles() =>
-        new[] { "preprocessor_config.json" }.Select(f => Path.Combine(ModelDir, f)).Where(System.IO.File.Exists);
-
     public long ParameterCount()
     {
         long n = _outer.Values.Sum(t => t.numel());
@@ -272,10 +264,8 @@ public sealed class VitModel : IImageClassifier
     public long BlockParameters(int heads, int mlp) => VitBlock.ParameterCount((long)heads * Config.HeadDim, mlp, Config.Hidden);
 
     public int Classes => (int)Outer(OuterRole.HeadW).shape[0];
-
-    public IReadOnlyDictionary<string, string> SourceHashes() => Checkpoint.Sha256();
-
-    public IReadOnlyList<string> UnusedTensors { get; } = Array.Empty<string>();
+    public int Channels => Config.Channels;
+    public int ImageSize => Config.ImageSize;
 
     /// <summary>The loaded outer tensors and every block tensor of the layout (timm: the fused qkv).</summary>
     IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
@@ -298,8 +288,6 @@ public sealed class VitModel : IImageClassifier
         }
     }
 
-    public long BytesRead => Checkpoint.BytesRead;
-
     public JsonObject Describe()
     {
         var c = Config;
@@ -321,10 +309,9 @@ public sealed class VitModel : IImageClassifier
         };
     }
 
-    public void Dispose()
+    public override void Dispose()
     {
-        foreach (var t in _outer.Values) t.Dispose();
         _outer.Clear();
-        Checkpoint.Dispose();
+        base.Dispose();
     }
 }
