@@ -272,3 +272,30 @@ static class WriteShim
     /// <summary>Environment under which regular-file writes fail with ENOSPC after <paramref name="bytes"/> bytes.</summary>
     public static Dictionary<string, string> DiskFull(long bytes) => new() { ["LD_PRELOAD"] = Path, ["ENOSPC_AFTER_BYTES"] = bytes.ToString() };
 }
+
+/// <summary>Shorthands the CLI tests share: a small OPT, quick calibration, and the harness's checks as the tests read them.</summary>
+static class CliRuns
+{
+    /// <summary>A small OPT whose vocabulary covers the bundled tokenizer (calibration ids reach ~50265).</summary>
+    public static TinyOpt SmallOpt => new() { Vocab = 50272, Hidden = 32, Heads = 4, Ffn = 64, Layers = 2, MaxPositions = 64 };
+
+    public static readonly string[] QuickCalib = { "--calib", "wikitext2", "--calib-samples", "16", "--calib-seqlen", "32" };
+
+    public static string[] PruneArgs(string model, string outDir, params string[] extra) =>
+        new[] { "prune", "--model", model, "--out", outDir }.Concat(QuickCalib).Concat(extra).ToArray();
+
+    public static CliHarness.Result Run(string[] args, string? bashPrelude = null, IDictionary<string, string>? env = null) => CliHarness.Run(args, bashPrelude, env);
+
+    /// <summary>Exit 0 and stdout one JSON object.</summary>
+    public static System.Text.Json.Nodes.JsonObject Succeeds(CliHarness.Result r) => CliHarness.SucceedsJson(r);
+
+    /// <summary>Exit 1, empty stdout, exactly one "error: " line (the last; progress lines may precede it unless <paramref name="onlyLine"/>).</summary>
+    public static string FailsWithOneLine(CliHarness.Result r, bool onlyLine, params string[] mentions) => CliHarness.FailsStrict(r, onlyLine, completeLine: false, mentions);
+
+    public static SortedDictionary<string, (string Sha, DateTime MTime, long Length)> Snapshot(string dir) => CliHarness.Snapshot(dir);
+
+    public static void AssertSameSnapshot(SortedDictionary<string, (string Sha, DateTime MTime, long Length)> before, string dir, string what) =>
+        CliHarness.AssertSameSnapshot(before, dir, what);
+
+    public static string[] Siblings(string parent, string name) => CliHarness.Siblings(parent, name);
+}

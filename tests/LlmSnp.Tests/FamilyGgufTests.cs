@@ -73,7 +73,7 @@ public sealed class FamilyGgufTests
         string path = tmp.Sub("m.gguf");
         var res = GgufExport.Run(dir, path, GgufDType.F32);
         Assert.Equal(arch, res.Architecture);
-        var (ids, golden, _) = ModelTests.Golden(FamilyGoldenTests.Fixture(fixture));
+        var (ids, golden, _) = GoldenFile.Read(FamilyGoldenTests.Fixture(fixture));
         for (int s = 0; s < ids.Length; s++)
         {
             // Qwen3's fixture is exported as it is: its golden logits directly. Gemma's scale was edited: LlmSnp's forward

@@ -223,4 +223,24 @@ public sealed class SignalsAndLimitsTests : IDisposable
         Assert.Empty(Directory.GetFileSystemEntries(dest));
         CliHarness.AssertSameSnapshot(before, model, "input model");
     }
+
+    // ---------------------------------------------------------------- a full disk
+
+    /// <summary>A full disk without mounting anything: the write shim fails regular-file writes with ENOSPC after 1 MB, in the child only.</summary>
+    [Fact]
+    public void Prune_onto_a_full_disk_fails_cleanly_and_leaves_nothing()
+    {
+        string model = CliRuns.SmallOpt.Write(_tmp.Sub("model"));
+        var before = CliHarness.Snapshot(model);
+        string parent = _tmp.Sub("dest");
+        Directory.CreateDirectory(parent);
+        string outDir = Path.Combine(parent, "out");
+        var r = CliHarness.Run(CliRuns.PruneArgs(model, outDir, "--ratio", "0.25"), env: WriteShim.DiskFull(1 << 20));
+        string line = CliRuns.FailsWithOneLine(r, onlyLine: false, outDir);
+        _out.WriteLine(line);
+        Assert.Contains("No space left on device", line);
+        Assert.False(Directory.Exists(outDir));
+        Assert.Empty(CliHarness.Siblings(parent, "out"));   // the staging directory was removed
+        CliHarness.AssertSameSnapshot(before, model, "input model");
+    }
 }
