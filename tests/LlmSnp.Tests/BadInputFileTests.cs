@@ -90,7 +90,7 @@ public sealed class BadInputFileTests : IDisposable
 
     /// <summary>
     /// A config.json that is truncated, not an object, or has a field of the wrong type or value, through every
-    /// command that reads one (convert and export included): one line naming config.json, and nothing written.
+    /// command that reads one (convert and export gguf included): one line naming config.json, and nothing written.
     /// </summary>
     [Fact]
     public void Every_command_that_reads_a_config_names_a_malformed_config_json()
@@ -122,7 +122,10 @@ public sealed class BadInputFileTests : IDisposable
                 new[] { "generate", "--model", model, "--prompt", "Once", "--max-new-tokens", "2" },
                 new[] { "prune", "--model", model, "--out", Path.Combine(dest, "pruned"), "--calib", "tinystories", "--calib-samples", "2", "--calib-seqlen", "16" },
             };
-            foreach (var args in commands)
+            // convert rewrites the weights of any checkpoint and copies its config's fields as they are: it refuses a
+            // config.json that is not a JSON object, and leaves the fields to the commands that use them.
+            bool structural = name is "truncated" or "array";
+            foreach (var args in commands.Where(a => structural || a[0] != "convert"))
             {
                 var r = Run(args);
                 string line = FailsWithOneLine(r, onlyLine: false, cfg, mention);

@@ -107,8 +107,12 @@ public sealed class OptionMessageTests : IDisposable
     public void In_range_values_behave_as_documented()
     {
         string stories = Path.Combine(Repo.Root, "models", "stories260k"), opt = Path.Combine(Repo.Root, "models", "opt-tiny-c4-v2");
-        int[] NewIds(params string[] extra) => Succeeds(Run(new[] { "generate", "--model", stories, "--prompt", "Once upon a time", "--max-new-tokens", "8" }.Concat(extra).ToArray()))
-            ["new_ids"]!.AsArray().Select(x => x!.GetValue<int>()).ToArray();
+        int[] NewIds(params string[] extra)
+        {
+            string json = _tmp.Sub($"generate-{Guid.NewGuid():N}.json");
+            CliHarness.Succeeds(Run(new[] { "generate", "--model", stories, "--prompt", "Once upon a time", "--max-new-tokens", "8", "--json", json }.Concat(extra).ToArray()));
+            return JsonNode.Parse(File.ReadAllText(json))!["new_ids"]!.AsArray().Select(x => x!.GetValue<int>()).ToArray();
+        }
         var greedy = NewIds("--temperature", "0");
         foreach (var t in new[] { "1e-310", "4.9e-324", "1e-300" })
             Assert.Equal(greedy, NewIds("--temperature", t, "--seed", "5"));

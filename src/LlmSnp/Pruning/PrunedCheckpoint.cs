@@ -100,7 +100,7 @@ public static class PrunedCheckpoint
                 foreach (var (n, t) in ts)
                     using (t)
                     {
-                        if (!Subspace.AllFinite(t)) throw new LlmSnpException($"{n}: non-finite values; refusing to write them");
+                        if (!Subspace.AllFinite(t)) throw new LlmSnpException($"{model.ModelDir}: tensor '{n}' would be written with NaN or infinite values (the source holds them, or the fold produced them); nothing was written");
                         if (count) paramsAfter += t.numel();
                         w.Add(n, t);
                     }
