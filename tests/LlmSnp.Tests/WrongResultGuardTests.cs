@@ -104,8 +104,8 @@ public sealed class WrongResultGuardTests : IDisposable
 
     /// <summary>
     /// A finite value a target dtype cannot hold (1e5 > F16's 65504), and a NaN, through every command that casts:
-    /// convert --to float16 and export gguf --dtype f16 refuse naming the tensor (the issue was +inf written with
-    /// exit 0 by one of them); the dtypes that hold it write it, to the target's rounding.
+    /// convert --to float16 and export gguf --dtype f16 both refuse naming the tensor, never a silent +inf with exit 0;
+    /// the dtypes that hold it write it, to the target's rounding.
     /// </summary>
     [Fact]
     public void Every_cast_refuses_a_value_the_target_cannot_hold_and_writes_it_where_it_can()
