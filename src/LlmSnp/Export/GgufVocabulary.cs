@@ -82,6 +82,15 @@ public sealed record GgufVocabulary(List<string> Tokens, List<float> Scores, Lis
     };
 
     /// <summary>
+    /// The vocabulary a checkpoint ships: SentencePiece's tokenizer.model where there is one (Llama 2, Mistral, Gemma,
+    /// Mixtral), else a byte-level BPE tokenizer.json (Llama 3, Qwen, TinyStories-656K).
+    /// </summary>
+    public static GgufVocabulary Of(string modelDir, ConfigFile cfg, int vocabSize) =>
+        !File.Exists(Path.Combine(modelDir, "tokenizer.model")) && File.Exists(Path.Combine(modelDir, "tokenizer.json"))
+            ? BytePairEncoding(modelDir, cfg, vocabSize)
+            : SentencePiece(modelDir, cfg, vocabSize);
+
+    /// <summary>
     /// A byte-level BPE `tokenizer.json` (Qwen2/Qwen3, Llama 3, GPT-2 style) as llama.cpp's `gpt2` vocabulary: the
     /// model's vocab and added tokens by id (added ones CONTROL when special or `<|…|>`-shaped, else USER_DEFINED, as
     /// llama.cpp's converter types them), `[PADi]` (UNUSED) for embedding rows no token names, the merges by rank, and the

@@ -3,7 +3,7 @@ using System.Text.Json.Nodes;
 namespace LlmSnp.Models;
 
 /// <summary>
-/// The per-layer widths of a decoder with grouped K/V heads and a gated MLP (Qwen3, Gemma): query heads, K/V heads
+/// The per-layer widths of a decoder with grouped K/V heads and a gated MLP (LLaMA family, Qwen3, Gemma): query heads, K/V heads
 /// and MLP neurons of every layer. A stock config gives one value each; a checkpoint LlmSnp pruned layer by layer adds
 /// the lists `num_heads_per_layer`, `num_key_value_heads_per_layer` and `intermediate_sizes`, read here and nowhere else.
 /// </summary>

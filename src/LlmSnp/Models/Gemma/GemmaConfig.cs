@@ -8,7 +8,7 @@ namespace LlmSnp.Models;
 /// absent. The two differ in config only: Gemma 3 adds q/k norms, a local RoPE base for its sliding layers and a
 /// sliding-window pattern, and drops the soft-caps by default.
 /// </summary>
-public sealed class GemmaConfig
+public sealed class GemmaConfig : IDecoderConfig
 {
     public static readonly string[] ModelTypes = { "gemma2", "gemma3_text" };
 

@@ -42,7 +42,7 @@ public sealed class GemmaGguf : IGgufExporter
                 throw new LlmSnpException($"{src.ModelDir}: tensor '{nonzero}' is not zero; llama.cpp's {a} has no attention biases (prune with --reconstruct lstsq-nobias for a GGUF)");
             skipped.AddRange(biases);
         }
-        var vocab = GgufVocabulary.SentencePiece(src.ModelDir, cfg, c.VocabSize);
+        var vocab = GgufVocabulary.Of(src.ModelDir, cfg, c.VocabSize);
 
         int H = c.Hidden, D = c.HeadDim, q = c.Widths.Heads[0] * D, kv = c.Widths.KvHeads[0] * D, f = c.Widths.Intermediate[0];
         var tensors = new List<GgufTensor>();

@@ -11,17 +11,9 @@ namespace LlmSnp.Models;
 /// block: embeddings × √hidden, the decoder layers, a final (1 + w) RMSNorm, the (tied) head and, Gemma 2, the final
 /// logit soft-cap.
 /// </summary>
-public sealed class GemmaModel : StreamedModel, ILanguageModel
+public sealed class GemmaModel : DecoderModel<GemmaConfig>, ILanguageModel
 {
-    public const string Prefix = "model.";
     public string Family => "gemma";
-    public GemmaConfig Config { get; }
-    public int BlockCount => Config.Layers;
-    public int MaxPositions => Config.MaxPositions;
-    public int VocabSize => Config.VocabSize;
-
-    readonly Tensor _embedTokens, _norm;
-    readonly Tensor? _lmHead;
     readonly double _embedScale;
     /// <summary>Full-attention layers' RoPE (every layer in Gemma 2) and Gemma 3's local one for sliding layers.</summary>
     readonly Rope _globalRope;
@@ -32,20 +24,13 @@ public sealed class GemmaModel : StreamedModel, ILanguageModel
 
     /// <summary>The config is read first: its errors come before the weights are opened.</summary>
     GemmaModel(string modelDir, GemmaConfig config, Device? device, ScalarType computeDType)
-        : base(modelDir, device, computeDType, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
+        : base(modelDir, config, device, computeDType, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json",
             "added_tokens.json", "generation_config.json")
     {
-        Config = config;
         try
         {
             var c = Config;
-            // A tied head may be stored under either name (or both, then untied if they differ).
-            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
-            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
-            UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
-            _embedTokens = Resident(ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden));
-            _norm = Resident(ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden));
-            if (!c.TieWordEmbeddings) _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
+            OpenOuterTensors();
             // HF multiplies by √hidden as a tensor of the activations' dtype (√3072 = 55.4256 is 55.5 in BF16).
             using (var exact = torch.tensor(Math.Sqrt(c.Hidden), ScalarType.Float64))
             using (var rounded = exact.to(ComputeDType)) _embedScale = rounded.to(ScalarType.Float64).item<double>();
@@ -61,67 +46,25 @@ public sealed class GemmaModel : StreamedModel, ILanguageModel
         }
     }
 
-    Tensor? _headCompute;
-    Tensor HeadWeight => _headCompute ??= Resident((_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope());
-
-    public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
-
-    public Tensor EmbedAt(Tensor ids, int startPosition)
-    {
-        CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
-        return Lookup(ids);
-    }
-
-    /// <summary>Packed rows: the positions only bound each sequence (RoPE reads them in the blocks).</summary>
-    public Tensor EmbedAt(Tensor ids, Tensor positions)
-    {
-        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
-        return Lookup(ids);
-    }
-
-    Tensor Lookup(Tensor ids)
-    {
-        using var scope = NewDisposeScope();
-        long b = ids.shape[0], t = ids.shape[1];
-        return _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).mul_(_embedScale).view(b, t, -1).MoveToOuterDisposeScope();
-    }
-
-    public Tensor Head(Tensor h)
-    {
-        using var scope = NewDisposeScope();
-        var logits = F.linear(Norms.GemmaRms(h, _norm, Config.RmsNormEps), HeadWeight);
-        if (Config.FinalSoftcap is double c) logits = logits.div_(c).tanh_().mul_(c);
-        return logits.MoveToOuterDisposeScope();
-    }
-
     public GemmaBlock LoadBlock(int i)
     {
         string prefix = $"{Prefix}layers.{i}.";
-        var w = PrunableBlock.ReadAll(w => { foreach (var (name, shape) in GemmaBlock.Tensors(Config, i)) w[prefix + name] = ReadAs(prefix + name, ComputeDType, shape); });
+        var w = PrunableBlock.ReadAll(w => { foreach (var (name, shape) in BlockTensors(i)) w[prefix + name] = ReadAs(prefix + name, ComputeDType, shape); });
         var rope = Config.Sliding[i] && _localRope is not null ? _localRope : _globalRope;
         return new GemmaBlock(prefix, i, Config, rope, w) { Recycler = Checkpoint.Recycle };
     }
 
+    public override IEnumerable<(string Name, long[] Shape)> BlockTensors(int i) => GemmaBlock.Tensors(Config, i);
+
+    protected override Tensor FinalNorm(Tensor h, Tensor weight) => Norms.GemmaRms(h, weight, Config.RmsNormEps);
+
+    protected override Tensor ScaleEmbeddings(Tensor rows) => rows.mul_(_embedScale);
+
+    protected override Tensor CapLogits(Tensor logits) => Config.FinalSoftcap is double c ? logits.div_(c).tanh_().mul_(c) : logits;
+
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
 
     ICachedBlock ILanguageModel.LoadCachedBlock(int index) => LoadBlock(index);
-
-    public IEnumerable<(string Name, Tensor Tensor)> OuterTensors(ScalarType dtype)
-    {
-        yield return (Prefix + "embed_tokens.weight", _embedTokens.to(dtype));
-        yield return (Prefix + "norm.weight", _norm.to(dtype));
-        if (_lmHead is not null) yield return ("lm_head.weight", _lmHead.to(dtype));
-    }
-
-    long BlockParameters(int i) => GemmaBlock.Tensors(Config, i).Sum(t => t.Shape.Aggregate(1L, (x, y) => x * y));
-
-    public long ParameterCount()
-    {
-        var c = Config;
-        long n = (long)c.VocabSize * c.Hidden * (c.TieWordEmbeddings ? 1 : 2) + c.Hidden;
-        for (int i = 0; i < c.Layers; i++) n += BlockParameters(i);
-        return n;
-    }
 
     public JsonObject PrunedConfig(IReadOnlyList<KeptBlock> kept, ScalarType dtype)
     {
@@ -145,16 +88,6 @@ public sealed class GemmaModel : StreamedModel, ILanguageModel
     }
 
     public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
-
-    IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
-    {
-        var c = Config;
-        yield return (Prefix + "embed_tokens.weight", new long[] { c.VocabSize, c.Hidden });
-        yield return (Prefix + "norm.weight", new long[] { c.Hidden });
-        if (!c.TieWordEmbeddings) yield return ("lm_head.weight", new long[] { c.VocabSize, c.Hidden });
-        for (int i = 0; i < c.Layers; i++)
-            foreach (var (name, shape) in GemmaBlock.Tensors(c, i)) yield return ($"{Prefix}layers.{i}.{name}", shape);
-    }
 
     public JsonObject Describe()
     {

@@ -7,7 +7,7 @@ namespace LlmSnp.Models;
 /// "LLaMA family"). Per-layer widths of a pruned checkpoint come from its lists; a uniform prune
 /// stores them in the stock fields, which is what a stock class reads.
 /// </summary>
-public sealed class LlamaConfig
+public sealed class LlamaConfig : IDecoderConfig
 {
     public static readonly string[] ModelTypes = { "llama", "mistral", "qwen2" };
 

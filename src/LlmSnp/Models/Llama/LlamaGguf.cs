@@ -44,7 +44,7 @@ public sealed class LlamaGguf : IGgufExporter
         }
         bool uniform = c.IntermediateSizes.All(f => f == c.IntermediateSizes[0]) && c.HeadsPerLayer.All(h => h == c.HeadsPerLayer[0]) && c.KvHeadsPerLayer.All(k => k == c.KvHeadsPerLayer[0]);
         string arch = uniform ? "llama" : "deci";
-        var vocab = GgufVocabulary.SentencePiece(src.ModelDir, cfg, c.VocabSize);
+        var vocab = GgufVocabulary.Of(src.ModelDir, cfg, c.VocabSize);
 
         var tensors = new List<GgufTensor>();
         int H = c.Hidden, D = c.HeadDim;

@@ -16,7 +16,7 @@ public sealed record MoeNames(string Router, string Experts, string Gate, string
 /// checkpoint. Each family's parser (<c>MixtralConfig</c>, <c>Qwen3MoeConfig</c>) fills it from its own config.json
 /// fields and defaults; nothing else reads config.json.
 /// </summary>
-public sealed class MoeConfig
+public sealed class MoeConfig : IDecoderConfig
 {
     public required ConfigFile File { get; init; }
     public required string ModelType { get; init; }

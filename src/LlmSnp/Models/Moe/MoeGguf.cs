@@ -47,7 +47,7 @@ public abstract class MoeGguf : IGgufExporter
         if (!c.NormTopK) throw cfg.Unsupported("norm_topk_prob", $"is false; llama.cpp's {a} graph always renormalises the chosen experts' weights");
         if (c.AttentionBias) throw cfg.Unsupported("attention_bias", $"is true; llama.cpp's {a} architecture reads no attention biases");
         if (Unsupported(c) is string why) throw new LlmSnpException($"{cfg.Path}: {why}");
-        var vocab = GgufVocabulary.SentencePiece(src.ModelDir, cfg, c.VocabSize);
+        var vocab = GgufVocabulary.Of(src.ModelDir, cfg, c.VocabSize);
 
         var tensors = new List<GgufTensor>();
         int H = c.Hidden, D = c.HeadDim, E = c.Experts, F = widths[0];

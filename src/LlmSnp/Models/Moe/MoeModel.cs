@@ -12,40 +12,26 @@ namespace LlmSnp.Models;
 /// final norm and head stay loaded, each decoder layer (attention + router + experts, about 1.2 GB for
 /// Qwen3-30B-A3B in BF16) is read when it is needed. The family's config parser says the names and fields.
 /// </summary>
-public sealed class MoeModel : StreamedModel, ILanguageModel, IMixtureModel
+public sealed class MoeModel : DecoderModel<MoeConfig>, ILanguageModel, IMixtureModel
 {
-    public const string Prefix = "model.";
     public string Family { get; }
-    public MoeConfig Config { get; }
-    public int BlockCount => Config.Layers;
-    public int MaxPositions => Config.MaxPositions;
-    public int VocabSize => Config.VocabSize;
     public int Experts => Config.Sparse.Any(s => s) ? Config.Experts : 0;
     public int TopK => Config.TopK;
     public string ExpertsField => Config.ExpertsField;
 
-    readonly Tensor _embedTokens, _norm;
-    readonly Tensor? _lmHead;
     readonly Rope _rope;
 
     /// <param name="family">The family's name in reports (mixtral, qwen3_moe).</param>
     /// <param name="config">Read before the weights are opened, so config errors come first.</param>
     public MoeModel(string family, string modelDir, MoeConfig config, Device? device = null, ScalarType computeDType = ScalarType.Float32)
-        : base(modelDir, device, computeDType, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+        : base(modelDir, config, device, computeDType, "tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
     {
         Family = family;
-        Config = config;
         try
         {
             var c = Config;
-            // A tied head may be stored under either name (or both, then untied if they differ).
-            if (!Checkpoint.TieHead(Prefix + "embed_tokens.weight", "lm_head.weight", c.TieWordEmbeddings) && c.TieWordEmbeddings) c.Untie();
-            StoredDType = SafeDTypes.ToTorch(Checkpoint.Entry(Prefix + "embed_tokens.weight").DType);
-            UnusedTensors = CheckpointLayout.Check(Checkpoint, modelDir, c.Layers, ExpectedTensors(), new[] { "lm_head.weight" });
+            OpenOuterTensors();
             CheckNoExtraExperts(modelDir);
-            _embedTokens = Resident(ReadAs(Prefix + "embed_tokens.weight", StoredDType, c.VocabSize, c.Hidden));
-            _norm = Resident(ReadAs(Prefix + "norm.weight", ComputeDType, c.Hidden));
-            if (!c.TieWordEmbeddings) _lmHead = Resident(ReadAs("lm_head.weight", StoredDType, c.VocabSize, c.Hidden));
             _rope = new Rope(c.Rope.InverseFrequencies(c.HeadDim, c.RopeTheta), c.MaxPositions, ComputeDType, Device);
         }
         catch
@@ -69,39 +55,8 @@ public sealed class MoeModel : StreamedModel, ILanguageModel, IMixtureModel
         }
     }
 
-    Tensor? _headCompute;
-    Tensor HeadWeight => _headCompute ??= Resident((_lmHead ?? _embedTokens).to(ComputeDType).DetachFromDisposeScope());
-
-    public Tensor Embed(Tensor ids) => EmbedAt(ids, 0);
-
-    public Tensor EmbedAt(Tensor ids, int startPosition)
-    {
-        CheckTokens(ids, startPosition, Config.MaxPositions, Config.VocabSize);
-        return Lookup(ids);
-    }
-
-    /// <summary>Packed rows: the positions only bound each sequence (RoPE reads them in the blocks).</summary>
-    public Tensor EmbedAt(Tensor ids, Tensor positions)
-    {
-        CheckPackedTokens(ids, positions, Config.MaxPositions, Config.VocabSize);
-        return Lookup(ids);
-    }
-
-    Tensor Lookup(Tensor ids)
-    {
-        using var scope = NewDisposeScope();
-        long b = ids.shape[0], t = ids.shape[1];
-        return _embedTokens.index_select(0, ids.reshape(-1).to(Device)).to(ComputeDType).view(b, t, -1).MoveToOuterDisposeScope();
-    }
-
-    public Tensor Head(Tensor h)
-    {
-        using var scope = NewDisposeScope();
-        return F.linear(Norms.Rms(h, _norm, Config.RmsNormEps), HeadWeight).MoveToOuterDisposeScope();
-    }
-
     /// <summary>Layer i's tensors (local names) and shapes for its widths, in HF module order.</summary>
-    public IEnumerable<(string Name, long[] Shape)> BlockTensors(int i)
+    public override IEnumerable<(string Name, long[] Shape)> BlockTensors(int i)
     {
         var c = Config;
         long h = c.Hidden, q = (long)c.HeadsPerLayer[i] * c.HeadDim, kv = (long)c.KvHeadsPerLayer[i] * c.HeadDim;
@@ -155,24 +110,11 @@ public sealed class MoeModel : StreamedModel, ILanguageModel, IMixtureModel
         return new MoeBlock(prefix, i, Config, _rope, w, NoConsumerBias) { Recycler = Checkpoint.Recycle };
     }
 
+    protected override Tensor FinalNorm(Tensor h, Tensor weight) => Norms.Rms(h, weight, Config.RmsNormEps);
+
     IPrunableBlock IPrunableModel.LoadBlock(int index) => LoadBlock(index);
 
     ICachedBlock ILanguageModel.LoadCachedBlock(int index) => LoadBlock(index);
-
-    public IEnumerable<(string Name, Tensor Tensor)> OuterTensors(ScalarType dtype)
-    {
-        yield return (Prefix + "embed_tokens.weight", _embedTokens.to(dtype));
-        yield return (Prefix + "norm.weight", _norm.to(dtype));
-        if (_lmHead is not null) yield return ("lm_head.weight", _lmHead.to(dtype));
-    }
-
-    static long Numel(long[] s) => s.Aggregate(1L, (x, y) => x * y);
-
-    public long BlockParameters(int i) => BlockTensors(i).Sum(t => Numel(t.Shape));
-
-    long OuterParameters => (long)Config.VocabSize * Config.Hidden * (Config.TieWordEmbeddings ? 1 : 2) + Config.Hidden;
-
-    public long ParameterCount() => OuterParameters + Enumerable.Range(0, Config.Layers).Sum(BlockParameters);
 
     public long ActiveParameterCount()
     {
@@ -260,16 +202,6 @@ public sealed class MoeModel : StreamedModel, ILanguageModel, IMixtureModel
     static JsonArray Ints(IEnumerable<int> xs) => new(xs.Select(x => (JsonNode)x).ToArray());
 
     public ITextTokenizer Tokenizer() => TextTokenizers.ForModel(ModelDir);
-
-    IEnumerable<(string Name, long[] Shape)> ExpectedTensors()
-    {
-        var c = Config;
-        yield return (Prefix + "embed_tokens.weight", new long[] { c.VocabSize, c.Hidden });
-        yield return (Prefix + "norm.weight", new long[] { c.Hidden });
-        if (!c.TieWordEmbeddings) yield return ("lm_head.weight", new long[] { c.VocabSize, c.Hidden });
-        for (int i = 0; i < c.Layers; i++)
-            foreach (var (name, shape) in BlockTensors(i)) yield return ($"{Prefix}layers.{i}.{name}", shape);
-    }
 
     public JsonObject Describe()
     {

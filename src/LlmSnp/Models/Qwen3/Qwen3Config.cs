@@ -7,7 +7,7 @@ namespace LlmSnp.Models;
 /// defaults where a field is absent: `head_dim` 128 (not hidden / heads), `num_key_value_heads` 32, θ 10000, untied.
 /// Per-layer widths of a pruned checkpoint come from <see cref="DecoderWidths"/>.
 /// </summary>
-public sealed class Qwen3Config
+public sealed class Qwen3Config : IDecoderConfig
 {
     public static readonly string[] ModelTypes = { "qwen3" };
 

@@ -30,7 +30,7 @@ public sealed class Qwen3Gguf : IGgufExporter
                 throw new LlmSnpException($"{src.ModelDir}: tensor '{nonzero}' is not zero; llama.cpp's qwen3 has no attention biases (prune with --reconstruct lstsq-nobias for a GGUF)");
             skipped.AddRange(biases);
         }
-        var vocab = GgufVocabulary.BytePairEncoding(src.ModelDir, cfg, c.VocabSize);
+        var vocab = GgufVocabulary.Of(src.ModelDir, cfg, c.VocabSize);
 
         int H = c.Hidden, D = c.HeadDim, q = c.Widths.Heads[0] * D, kv = c.Widths.KvHeads[0] * D, f = c.Widths.Intermediate[0];
         var tensors = new List<GgufTensor>();
