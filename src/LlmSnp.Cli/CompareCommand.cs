@@ -40,12 +40,15 @@ static class CompareCommand
         return cmd;
     }
 
-    static List<double> ParseRatios(string s) =>
-        s.Split(',').Select(r => double.TryParse(r, System.Globalization.CultureInfo.InvariantCulture, out var x) && x >= 0 && x < 1 ? x
+    internal static List<double> ParseRatios(string s) =>
+        s.Split(',').Select(r => double.TryParse(r, System.Globalization.NumberStyles.Float, System.Globalization.CultureInfo.InvariantCulture, out var x) && x >= 0 && x < 1 ? x
             : throw new LlmSnpException($"--ratios: '{r}' is not a fraction in [0, 1)")).ToList();
 
-    static List<Method> ParseMethods(string s) => s.Split(',').Select(Method.Parse).ToList();
+    internal static List<Method> ParseMethods(string s) => s.Split(',').Select(m => Method.Parse(m, "--methods")).ToList();
 
-    static List<string> ParseTargetSets(string s) =>
-        s.Split(';', StringSplitOptions.RemoveEmptyEntries).Select(t => NodeKinds.Describe(NodeKinds.ParseSet(t, "--targets"))).ToList();
+    internal static List<string> ParseTargetSets(string s)
+    {
+        var sets = s.Split(';', StringSplitOptions.RemoveEmptyEntries | StringSplitOptions.TrimEntries).Select(t => NodeKinds.Describe(NodeKinds.ParseSet(t, "--targets"))).ToList();
+        return sets.Count > 0 ? sets : throw new LlmSnpException($"--targets: '{s}' names no target set (e.g. \"mlp;heads;mlp,heads\")");
+    }
 }

@@ -18,6 +18,10 @@ static class DemoCommand
     /// <summary>The real pretrained LLaMA-architecture model (grouped-query attention), models/stories260k/PROVENANCE.md.</summary>
     const string LlamaModelName = "stories260k";
 
+    /// <summary>What the demo reads: the bundled models and evaluation data (its --out must not reach them).</summary>
+    public static IEnumerable<string> Inputs =>
+        new[] { OptModelName, LlamaModelName, "vit-tiny" }.Select(m => Path.Combine(RepoPaths.Root, "models", m)).Append(RepoPaths.EvalData);
+
     public static Command Build(Func<ParseResult, Func<JsonObject>, int> run)
     {
         var outDir = new Option<string>("--out") { Description = "where pruned checkpoints and the report go", DefaultValueFactory = _ => "out" };

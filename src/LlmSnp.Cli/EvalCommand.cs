@@ -59,6 +59,7 @@ static class EvalCommand
         return cmd;
     }
 
-    static List<long>? ParseIds(string? ids) =>
-        ids?.Split(',').Select(x => long.TryParse(x.Trim(), out var v) && v >= 0 ? v : throw new LlmSnpException($"--ids: '{x}' is not a token id")).ToList();
+    internal static List<long>? ParseIds(string? ids) =>
+        ids?.Split(',').Select(x => long.TryParse(x.Trim(), System.Globalization.NumberStyles.None, System.Globalization.CultureInfo.InvariantCulture, out var v) ? v
+            : throw new LlmSnpException($"--ids: '{x}' is not a token id (a non-negative integer)")).ToList();
 }

@@ -26,7 +26,6 @@ static class GenerateCommand
             { model, prompt, maxNew, temperature, topP, seed, device, dtype, json };
         cmd.SetAction(p => Guard(() =>
         {
-            OptionChecks.CheckDestinations(p);
             var options = new GenerationOptions
             {
                 MaxNewTokens = p.GetValue(maxNew), Temperature = p.GetValue(temperature), TopP = p.GetValue(topP), Seed = p.GetValue(seed),

@@ -2,15 +2,20 @@ using System.CommandLine;
 using System.CommandLine.Parsing;
 using System.Globalization;
 using LlmSnp;
+using LlmSnp.Benchmarks;
 using LlmSnp.Checkpoint;
+using LlmSnp.Data;
+using LlmSnp.Export;
+using LlmSnp.Models;
+using LlmSnp.Pruning;
 
 [assembly: System.Runtime.CompilerServices.InternalsVisibleTo("LlmSnp.Tests")]
 
 /// <summary>
-/// Range checks for every numeric option and the destination checks, attached to the finished
-/// command tree by option name (an option means the same in every command that has it), so a
-/// command defined anywhere gets them. A value out of range is bad input: one line naming the
-/// option and exit 1, before anything runs.
+/// Checks of every option, attached to the finished command tree by option name (an option means the same in
+/// every command that has it; where it does not, "command --option" says which), so a command defined anywhere
+/// gets them: a range for every numeric option, a parser for every option with a fixed vocabulary, and one
+/// destination check for every output. A bad value is one line naming the option and exit 1, before anything runs.
 /// </summary>
 static class OptionChecks
 {
@@ -18,7 +23,7 @@ static class OptionChecks
     public sealed record Rule(double Min, double Max, bool Integer, bool MinOpen = false, bool MaxOpen = false)
     {
         public string Describe() => Integer
-            ? (Max >= int.MaxValue ? $"an integer of at least {Min}" : $"an integer from {Min} to {Max:0}")
+            ? $"an integer from {Min} to {Max:0}"
             : $"a number in {(MinOpen ? "(" : "[")}{Min.ToString(CultureInfo.InvariantCulture)}, {Max.ToString(CultureInfo.InvariantCulture)}{(MaxOpen ? ")" : "]")}";
 
         public bool Allows(double v) => double.IsFinite(v) && (Integer ? v == Math.Floor(v) : true)
@@ -54,11 +59,49 @@ static class OptionChecks
         ["--top-p"] = new(0, 1, false, MinOpen: true),
     };
 
-    /// <summary>Options naming a file or directory: an empty value is refused where it is parsed.</summary>
-    public static readonly IReadOnlySet<string> PathOptions = new HashSet<string>(StringComparer.Ordinal)
+    /// <summary>Options naming something the command reads: outputs must never reach them (<see cref="CheckDestinations"/>).</summary>
+    public static readonly IReadOnlySet<string> InputOptions = new HashSet<string>(StringComparer.Ordinal)
     {
-        "--model", "--out", "--json", "--images", "--file", "--work-dir", "--dataset", "--calib", "--eval", "--log-samples", "--tasks",
+        "--model", "--images", "--file", "--dataset", "--calib", "--eval", "--tasks",
     };
+
+    /// <summary>How a command writes each of its output options; null for an option that is not an output.</summary>
+    public static DestinationKind? DestinationOf(Command cmd, Option o) => (cmd.Name, o.Name) switch
+    {
+        (_, "--json") or (_, "--log-samples") or ("gguf", "--out") => DestinationKind.File,
+        ("prune", "--out") or ("convert", "--out") => DestinationKind.ReplacedDirectory,
+        (_, "--out") or (_, "--work-dir") => DestinationKind.DirectoryWrittenInto,
+        _ => null,
+    };
+
+    /// <summary>Options naming a file or directory: an empty value is refused where it is parsed.</summary>
+    public static readonly IReadOnlySet<string> PathOptions = new HashSet<string>(InputOptions.Concat(new[] { "--out", "--json", "--work-dir", "--log-samples" }), StringComparer.Ordinal);
+
+    /// <summary>Options whose value is free text (anything goes, the empty string included).</summary>
+    public static readonly IReadOnlySet<string> FreeText = new HashSet<string>(StringComparer.Ordinal) { "--prompt", "--text" };
+
+    /// <summary>
+    /// The parser of every option with a fixed vocabulary, by "command --option" or "--option"; each throws a one-line
+    /// LlmSnpException that starts with the option's name. The command body parses the value again with the same function.
+    /// </summary>
+    public static readonly IReadOnlyDictionary<string, Action<string>> Parsers = new Dictionary<string, Action<string>>(StringComparer.Ordinal)
+    {
+        ["--ordering"] = v => Orderings.Parse(v),
+        ["--reconstruct"] = v => ReconstructModes.Parse(v),
+        ["--dtype"] = v => SafeDTypes.ParseOption(v),
+        ["gguf --dtype"] = v => GgufExport.ParseDType(v),
+        ["--to"] = v => CheckpointConvert.ParseTarget(v),
+        ["--device"] = v => Runtime.ParseDevice(v),
+        ["--targets"] = v => NodeKinds.ParseSet(v, "--targets"),
+        ["compare --targets"] = v => CompareCommand.ParseTargetSets(v),
+        ["--methods"] = v => CompareCommand.ParseMethods(v),
+        ["--ratios"] = v => CompareCommand.ParseRatios(v),
+        ["--ids"] = v => EvalCommand.ParseIds(v),
+        ["--shape"] = v => BenchShapes.Parse(v),
+    };
+
+    public static Action<string>? ParserOf(Command cmd, Option o) =>
+        Parsers.TryGetValue($"{cmd.Name} {o.Name}", out var p) || Parsers.TryGetValue(o.Name, out p) ? p : null;
 
     public static bool IsNumeric(Option o)
     {
@@ -82,6 +125,15 @@ static class OptionChecks
                 }
                 else if (PathOptions.Contains(o.Name))
                     o.Validators.Add(r => { if (r.Tokens.Any(t => string.IsNullOrWhiteSpace(t.Value))) r.AddError($"{o.Name}: empty path"); });
+                else if (ParserOf(cmd, o) is Action<string> parse)
+                    o.Validators.Add(r =>
+                    {
+                        foreach (var t in r.Tokens)
+                        {
+                            try { parse(t.Value); }
+                            catch (LlmSnpException e) { r.AddError(e.Message); return; }
+                        }
+                    });
             }
             var samples = cmd.Options.FirstOrDefault(o => o.Name == "--calib-samples");
             var seqlen = cmd.Options.FirstOrDefault(o => o.Name is "--calib-seqlen" or "--seqlen");
@@ -118,13 +170,28 @@ static class OptionChecks
         r.GetResult(o) is OptionResult or && or.Tokens.Count == 1
         && long.TryParse(or.Tokens[0].Value, NumberStyles.AllowLeadingSign, CultureInfo.InvariantCulture, out long v) ? v : null;
 
-    /// <summary>Parses; a parse error is one "error: " line and exit 1 (no help text), otherwise the command runs.</summary>
+    /// <summary>
+    /// Parses; a parse error is one "error: " line and exit 1 (no help text); then the destinations are checked
+    /// (<see cref="CheckDestinations"/>: here, so that no command can run without it), then the command runs.
+    /// </summary>
     public static int Invoke(RootCommand root, string[] args)
     {
         var parsed = Apply(root).Parse(args);
-        if (parsed.Errors.Count == 0) return parsed.Invoke();
-        Console.Error.WriteLine($"error: {Message(parsed.Errors)}");
-        return 1;
+        if (parsed.Errors.Count > 0)
+        {
+            Console.Error.WriteLine($"error: {Message(parsed.Errors)}");
+            return 1;
+        }
+        if (parsed.Action != null && parsed.Action == parsed.CommandResult.Command.Action)   // not for --help
+        {
+            try { CheckDestinations(parsed); }
+            catch (LlmSnpException e)
+            {
+                Console.Error.WriteLine($"error: {e.Message}");
+                return 1;
+            }
+        }
+        return parsed.Invoke();
     }
 
     /// <summary>The first error, our own wording where it concerns a ranged option (the parser's names CLR types).</summary>
@@ -135,28 +202,43 @@ static class OptionChecks
         return errors[0].Message.Split('\n')[0].Trim();
     }
 
-    /// <summary>Before the command body: every destination of this command must be writable (Destinations).</summary>
+    /// <summary>
+    /// Before the command body: every output of the command (<see cref="DestinationOf"/>) must be writable, must not be
+    /// or lie inside anything the command reads (<see cref="Inputs"/>), must not replace a device, FIFO, socket or
+    /// symbolic link, and two outputs must not be the same path (Destinations.Check).
+    /// </summary>
     public static void CheckDestinations(ParseResult p)
     {
         var cmd = p.CommandResult.Command;
-        string? Str(string name) => cmd.Options.Any(o => o.Name == name) ? p.GetValue<string>(name) : null;
-        if (Str("--json") is string json) Destinations.CheckFile(json, "--json");
-        if (Str("--log-samples") is string samples) Destinations.CheckFile(samples, "--log-samples");
-        if (Str("--out") is not string outDir) return;
-        switch (cmd.Name)
+        var inputs = Inputs(p);
+        var seen = new Dictionary<string, string>(StringComparer.Ordinal);
+        foreach (var o in cmd.Options)
         {
-            case "prune":   // replaced as a whole; never the model directory
-                Destinations.CheckDirectory(outDir, "--out", replaceable: true, force: p.GetValue<bool>("--force"), inputDir: Str("--model"));
-                break;
-            case "gguf":   // export gguf: one file, written to a temporary sibling and renamed
-                Destinations.CheckFile(outDir, "--out");
-                break;
-            case "convert":   // refuses an existing output
-                Destinations.CheckDirectory(outDir, "--out", replaceable: true, force: false, inputDir: Str("--model"));
-                break;
-            default:   // compare, demo: reports are written into it
-                Destinations.CheckDirectory(outDir, "--out", replaceable: false, force: false);
-                break;
+            if (DestinationOf(cmd, o) is not DestinationKind kind || p.GetValue<string>(o.Name) is not string path) continue;
+            string full = FileNodes.PhysicalPath(path);
+            if (seen.TryGetValue(full, out var other)) throw new LlmSnpException($"{o.Name} {path}: is also {other}; two outputs cannot share a path");
+            seen[full] = o.Name;
+            bool hasForce = cmd.Options.Any(x => x.Name == "--force");
+            Destinations.Check(path, o.Name, kind, inputs, force: hasForce && p.GetValue<bool>("--force"), forceOption: hasForce ? "--force" : null);
         }
+    }
+
+    /// <summary>What the command reads: its input options (a bundled dataset's name resolved to its files) and, for demo, the bundled models and data.</summary>
+    public static List<DestinationInput> Inputs(ParseResult p)
+    {
+        var cmd = p.CommandResult.Command;
+        var inputs = new List<DestinationInput>();
+        foreach (var o in cmd.Options.Where(o => InputOptions.Contains(o.Name)))
+        {
+            if (p.GetValue<string>(o.Name) is not string v || string.IsNullOrWhiteSpace(v)) continue;
+            // Named bundled datasets and tasks resolve to their files; a --tasks entry that is not a file is a task name.
+            var files = o.Name is "--dataset" or "--calib" or "--eval" ? TextSources.Files(v)
+                : o.Name == "--tasks" ? v.Split(',', StringSplitOptions.TrimEntries).Where(File.Exists).ToArray()
+                : new[] { v };
+            inputs.AddRange(files.Select(f => new DestinationInput(f, o.Name)));
+        }
+        if (cmd.Name == "tokenize" && p.GetValue<string>("--model") == null) inputs.Add(new DestinationInput(RepoPaths.OptTokenizer, "the bundled tokenizer"));
+        if (cmd.Name == "demo") inputs.AddRange(DemoCommand.Inputs.Select(d => new DestinationInput(d, "the bundled model or data")));
+        return inputs;
     }
 }

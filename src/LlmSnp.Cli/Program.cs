@@ -6,11 +6,12 @@ using LlmSnp.Checkpoint;
 
 // The CLI only parses options, calls the library and prints: JSON results on stdout (and --json FILE),
 // progress and errors on stderr, one line per error, never a stack trace. One file per command.
-Runtime.ConfigureHostMemory();   // before any tensor op: libtorch reads its allocator settings once
-Runtime.ConfigureThreads();
-LlmSnp.Models.ModelFamilies.Warn = Cli.Log;   // unused stored tensors: one warning line on stderr
-using var signals = Signals.Install();
-return OptionChecks.Invoke(Cli.Build(), args);
+// A failure in another thread, or before the first command runs (libtorch not loading under a small `ulimit -v`,
+// an assembly under a small `ulimit -n`), is one line too: never the runtime's stack trace and abort. Main itself
+// names no System.CommandLine type, so that an assembly that cannot be loaded fails inside the try.
+AppDomain.CurrentDomain.UnhandledException += (_, e) => Failure.ExitNow(Failure.Report(e.ExceptionObject as Exception ?? new Exception("unknown")));
+try { return Cli.Start(args); }
+catch (Exception e) { return Failure.Report(e); }
 
 /// <summary>The command tree, the options every command shares, and how a command's result or failure is printed.</summary>
 static class Cli
@@ -21,6 +22,16 @@ static class Cli
     public static readonly Option<string> Device = new("--device") { Description = "cpu or cuda", DefaultValueFactory = _ => "cpu" };
     public static readonly Option<string?> DType = new("--dtype") { Description = "compute dtype: float32 (default), bfloat16, float64" };
     public static readonly Option<string?> Json = new("--json") { Description = "also write the JSON result to this file" };
+
+    [System.Runtime.CompilerServices.MethodImpl(System.Runtime.CompilerServices.MethodImplOptions.NoInlining)]
+    public static int Start(string[] args)
+    {
+        Runtime.ConfigureHostMemory();   // before any tensor op: libtorch reads its allocator settings once
+        Runtime.ConfigureThreads();
+        LlmSnp.Models.ModelFamilies.Warn = Log;   // unused stored tensors: one warning line on stderr
+        using var signals = Signals.Install();
+        return OptionChecks.Invoke(Build(), args);
+    }
 
     public static RootCommand Build() => new("llmsnp: one-shot structured pruning of transformer checkpoints with Subspace Node Pruning")
     {
@@ -48,7 +59,6 @@ static class Cli
     {
         try
         {
-            OptionChecks.CheckDestinations(p);
             var result = body();
             string text = result.ToJsonString(Indented);
             if (p.GetValue(Json) is string path) AtomicFile.WriteAllText(path, text + "\n");
@@ -58,17 +68,6 @@ static class Cli
         catch (Exception e) { return Fail(e); }
     }
 
-    /// <summary>One line on stderr and the exit code: 1 for bad input or I/O, 70 for an internal fault (stack with LLMSNP_DEBUG=1).</summary>
-    public static int Fail(Exception e)
-    {
-        Console.Out.Flush();
-        if (e is LlmSnpException or IOException or UnauthorizedAccessException)
-        {
-            Console.Error.WriteLine($"error: {e.Message}");
-            return 1;
-        }
-        Console.Error.WriteLine($"error: internal failure: {e.GetType().Name}: {e.Message.Split('\n')[0]}");
-        if (Environment.GetEnvironmentVariable("LLMSNP_DEBUG") == "1") Console.Error.WriteLine(e);
-        return 70;
-    }
+    /// <summary>One line on stderr and the exit code (<see cref="Failure.Report"/>).</summary>
+    public static int Fail(Exception e) => Failure.Report(e);
 }

@@ -71,8 +71,7 @@ sealed class PruneCliOptions
         var depth = drop is null ? null : LlmSnp.Pruning.Depth.DepthOptions.Parse(drop, p.GetValue(_depthCriterion), p.GetValue(_depthReplace), p.GetValue(_damp));
         var (amount, kind) = policies.Count == 1 ? (policies[0].Value!.Value, policies[0].Kind) : (0.99, RatioPolicyKind.Variance);
         var targets = NodeKinds.ParseSet(p.GetValue(_targets)!, "--targets");
-        var reconstruct = ReconstructModes.Names.TryGetValue(p.GetValue(_reconstruct)!, out var r) ? r
-            : throw new LlmSnpException($"--reconstruct: unknown mode '{p.GetValue(_reconstruct)}' ({string.Join(", ", ReconstructModes.Names.Keys)})");
+        var reconstruct = ReconstructModes.Parse(p.GetValue(_reconstruct)!);
         return new PruneJobOptions
         {
             ModelDir = modelDir, OutDir = p.GetValue(_out)!,

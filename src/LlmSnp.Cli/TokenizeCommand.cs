@@ -37,7 +37,7 @@ static class TokenizeCommand
             };
         }
         string input = text ?? (rows ? string.Join("\n\n", TextSources.ReadRows(file!))
-            : File.Exists(file) ? File.ReadAllText(file!) : throw new LlmSnpException($"{file}: file not found"));
+            : TextSources.ReadText(file!));
         var ids = Tokenizer(modelDir).Encode(input);
         return new JsonObject { ["count"] = ids.Length, ["ids"] = Ids(ids) };
     }

@@ -21,7 +21,22 @@ public static partial class Runtime
     [LibraryImport("libc", EntryPoint = "_exit")]
     private static partial void UnderscoreExit(int status);
 
+    [LibraryImport("libc", EntryPoint = "write")]
+    private static partial nint WriteFd(int fd, byte[] buffer, nuint count);
+
     static bool _configured, _hostMemoryConfigured;
+
+    /// <summary>
+    /// Writes a line to file descriptor 2 with libc write, for when .NET cannot open stderr (it dups the descriptor,
+    /// and under a small `ulimit -n` none is left). Returns whether it was written.
+    /// </summary>
+    public static bool WriteStderrRaw(string line)
+    {
+        if (!OperatingSystem.IsLinux()) return false;
+        byte[] bytes = System.Text.Encoding.UTF8.GetBytes(line + "\n");
+        try { return WriteFd(2, bytes, (nuint)bytes.Length) == bytes.Length; }
+        catch (Exception e) when (e is DllNotFoundException or EntryPointNotFoundException) { return false; }
+    }
 
     /// <summary>
     /// Ends the process at once (libc _exit) where libc is available. For a signal handler: a normal

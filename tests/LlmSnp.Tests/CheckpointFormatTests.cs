@@ -58,7 +58,7 @@ public sealed class CheckpointFormatTests : IDisposable
         }
         Assert.Empty(want.Keys.Except(got.Keys));
 
-        var (ids, logits, _) = ModelTests.Golden(SafetensorsTwin);
+        var (ids, logits, _) = GoldenFile.Read(SafetensorsTwin);
         using var model = (OptModel)ModelFamilies.Open(dir, CPU, ScalarType.Float64);
         for (int s = 0; s < ids.Length; s++)
         {

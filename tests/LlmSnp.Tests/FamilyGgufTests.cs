@@ -76,7 +76,7 @@ public sealed class FamilyGgufTests
         string path = tmp.Sub("m.gguf");
         var res = GgufExport.Run(dir, path, GgufDType.F32);
         Assert.Equal(arch, res.Architecture);
-        var (ids, golden, _) = ModelTests.Golden(FamilyGoldenTests.Fixture(fixture));
+        var (ids, golden, _) = GoldenFile.Read(FamilyGoldenTests.Fixture(fixture));
         bool bpe = Tokenizer(fixture) == "qwen-bpe";
         for (int s = 0; s < ids.Length; s++)
         {
@@ -132,7 +132,7 @@ public sealed class FamilyGgufTests
         Assert.Equal(4096u, g.Scalar<uint>("phi3.rope.scaling.original_context_length"));
         Assert.Equal((float)Math.Sqrt(1 + Math.Log(2) / Math.Log(4096)), g.Scalar<float>("phi3.rope.scaling.attn_factor"));
         Assert.Equal(12u, g.Scalar<uint>("phi3.rope.dimension_count"));
-        var (ids, _, _) = ModelTests.Golden(FamilyGoldenTests.Fixture("phi4-mini"));
+        var (ids, _, _) = GoldenFile.Read(FamilyGoldenTests.Fixture("phi4-mini"));
         using var want = LlmSnpLogits(dir, ids[0]);
         using var longWant = LlmSnpLogits(WithLongFactorsAsShort(tmp, dir), ids[0]);
         Assert.True((want - longWant).abs().max().ToDouble() > 1e-2);   // the two tables give other logits

@@ -30,7 +30,7 @@ public class FamilyGoldenTests
     public void Forward_matches_the_float64_golden_logits(string fixture, string family, ScalarType dtype, double tol)
     {
         string dir = Fixture(fixture);
-        var (ids, logits, nll) = ModelTests.Golden(dir);
+        var (ids, logits, nll) = GoldenFile.Read(dir);
         using var model = ModelFamilies.OpenLanguageModel(dir, CPU, dtype);
         Assert.Equal(family, model.Family);
         Assert.Empty(model.UnusedTensors);

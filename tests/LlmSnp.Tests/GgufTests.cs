@@ -505,7 +505,7 @@ public sealed class GgufTests : IDisposable
             t["model.layers.1.mlp.gate_proj.weight"][0, 0] = 1e6f;
             File.Delete(Path.Combine(d, "model.safetensors"));
             SafeTensorsWriter.WriteAll(d, t.Select(kv => (kv.Key, kv.Value)));
-        }), ["model.layers.1.mlp.gate_proj.weight", "F16"], GgufDType.F16);
+        }), ["model.layers.1.mlp.gate_proj.weight", "float16's range"], GgufDType.F16);
         AssertRefused(Variant("rope-scaling", d => EditConfig(d, c => c["rope_scaling"] = new JsonObject { ["type"] = "linear", ["factor"] = 2.0 })), ["rope_scaling"]);
         AssertRefused(Variant("gpt2", d => EditConfig(d, c => c["model_type"] = "gpt2")), ["model_type", "gpt2"]);
         var bf16 = Assert.Throws<LlmSnpException>(() => GgufExport.ParseDType("bf16"));

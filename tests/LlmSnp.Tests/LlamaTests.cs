@@ -40,7 +40,7 @@ public class LlamaTests
     public void Forward_matches_independent_float64_reference(string fixture, ScalarType dtype, double tol)
     {
         string dir = fixture == "stories260k" ? Stories : Repo.Fixture(fixture);
-        var (ids, logits, nll) = ModelTests.Golden(dir);
+        var (ids, logits, nll) = GoldenFile.Read(dir);
         using var model = ModelFamilies.OpenLanguageModel(dir, CPU, dtype);
         Assert.Equal("llama", model.Family);
         for (int s = 0; s < ids.Length; s++)

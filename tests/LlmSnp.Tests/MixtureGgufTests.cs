@@ -42,7 +42,7 @@ public sealed class MixtureGgufTests : IDisposable
 
     string Source(string which) => which == "mixtral" ? WithTokenizer(MixtureTests.Fixture("mixtral"), "mixtral") : AllSparseQwen();
 
-    static readonly long[] Ids = ModelTests.Golden(MixtureTests.Fixture("mixtral")).Ids[0];
+    static readonly long[] Ids = GoldenFile.Read(MixtureTests.Fixture("mixtral")).Ids[0];
 
     /// <summary>llama.cpp's logits of the GGUF against LlmSnp's float64 forward of the checkpoint: within 1e-4 of the largest logit (F32 file, F32 attention).</summary>
     static void AssertLlamaCppComputesTheCheckpoint(string dir, string gguf)

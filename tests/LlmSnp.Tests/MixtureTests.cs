@@ -74,7 +74,7 @@ public class MixtureTests
     public void Forward_and_routing_match_the_float64_reference(string fixture, ScalarType dtype, double tol, double weightTol)
     {
         string dir = Fixture(fixture);
-        var (ids, logits, nll) = ModelTests.Golden(dir);
+        var (ids, logits, nll) = GoldenFile.Read(dir);
         var (wantExperts, wantWeights) = GoldenRouting(dir);
         using var model = ModelFamilies.OpenLanguageModel(dir, CPU, dtype);
         Assert.Equal(fixture, model.Family);
@@ -113,7 +113,7 @@ public class MixtureTests
     public void Cached_generation_equals_the_full_forward(string fixture)
     {
         using var model = ModelFamilies.OpenLanguageModel(Fixture(fixture), CPU, ScalarType.Float64);
-        var (ids, _, _) = ModelTests.Golden(Fixture(fixture));
+        var (ids, _, _) = GoldenFile.Read(Fixture(fixture));
         using var input = torch.tensor(ids[1], new long[] { 1, ids[1].Length });
         using var full = LlamaTests.Forward(model, input);
         using var decoder = new CachedDecoder(model, ids[1].Length);

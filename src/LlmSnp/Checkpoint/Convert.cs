@@ -1,4 +1,5 @@
 using System.Text.Json.Nodes;
+using LlmSnp.Models;
 using static TorchSharp.torch;
 
 namespace LlmSnp.Checkpoint;
@@ -9,27 +10,35 @@ namespace LlmSnp.Checkpoint;
 /// </summary>
 public static class CheckpointConvert
 {
+    /// <summary>The dtypes `convert --to` writes; errors name --to.</summary>
+    public static ScalarType ParseTarget(string s, string option = "--to") => SafeDTypes.ParseOption(s, option);
+
     /// <param name="dtype">The floating-point dtype to write; null keeps each tensor's stored dtype.</param>
     public static JsonObject Run(string modelDir, string outDir, ScalarType? dtype)
     {
         using var reader = new CheckpointReader(modelDir);
-        var config = File.Exists(Path.Combine(modelDir, "config.json")) ? Models.ConfigFile.Load(modelDir) : null;   // one line naming a broken one
+        var config = File.Exists(Path.Combine(modelDir, "config.json")) ? Models.ConfigFile.Load(modelDir) : null;   // before anything is written: one line naming a broken one
         var weights = reader.WeightFiles.Select(Path.GetFileName).ToHashSet(StringComparer.Ordinal);
         string full = Path.GetFullPath(outDir);
-        if (Directory.Exists(full)) throw new LlmSnpException($"{outDir}: already exists");
+        var existing = FileNodes.Kind(full);
+        if (existing != FileNodeKind.Missing)
+            throw new LlmSnpException($"{outDir}: already exists ({FileNodes.Describe(existing)}); remove it or give a new path");
         // A hidden staging sibling like prune's: a signal or a later run can clean it up.
         string parent = Path.GetDirectoryName(full)!;
         Directory.CreateDirectory(parent);
         string tmp = StagingDirectory.Create(parent, Path.GetFileName(full), null);
+        string remedy = dtype == ScalarType.Float16 ? "convert to bfloat16 or float32, which hold it" : "convert to float32, which holds it";
         try
         {
             using (var w = new SafeTensorsWriter(tmp))
             {
                 foreach (var name in reader.Names.OrderBy(n => n, StringComparer.Ordinal))
                 {
+                    using var scope = NewDisposeScope();
                     var stored = SafeDTypes.ToTorch(reader.Entry(name).DType);
-                    using var t = reader.Read(name, stored.IsFloatingPoint() && dtype is ScalarType to ? to : stored, CPU);
-                    w.Add(name, t);
+                    var t = reader.Read(name, stored, CPU);
+                    // Cast through the one finiteness check export gguf uses: no +inf where the source was finite.
+                    w.Add(name, stored.IsFloatingPoint() && dtype is ScalarType to ? FiniteCast.To(t, to, modelDir, name, remedy) : t);
                 }
                 w.Finish();
             }
@@ -46,11 +55,13 @@ public static class CheckpointConvert
                 }
                 else File.Copy(f, Path.Combine(tmp, n));
             }
-            Directory.Move(tmp, full);
+            StagingDirectory.Publish(() => Directory.Move(tmp, full));
         }
-        catch
+        catch (Exception e)
         {
             if (Directory.Exists(tmp)) Directory.Delete(tmp, true);
+            if (ResourceLimits.Explain(e) is string limit)
+                throw new LlmSnpException($"{outDir}: writing the converted checkpoint failed ({limit}); nothing was written");
             throw;
         }
         finally { StagingDirectory.Release(tmp); }

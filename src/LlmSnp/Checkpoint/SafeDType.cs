@@ -48,13 +48,13 @@ public static class SafeDTypes
         _ => throw new LlmSnpException($"dtype {t} is not a floating-point weight dtype"),
     };
 
-    /// <summary>Parses a --dtype value (float32, f16, bf16, ...).</summary>
-    public static ScalarType ParseOption(string s) => s.ToLowerInvariant() switch
+    /// <summary>Parses a dtype option's value (float32, f16, bf16, ...); errors name <paramref name="option"/>.</summary>
+    public static ScalarType ParseOption(string s, string option = "--dtype") => s.ToLowerInvariant() switch
     {
         "float64" or "f64" or "double" => ScalarType.Float64,
         "float32" or "f32" or "float" => ScalarType.Float32,
         "float16" or "f16" or "half" => ScalarType.Float16,
         "bfloat16" or "bf16" => ScalarType.BFloat16,
-        _ => throw new LlmSnpException($"--dtype: unknown dtype '{s}' (float64, float32, float16, bfloat16)"),
+        _ => throw new LlmSnpException($"{option}: unknown dtype '{s}' (float64, float32, float16, bfloat16)"),
     };
 }

@@ -141,12 +141,19 @@ public sealed class SafeTensorsWriter : IDisposable
     }
 }
 
-/// <summary>Write-to-temporary-then-rename, so a reader never sees a half-written file.</summary>
+/// <summary>
+/// Write-to-temporary-then-rename, so a reader never sees a half-written file: the temporary is the hidden sibling
+/// <c>.NAME.tmp-PID-ID</c> (StagingDirectory), which a signal removes and which is renamed under the staging lock.
+/// Only a regular file (or nothing) is ever replaced: renaming over a device, FIFO or symbolic link would replace it.
+/// </summary>
 public static class AtomicFile
 {
     public static void Write(string path, Action<FileStream> write)
     {
-        string tmp = path + $".tmp-{Guid.NewGuid():N}";
+        var existing = FileNodes.Kind(path);
+        if (existing is not (FileNodeKind.Missing or FileNodeKind.Regular))
+            throw new LlmSnpException($"{path}: is {FileNodes.Describe(existing)}, not a regular file; it is not replaced");
+        string tmp = StagingDirectory.NewFile(path);
         try
         {
             using (var fs = new FileStream(tmp, FileMode.CreateNew, FileAccess.Write, FileShare.None, 1 << 20))
@@ -154,13 +161,15 @@ public static class AtomicFile
                 write(fs);
                 fs.Flush(flushToDisk: true);
             }
-            File.Move(tmp, path, overwrite: true);
+            StagingDirectory.Publish(() => File.Move(tmp, path, overwrite: true));
         }
-        catch
+        catch (Exception e)
         {
-            try { File.Delete(tmp); } catch (IOException) { }
+            try { File.Delete(tmp); } catch (Exception d) when (d is IOException or UnauthorizedAccessException) { }
+            if (ResourceLimits.IsFileTooLarge(e)) throw new LlmSnpException($"{path}: {ResourceLimits.FileSizeLine()}; nothing was written", e);
             throw;
         }
+        finally { StagingDirectory.Release(tmp); }
     }
 
     public static void WriteAllText(string path, string text) =>

@@ -108,7 +108,7 @@ public sealed class PerplexityMetric : IStreamedMetric
         }
         LastNll = nll;
         double mean = nll.Average();
-        if (!double.IsFinite(mean)) throw new LlmSnpException("perplexity is not finite (the model produced non-finite logits)");
+        if (!double.IsFinite(mean)) throw FiniteLogits.Error(model.ModelDir);
         return Math.Exp(mean);
     }
 }
@@ -144,6 +144,7 @@ public sealed class AccuracyMetric : IStreamedMetric
         {
             using var scope = NewDisposeScope();
             var logits = model.Head(h);
+            FiniteLogits.Require(logits, model.ModelDir);
             var (_, indices) = logits.topk(Math.Min(5, (int)logits.shape[1]), 1);
             var top = indices.cpu();
             var labels = torch.tensor(_labels.Skip((int)i).Take((int)top.shape[0]).ToArray()).unsqueeze(1);

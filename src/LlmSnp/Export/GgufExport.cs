@@ -183,15 +183,9 @@ public static class GgufExport
         using var scope = NewDisposeScope();
         // float32 holds every F16/BF16/F32 value exactly; the permutation moves rows only.
         var t = ckpt.Read(name, ScalarType.Float32, CPU);
-        if (!torch.isfinite(t).all().item<bool>()) throw new LlmSnpException($"{ckpt.Directory}: tensor '{name}' holds NaN or infinite values");
         if (ropeHeads > 0) t = PermuteForRope(t, ropeHeads);
         if (offset != 0) t = t + offset;
-        if (type == GgmlType.F16)
-        {
-            t = t.to(ScalarType.Float16);
-            if (!torch.isfinite(t).all().item<bool>())
-                throw new LlmSnpException($"{ckpt.Directory}: tensor '{name}' has values beyond F16's range (±65504); export it as f32");
-        }
+        t = FiniteCast.To(t, type == GgmlType.F16 ? ScalarType.Float16 : ScalarType.Float32, ckpt.Directory, name, "export it with --dtype f32");
         t = t.contiguous();
         s.Write(t.bytes);
     }

@@ -106,7 +106,7 @@ public static class TextGeneration
         using (var scope = NewDisposeScope())
         {
             var ids = torch.tensor(promptIds.Select(i => (long)i).ToArray(), new long[] { 1, promptIds.Count }).to(model.Device);
-            next = sampler.Next(decoder.Forward(ids)[0, -1]);
+            next = sampler.Next(Checked(decoder.Forward(ids)[0, -1], model));
         }
         double prefill = sw.Elapsed.TotalSeconds;
         sw.Restart();
@@ -122,11 +122,18 @@ public static class TextGeneration
             // One scope per step: the step's activations and logits go, the caches (detached) stay.
             using var scope = NewDisposeScope();
             using var one = torch.tensor(new long[] { next }, new long[] { 1, 1 }).to(model.Device);
-            next = sampler.Next(decoder.Forward(one)[0, -1]);
+            next = sampler.Next(Checked(decoder.Forward(one)[0, -1], model));
             steps++;
         }
         // Time spent in onToken (printing) counts too: it is part of what a user waits for, and is small.
         return new TokenGeneration(promptIds.ToArray(), newIds, stop, prefill, steps, sw.Elapsed.TotalSeconds, SafeDTypes.ConfigName(model.ComputeDType), Threads);
+    }
+
+    /// <summary>The logits of one position, refused when not finite (as perplexity refuses them) instead of sampled into garbage.</summary>
+    static Tensor Checked(Tensor logits, ILanguageModel model)
+    {
+        FiniteLogits.Require(logits, model.ModelDir);
+        return logits;
     }
 
     /// <summary>

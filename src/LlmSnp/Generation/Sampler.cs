@@ -28,7 +28,12 @@ public sealed class Sampler : IDisposable
     {
         using var scope = NewDisposeScope();
         if (_temperature == 0) return (int)logits.argmax().item<long>();   // first maximum, as torch.argmax
-        var probs = F.softmax(logits.to(ScalarType.Float64).cpu() / _temperature, 0);
+        // The maximum subtracted first: (l − max) / T ≤ 0, so a tiny T (1e-310) sends the others to −inf (probability 0)
+        // instead of the maximum to +inf (inf − inf = NaN in the softmax).
+        // The maxima are set to 0 outright: with denormals flushed, 0 / 1e-310 would be NaN.
+        var l = logits.to(ScalarType.Float64).cpu();
+        var max = l.max();
+        var probs = F.softmax(torch.where(l == max, torch.zeros_like(l), (l - max) / _temperature), 0);
         // The whole distribution: no nucleus to cut, so no sort of the vocabulary (the costlier half of a step on OPT's 50k, measured).
         if (_topP >= 1) return (int)probs.multinomial(1, generator: _generator).item<long>();
         // Stable sort: tied tokens keep index order, so a nucleus of one token is exactly the argmax.

@@ -66,6 +66,13 @@ public sealed class ConfigFile
         throw Missing(field, "a number");
     }
 
+    /// <summary>A number that must be positive and finite (a RoPE base, a norm's epsilon): anything else makes every forward garbage.</summary>
+    public double Positive(string field, double fallback)
+    {
+        double d = Double(field, fallback);
+        return double.IsFinite(d) && d > 0 ? d : throw Unsupported(field, $"is {d}; it must be a positive number");
+    }
+
     public bool Bool(string field, bool fallback)
     {
         var n = Json[field];

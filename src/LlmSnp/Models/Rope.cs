@@ -174,11 +174,14 @@ public sealed record RopeScaling(string Type, double Factor, double LowFreqFacto
             : rs["type"] is JsonValue ty && ty.TryGetValue<string>(out var t2) ? t2
             : throw f.Unsupported("rope_scaling", "has no rope_type");
         if (longRopeAliases?.Contains(type) == true) type = "longrope";
+        // Every field must be a positive finite number: a negative or zero factor turns the positions around or
+        // divides by zero, and the model then computes garbage that no later check sees (eval, generate and prune alike).
         double Num(string field, double? fallback = null)
         {
             var n = rs[field];
-            if (n is JsonValue v && v.TryGetValue<double>(out var d)) return d;
             if (n == null && fallback is double x) return x;
+            if (n is JsonValue v && v.TryGetValue<double>(out var d))
+                return double.IsFinite(d) && d > 0 ? d : throw f.Unsupported("rope_scaling", $"field '{field}' is {d}; it must be a positive number");
             throw f.Unsupported("rope_scaling", $"field '{field}' is missing or not a number");
         }
         double Positive(string field, double? fallback = null)

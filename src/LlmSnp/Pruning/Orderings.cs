@@ -22,8 +22,8 @@ public static class Orderings
 
     public static string Name(Ordering o) => Names.First(kv => kv.Value == o).Key;
 
-    public static Ordering Parse(string s) =>
-        Names.TryGetValue(s, out var o) ? o : throw new LlmSnpException($"--ordering: unknown ordering '{s}' ({string.Join(", ", Names.Keys)})");
+    public static Ordering Parse(string s, string option = "--ordering") =>
+        Names.TryGetValue(s, out var o) ? o : throw new LlmSnpException($"{option}: unknown ordering '{s}' ({string.Join(", ", Names.Keys)})");
 
     public static bool IsSnp(Ordering o) => o is Ordering.Zca or Ordering.ZcaPrecision or Ordering.Id or Ordering.Obs;
 

@@ -67,8 +67,8 @@ public static class ReconstructModes
 
     public static string Name(ReconstructMode m) => Names.First(kv => kv.Value == m).Key;
 
-    public static ReconstructMode Parse(string s) =>
-        Names.TryGetValue(s, out var m) ? m : throw new LlmSnpException($"unknown reconstruction '{s}' ({string.Join(", ", Names.Keys)})");
+    public static ReconstructMode Parse(string s, string option = "--reconstruct") =>
+        Names.TryGetValue(s, out var m) ? m : throw new LlmSnpException($"{option}: unknown reconstruction '{s}' ({string.Join(", ", Names.Keys)})");
 }
 
 /// <summary>How many groups a node layer keeps (snp.md §6). Floors: at least one group.</summary>

@@ -50,7 +50,10 @@ public static class PrunedCheckpoint
         string src = Path.GetFullPath(req.SourceDir);
         if (outDir == src || outDir.StartsWith(src + Path.DirectorySeparatorChar) || src.StartsWith(outDir + Path.DirectorySeparatorChar))
             throw new LlmSnpException($"{req.OutDir}: output directory must not be the model directory or inside it");
-        if ((Directory.Exists(outDir) || File.Exists(outDir)) && !req.Force)
+        var existing = FileNodes.Kind(outDir);
+        if (existing is not (FileNodeKind.Missing or FileNodeKind.Directory))
+            throw new LlmSnpException($"{req.OutDir}: is {FileNodes.Describe(existing)}, not a directory; it is not replaced");
+        if (existing == FileNodeKind.Directory && !req.Force)
             throw new LlmSnpException($"{req.OutDir}: already exists; pass --force to replace it");
         string parent = Path.GetDirectoryName(outDir)!;
         try { Directory.CreateDirectory(parent); }
@@ -71,10 +74,10 @@ public static class PrunedCheckpoint
             Publish(tmp, outDir);
             return report;
         }
-        catch (Exception e) when (e is IOException || IsFileTooLarge(e))
+        catch (Exception e) when (e is IOException || ResourceLimits.Explain(e) != null)
         {
             TryDelete(tmp);
-            throw new LlmSnpException($"{req.OutDir}: writing the pruned checkpoint failed ({e.Message}); nothing was written");
+            throw new LlmSnpException($"{req.OutDir}: writing the pruned checkpoint failed ({ResourceLimits.Explain(e) ?? e.Message}); nothing was written");
         }
         catch
         {
@@ -103,7 +106,7 @@ public static class PrunedCheckpoint
                 foreach (var (n, t) in ts)
                     using (t)
                     {
-                        if (!Subspace.AllFinite(t)) throw new LlmSnpException($"{n}: non-finite values; refusing to write them");
+                        if (!Subspace.AllFinite(t)) throw new LlmSnpException($"{model.ModelDir}: tensor '{n}' would be written with NaN or infinite values (the source holds them, or the fold produced them); nothing was written");
                         if (count) paramsAfter += t.numel();
                         w.Add(n, t);
                     }
@@ -212,19 +215,19 @@ public static class PrunedCheckpoint
         };
     }
 
-    /// <summary>Past the file system's size limit, .NET's writes throw this rather than an IOException.</summary>
-    internal static bool IsFileTooLarge(Exception e) =>
-        e is ArgumentOutOfRangeException { ParamName: "value" } && e.TargetSite?.DeclaringType?.Namespace == "System.IO";
-
+    /// <summary>The old output (with --force) is moved aside and the new one renamed in under the staging lock: a signal sees either.</summary>
     static void Publish(string tmp, string outDir)
     {
         string? old = null;
-        if (Directory.Exists(outDir) || File.Exists(outDir))
+        StagingDirectory.Publish(() =>
         {
-            old = outDir + $".old-{Guid.NewGuid():N}";
-            if (Directory.Exists(outDir)) Directory.Move(outDir, old); else File.Move(outDir, old);
-        }
-        Directory.Move(tmp, outDir);
+            if (FileNodes.Kind(outDir) != FileNodeKind.Missing)
+            {
+                old = outDir + $".old-{Guid.NewGuid():N}";
+                Directory.Move(outDir, old);
+            }
+            Directory.Move(tmp, outDir);
+        });
         if (old != null) TryDelete(old);
     }
 

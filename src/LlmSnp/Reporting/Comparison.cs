@@ -14,7 +14,7 @@ namespace LlmSnp.Reporting;
 /// <summary>One pruning method of a comparison: an ordering, a reconstruction and a ratio policy.</summary>
 public sealed record Method(string Label, Ordering Ordering, ReconstructMode Reconstruct, RatioPolicyKind Policy)
 {
-    /// <summary>The default line-up: SNP with lstsq, FLAP-style, data-free and random baselines, and SNP's own automatic ratios at the same budgets.</summary>
+    /// <summary>The default line-up: SNP with lstsq, FLAP-style, data-free and random baselines, and SNP's own automatic ratios at the same budgets.</summary>
     public static IReadOnlyList<Method> Defaults { get; } = new[]
     {
         new Method("zca (SNP)", Ordering.Zca, ReconstructMode.Lstsq, RatioPolicyKind.Ratio),
@@ -28,21 +28,20 @@ public sealed record Method(string Label, Ordering Ordering, ReconstructMode Rec
         new Method("random", Ordering.Random, ReconstructMode.None, RatioPolicyKind.Ratio),
     };
 
-    /// <summary>Parses "ordering[:reconstruct[:policy]]", e.g. "zca:lstsq", "fluctuation:bias", "zca:lstsq:variance".</summary>
-    public static Method Parse(string s)
+    /// <summary>Parses "ordering[:reconstruct[:policy]]", e.g. "zca:lstsq", "fluctuation:bias", "zca:lstsq:variance"; errors name <paramref name="option"/>.</summary>
+    public static Method Parse(string s, string option = "--methods")
     {
         var p = s.Split(':');
-        var ordering = Orderings.Parse(p[0]);
-        var rec = p.Length > 1 ? ParseReconstruct(p[1]) : Orderings.IsSnp(ordering) ? ReconstructMode.Lstsq : ordering == Ordering.Fluctuation ? ReconstructMode.Bias : ReconstructMode.None;
+        if (p.Length > 3) throw new LlmSnpException($"{option}: '{s}' has {p.Length} fields; a method is ordering[:reconstruct[:ratio|variance]]");
+        var ordering = Orderings.Parse(p[0], option);
+        var rec = p.Length > 1 ? ReconstructModes.Parse(p[1], option) : Orderings.IsSnp(ordering) ? ReconstructMode.Lstsq : ordering == Ordering.Fluctuation ? ReconstructMode.Bias : ReconstructMode.None;
         var policy = p.Length > 2 ? p[2] switch
         {
             "ratio" => RatioPolicyKind.Ratio, "variance" or "budget" => RatioPolicyKind.Budget,
-            _ => throw new LlmSnpException($"--methods: unknown policy '{p[2]}' in '{s}' (ratio, variance)"),
+            _ => throw new LlmSnpException($"{option}: unknown policy '{p[2]}' in '{s}' (ratio, variance)"),
         } : RatioPolicyKind.Ratio;
         return new Method(s, ordering, rec, policy);
     }
-
-    public static ReconstructMode ParseReconstruct(string s) => ReconstructModes.Parse(s);
 }
 
 /// <summary>One pruned model of a comparison; the speed-ups (pruned over dense, same run) are null when speed is not measured.</summary>

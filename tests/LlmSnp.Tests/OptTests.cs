@@ -5,19 +5,9 @@ using static TorchSharp.torch;
 
 namespace LlmSnp.Tests;
 
-public class ModelTests
+/// <summary>The OPT family: its forward against independent float64 references, streamed evaluation, causality, tied heads, half-precision storage.</summary>
+public class OptTests
 {
-    /// <summary>A golden.json: input ids, float64 reference logits and mean NLL per sequence.</summary>
-    internal static (long[][] Ids, double[][][] Logits, double[] Nll) Golden(string dir)
-    {
-        using var doc = JsonDocument.Parse(File.ReadAllText(Path.Combine(dir, "golden.json")));
-        var r = doc.RootElement;
-        var ids = r.GetProperty("input_ids").EnumerateArray().Select(a => a.EnumerateArray().Select(x => x.GetInt64()).ToArray()).ToArray();
-        var logits = r.GetProperty("logits").EnumerateArray().Select(s => s.EnumerateArray().Select(t => t.EnumerateArray().Select(x => x.GetDouble()).ToArray()).ToArray()).ToArray();
-        var nll = r.GetProperty("mean_nll").EnumerateArray().Select(x => x.GetDouble()).ToArray();
-        return (ids, logits, nll);
-    }
-
     [Theory]
     [InlineData("opt-tiny-pre", ScalarType.Float32, 1e-4)]
     [InlineData("opt-tiny-post", ScalarType.Float32, 1e-4)]
@@ -28,7 +18,7 @@ public class ModelTests
     public void Forward_matches_independent_float64_reference(string fixture, ScalarType dtype, double tol)
     {
         string dir = Repo.Fixture(Path.Combine("golden-opt", fixture));
-        var (ids, logits, nll) = Golden(dir);
+        var (ids, logits, nll) = GoldenFile.Read(dir);
         using var model = new OptModel(dir, CPU, dtype);
         for (int s = 0; s < ids.Length; s++)
         {
