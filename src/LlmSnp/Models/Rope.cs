@@ -205,8 +205,12 @@ public sealed record RopeScaling(string Type, double Factor, double LowFreqFacto
             case "default": return new RopeScaling("default", 1, 1, 1, maxPositions) { MaxPositions = maxPositions };
             case "linear": return new RopeScaling("linear", Num("factor"), 1, 1, maxPositions) { MaxPositions = maxPositions };
             case "llama3":
-                return new RopeScaling("llama3", Num("factor"), Num("low_freq_factor"), Num("high_freq_factor"), (int)Num("original_max_position_embeddings"))
-                { MaxPositions = maxPositions };
+                {
+                    double low = Num("low_freq_factor"), high = Num("high_freq_factor");
+                    if (!(high > low)) throw f.Unsupported("rope_scaling", $"high_freq_factor {high} must be above low_freq_factor {low} (the smoothing divides by their difference)");
+                    return new RopeScaling("llama3", Num("factor"), low, high, (int)Num("original_max_position_embeddings"))
+                        { MaxPositions = maxPositions };
+                }
             case "dynamic":
                 return new RopeScaling("dynamic", Positive("factor"), 1, 1, maxPositions) { MaxPositions = maxPositions };
             case "yarn":
