@@ -208,7 +208,8 @@ public sealed class SignalsAndLimitsTests : IDisposable
         }
 
         // SIGXCPU at a soft CPU-time limit: the run stops with the limit named and its output removed.
-        var x = CliHarness.Run(prune.Select(a => a == "16" ? "512" : a).ToArray(), bashPrelude: "ulimit -St 2");
+        // Enough work to pass 2 s of CPU time on any machine: a larger calibration and a dense and pruned evaluation.
+        var x = CliHarness.Run(prune.Select(a => a == "16" ? "256" : a).Concat(new[] { "--eval", "tinystories", "--eval-seqlen", "512" }).ToArray(), bashPrelude: "ulimit -St 2");
         Assert.Equal(128 + 24, x.ExitCode);
         Assert.Contains("the CPU-time limit (ulimit -t) of 2 s was reached", x.StderrLines[^1]);
         _out.WriteLine($"ulimit -St 2; prune: {x.StderrLines[^1]}");
