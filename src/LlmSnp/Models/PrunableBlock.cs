@@ -117,6 +117,16 @@ public abstract class PrunableBlock : IPrunableBlock
 
     public abstract Tensor Residual(int layer, Tensor input, Tensor activations);
 
+    /// <summary>
+    /// The rest of an attention-then-MLP layer once the heads' outputs were computed another way (from a KV cache, or on
+    /// packed rows): attention's residual, then the MLP's, as <see cref="Forward"/> chains them.
+    /// </summary>
+    protected Tensor AfterAttention(Tensor hidden, Tensor heads)
+    {
+        var h = Residual(0, hidden, heads);
+        return Residual(1, h, Activations(1, h));
+    }
+
     /// <summary>By default each node layer is its own sub-block, in a chain; a block with parallel node layers overrides these.</summary>
     public virtual IReadOnlyList<int[]> SubBlocks => _maps.Select((_, j) => new[] { j }).ToArray();
 

@@ -105,8 +105,7 @@ public sealed class GemmaBlock : PrunableBlock, ICachedBlock
     {
         using var scope = NewDisposeScope();
         var a = SelfAttention(Norm(hidden, "input_layernorm"), cache, position);
-        var h = Residual(0, hidden, a);
-        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+        return AfterAttention(hidden, a).MoveToOuterDisposeScope();
     }
 
     /// <summary>The block on packed rows: rotary angles from each token's own position, attention as the caller's mask allows.</summary>
@@ -114,8 +113,7 @@ public sealed class GemmaBlock : PrunableBlock, ICachedBlock
     {
         using var scope = NewDisposeScope();
         var a = SelfAttention(Norm(hidden, "input_layernorm"), positions: positions, attend: attend);
-        var h = Residual(0, hidden, a);
-        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+        return AfterAttention(hidden, a).MoveToOuterDisposeScope();
     }
 
     public override bool CanAddConsumerBias(int layer, out string reason)

@@ -104,8 +104,7 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
     {
         using var scope = NewDisposeScope();
         var a = SelfAttention(Norms.Rms(hidden, T("input_layernorm.weight"), _eps), cache, position);
-        var h = Residual(0, hidden, a);
-        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+        return AfterAttention(hidden, a).MoveToOuterDisposeScope();
     }
 
     /// <summary>The block on packed rows: rotary angles from each token's own position, attention as the caller's mask allows.</summary>
@@ -113,8 +112,7 @@ public sealed class LlamaBlock : PrunableBlock, ICachedBlock
     {
         using var scope = NewDisposeScope();
         var a = SelfAttention(Norms.Rms(hidden, T("input_layernorm.weight"), _eps), positions: positions, attend: attend);
-        var h = Residual(0, hidden, a);
-        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+        return AfterAttention(hidden, a).MoveToOuterDisposeScope();
     }
 
     public override Tensor Residual(int layer, Tensor input, Tensor activations)

@@ -63,8 +63,7 @@ public sealed class Qwen3Block : PrunableBlock, ICachedBlock
     {
         using var scope = NewDisposeScope();
         var a = _attention.Heads(Optional, Norms.Rms(hidden, T("input_layernorm.weight"), _eps), cache, position);
-        var h = Residual(0, hidden, a);
-        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+        return AfterAttention(hidden, a).MoveToOuterDisposeScope();
     }
 
     /// <summary>The block on packed rows: rotary angles from each token's own position, attention as the caller's mask allows.</summary>
@@ -72,8 +71,7 @@ public sealed class Qwen3Block : PrunableBlock, ICachedBlock
     {
         using var scope = NewDisposeScope();
         var a = _attention.Heads(Optional, Norms.Rms(hidden, T("input_layernorm.weight"), _eps), positions: positions, attend: attend);
-        var h = Residual(0, hidden, a);
-        return Residual(1, h, Activations(1, h)).MoveToOuterDisposeScope();
+        return AfterAttention(hidden, a).MoveToOuterDisposeScope();
     }
 
     public override bool CanAddConsumerBias(int layer, out string reason)
